@@ -1,0 +1,1 @@
+"""The llmops gateway: authenticated, rate-limited OpenAI-compatible REST and gRPC edge."""

@@ -1,0 +1,1 @@
+"""The llmops Kopf operator: LLMDeployment resources reconciled into KubeRay and KEDA objects."""

