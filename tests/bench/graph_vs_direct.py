@@ -1,0 +1,201 @@
+"""Benchmark: the serving graph (router -> LLM deployment) against the same vLLM engine direct.
+
+Starts vLLM's own OpenAI server on the embedded SmolLM2 weights, measures it, stops it, then
+starts `llmops up` (same weights, same engine arguments), measures it, and prints both, with
+ratios. Same prompts, streaming, fixed output length (ignore_eos), concurrency 1 and 8.
+
+    .venv/bin/python -m tests.bench.graph_vs_direct [--rounds 3] [--max-tokens 64]
+
+Not a test: results go to docs/benchmarks.md by hand, with date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+
+from llmops_services import default_graph_config, resolve_source
+
+PROMPTS = [
+    "Explain what a hash table is.",
+    "Write a short poem about the sea.",
+    "What causes the seasons on Earth?",
+    "Give three tips for learning a new language.",
+    "Describe how a bicycle works.",
+    "Why is the sky blue?",
+    "Summarise the plot of a heist movie.",
+    "List some uses of copper.",
+]
+
+
+@dataclass
+class Result:
+    concurrency: int
+    tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    requests: int
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(url: str, path: str, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + path, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url}{path} not ready")
+
+
+async def _one(
+    client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int
+) -> tuple[float, int]:
+    started = time.perf_counter()
+    ttft = -1.0
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    async for chunk in stream:
+        if ttft < 0 and chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.perf_counter() - started
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return ttft, tokens
+
+
+async def measure(url: str, model: str, concurrency: int, rounds: int, max_tokens: int) -> Result:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    await _one(client, model, "warm up", 8)
+    ttfts: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+    for r in range(rounds):
+        batch = [PROMPTS[(r * concurrency + i) % len(PROMPTS)] for i in range(concurrency)]
+        results = await asyncio.gather(*(_one(client, model, p, max_tokens) for p in batch))
+        ttfts += [t for t, _ in results]
+        tokens += sum(n for _, n in results)
+    elapsed = time.perf_counter() - started
+    q = (
+        statistics.quantiles([t * 1000 for t in ttfts], n=20)
+        if len(ttfts) > 1
+        else [ttfts[0] * 1000] * 19
+    )
+    return Result(concurrency, tokens / elapsed, statistics.median(ttfts) * 1000, q[18], len(ttfts))
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def run_direct(args: argparse.Namespace, model: str) -> list[Result]:
+    spec = default_graph_config().llms[0]
+    engine = spec.engine
+    folder = resolve_source(spec.source)
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--served-model-name",
+        model,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        str(engine.max_model_len),
+        "--max-num-seqs",
+        str(engine.max_concurrent_sequences),
+        "--enforce-eager",
+    ]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(engine.cpu_kv_cache_gib))
+    with open(args.logs / "direct.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(url, "/health")
+        return [asyncio.run(measure(url, model, c, args.rounds, args.max_tokens)) for c in (1, 8)]
+    finally:
+        _stop(process)
+
+
+def run_graph(args: argparse.Namespace, model: str) -> list[Result]:
+    port = _free_port()
+    command = [sys.executable, "-m", "llmops_cli", "up", "--port", str(port)]
+    with open(args.logs / "graph.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(url, "/readyz")
+        return [asyncio.run(measure(url, model, c, args.rounds, args.max_tokens)) for c in (1, 8)]
+    finally:
+        _stop(process)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per response")
+    parser.add_argument("--logs", type=Path, default=Path("/tmp/llmops-bench"))
+    args = parser.parse_args()
+    args.logs.mkdir(parents=True, exist_ok=True)
+    model = default_graph_config().llms[0].name
+    direct = run_direct(args, model)
+    graph = run_graph(args, model)
+    rows = []
+    for d, g in zip(direct, graph, strict=True):
+        rows.append(
+            {
+                "concurrency": d.concurrency,
+                "direct_tok_s": round(d.tokens_per_s, 2),
+                "graph_tok_s": round(g.tokens_per_s, 2),
+                "throughput_ratio": round(g.tokens_per_s / d.tokens_per_s, 3),
+                "direct_ttft_p50_ms": round(d.ttft_p50_ms, 1),
+                "graph_ttft_p50_ms": round(g.ttft_p50_ms, 1),
+                "added_ttft_p50_ms": round(g.ttft_p50_ms - d.ttft_p50_ms, 1),
+                "direct_ttft_p95_ms": round(d.ttft_p95_ms, 1),
+                "graph_ttft_p95_ms": round(g.ttft_p95_ms, 1),
+                "requests": d.requests,
+            }
+        )
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""GraphConfig validation: what users get told when a config is wrong."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from llmops_services import (
+    EngineConfig,
+    GraphConfig,
+    LLMSpec,
+    SpeculativeConfig,
+    default_graph_config,
+)
+
+
+def _graph(**overrides: Any) -> dict[str, Any]:
+    graph: dict[str, Any] = {
+        "llms": [{"name": "chat", "source": "embedded://smollm2-135m-instruct"}],
+    }
+    graph.update(overrides)
+    return graph
+
+
+def test_default_graph_serves_the_embedded_models() -> None:
+    config = default_graph_config()
+    assert [llm.name for llm in config.llms] == ["smollm2-135m-instruct"]
+    assert config.encoder is not None
+    assert config.encoder.name == "all-minilm-l6-v2"
+    assert config.default_llm == "smollm2-135m-instruct"
+
+
+def test_dict_round_trip_is_lossless() -> None:
+    config = default_graph_config()
+    assert GraphConfig.model_validate(config.model_dump(mode="json")) == config
+
+
+def test_unknown_key_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        GraphConfig.model_validate(_graph(routers={}))
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [("model", "source"), ("num_replicas", "replicas"), ("engine_kwargs", "engine")],
+)
+def test_renamed_key_gets_a_hint(key: str, hint: str) -> None:
+    llm = {"name": "chat", "source": "embedded://smollm2-135m-instruct", key: "x"}
+    with pytest.raises(ValidationError, match=f"did you mean '{hint}'"):
+        GraphConfig.model_validate({"llms": [llm]})
+
+
+def test_duplicate_model_names_are_rejected() -> None:
+    llm = {"name": "all-minilm-l6-v2", "source": "embedded://smollm2-135m-instruct"}
+    with pytest.raises(ValidationError, match="repeated: all-minilm-l6-v2"):
+        GraphConfig.model_validate({"llms": [llm]})
+
+
+def test_auto_is_reserved() -> None:
+    with pytest.raises(ValidationError, match="reserved"):
+        LLMSpec(name="auto", source="embedded://smollm2-135m-instruct")
+
+
+@pytest.mark.parametrize("name", ["Chat", "-chat", "chat model", "", "a" * 64])
+def test_model_names_must_be_dns_like(name: str) -> None:
+    with pytest.raises(ValidationError, match="name"):
+        LLMSpec(name=name, source="embedded://smollm2-135m-instruct")
+
+
+def test_bad_source_is_rejected_at_validation() -> None:
+    with pytest.raises(ValidationError, match="unsupported model source scheme 's3'"):
+        LLMSpec(name="chat", source="s3://bucket/model")
+
+
+def test_default_model_must_be_an_llm() -> None:
+    with pytest.raises(ValidationError, match="default_model 'nope'"):
+        GraphConfig.model_validate(_graph(router={"default_model": "nope"}))
+
+
+def test_route_examples_need_an_encoder() -> None:
+    llm = {
+        "name": "chat",
+        "source": "embedded://smollm2-135m-instruct",
+        "route_examples": ["hello"],
+    }
+    with pytest.raises(ValidationError, match="need an encoder"):
+        GraphConfig.model_validate({"llms": [llm], "encoder": None})
+
+
+def test_empty_route_example_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="empty strings"):
+        LLMSpec(name="c", source="embedded://smollm2-135m-instruct", route_examples=[" "])
+
+
+def test_gpus_must_match_tensor_parallelism() -> None:
+    with pytest.raises(ValidationError, match=r"resources.gpus \(2\) must equal"):
+        LLMSpec.model_validate(
+            {
+                "name": "big",
+                "source": "hf://org/model",
+                "engine": {"tensor_parallel_size": 4},
+                "resources": {"gpus": 2},
+            }
+        )
+    with pytest.raises(ValidationError, match=r"needs resources\.gpus"):
+        LLMSpec.model_validate(
+            {"name": "big", "source": "hf://org/model", "engine": {"tensor_parallel_size": 2}}
+        )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("gpu_memory_utilization", 1.5),
+        ("max_concurrent_sequences", 0),
+        ("dtype", "int3"),
+        ("max_model_len", 4),
+    ],
+)
+def test_engine_ranges(field: str, value: object) -> None:
+    with pytest.raises(ValidationError, match=field):
+        EngineConfig.model_validate({field: value})
+
+
+def test_engine_args_map_to_vllm_names() -> None:
+    engine = EngineConfig(
+        max_model_len=4096,
+        dtype="bfloat16",
+        tensor_parallel_size=2,
+        gpu_memory_utilization=0.8,
+        max_concurrent_sequences=128,
+        enable_prefix_caching=False,
+        enable_chunked_prefill=True,
+        quantization="awq",
+        speculative=SpeculativeConfig(
+            method="ngram", num_speculative_tokens=4, prompt_lookup_max=3
+        ),
+    )
+    assert engine.to_vllm() == {
+        "max_model_len": 4096,
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.8,
+        "max_num_seqs": 128,
+        "enable_prefix_caching": False,
+        "enable_chunked_prefill": True,
+        "enforce_eager": False,
+        "quantization": "awq",
+        "speculative_config": {
+            "method": "ngram",
+            "num_speculative_tokens": 4,
+            "prompt_lookup_max": 3,
+        },
+    }
+
+
+def test_speculative_methods_check_their_draft_model() -> None:
+    with pytest.raises(ValidationError, match="needs a draft 'model'"):
+        SpeculativeConfig(method="eagle", num_speculative_tokens=2)
+    with pytest.raises(ValidationError, match="takes no 'model'"):
+        SpeculativeConfig(method="ngram", num_speculative_tokens=2, model="hf://a/b")
+
+
+def test_deployment_names_derive_from_model_names() -> None:
+    spec = LLMSpec(name="llama-3.1-8b", source="hf://meta-llama/Llama-3.1-8B-Instruct")
+    assert spec.deployment_name == "llm-llama-3-1-8b"

@@ -1,0 +1,90 @@
+"""The router's protocol helpers: errors, embeddings encoding, SSE relay."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from llmops_services.errors import ServingError, model_not_found
+from llmops_services.router import _as_error, _embedding_inputs, _embedding_payload, _sse
+
+
+def test_error_body_is_openai_shaped() -> None:
+    error = model_not_found("gpt-x", ["a", "b"])
+    assert error.status == 404
+    assert error.body("req-1") == {
+        "error": {
+            "message": "The model 'gpt-x' does not exist. Available models: a, b.",
+            "type": "not_found_error",
+            "param": "model",
+            "code": "model_not_found",
+        },
+        "request_id": "req-1",
+    }
+
+
+def test_upstream_error_response_keeps_its_status() -> None:
+    upstream = SimpleNamespace(
+        error=SimpleNamespace(message="too long", code=400, param="input_tokens")
+    )
+    error = _as_error(upstream)
+    assert error is not None
+    assert (error.status, error.type, error.param) == (400, "invalid_request_error", "input_tokens")
+    assert _as_error("data: {}\n\n") is None
+
+
+def test_base64_embeddings_decode_to_the_same_floats() -> None:
+    vector = [0.5, -0.25, 1.0]
+    payload = _embedding_payload(vector, "base64")
+    assert isinstance(payload, str)
+    assert list(struct.unpack("<3f", base64.b64decode(payload))) == vector
+    assert _embedding_payload(vector, "float") == vector
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [([], "non-empty"), ([1, 2], "token-id"), (["ok", ""], "empty strings"), (5, "non-empty")],
+)
+def test_bad_embedding_inputs(value: Any, message: str) -> None:
+    with pytest.raises(ServingError, match=message):
+        _embedding_inputs(value)
+
+
+def test_single_string_input_becomes_a_list() -> None:
+    assert _embedding_inputs("hi") == ["hi"]
+
+
+async def _collect(first: Any, rest: AsyncIterator[Any]) -> list[str]:
+    return [chunk async for chunk in _sse(first, rest)]
+
+
+async def _gen(*items: Any, fail: Exception | None = None) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+    if fail is not None:
+        raise fail
+
+
+async def test_sse_relays_batches_in_order_and_ends_with_done() -> None:
+    chunks = await _collect(["data: 1\n\n", "data: 2\n\n"], _gen(["data: 3\n\n"]))
+    assert chunks == ["data: 1\n\n", "data: 2\n\n", "data: 3\n\n", "data: [DONE]\n\n"]
+
+
+async def test_sse_does_not_repeat_done() -> None:
+    chunks = await _collect(["data: 1\n\n"], _gen(["data: [DONE]\n\n"]))
+    assert chunks.count("data: [DONE]\n\n") == 1
+
+
+async def test_sse_failure_mid_stream_ends_with_an_error_event() -> None:
+    chunks = await _collect(["data: 1\n\n"], _gen(fail=RuntimeError("replica died")))
+    assert chunks[0] == "data: 1\n\n"
+    error = json.loads(chunks[1].removeprefix("data: "))
+    assert error["error"]["type"] == "server_error"
+    assert "RuntimeError" in error["error"]["message"]
+    assert chunks[-1] == "data: [DONE]\n\n"

@@ -1,0 +1,124 @@
+"""Model sources: parsing, local folders, the embedded defaults and hf:// failures."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from llmops_services.sources import (
+    ModelSourceError,
+    default_cache_dir,
+    embedded_file,
+    parse_source,
+    resolve_source,
+)
+
+
+@pytest.mark.parametrize(
+    ("uri", "scheme", "location", "revision"),
+    [
+        ("embedded://smollm2-135m-instruct", "embedded", "smollm2-135m-instruct", None),
+        ("hf://org/name", "hf", "org/name", None),
+        ("hf://org/name@v1.0", "hf", "org/name", "v1.0"),
+        ("file:///models/x", "local", "/models/x", None),
+        ("/models/x", "local", "/models/x", None),
+        ("relative/x", "local", "relative/x", None),
+    ],
+)
+def test_parse_source(uri: str, scheme: str, location: str, revision: str | None) -> None:
+    parsed = parse_source(uri)
+    assert (parsed.scheme, parsed.location, parsed.revision) == (scheme, location, revision)
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("", "empty"),
+        ("embedded://gpt-5", "unknown embedded model 'gpt-5'; known: embedded://"),
+        ("hf://just-a-name", "hf://org/name"),
+        ("hf://org/", "hf://org/name"),
+        ("s3://bucket/key", "unsupported model source scheme 's3'"),
+    ],
+)
+def test_parse_errors_say_what_to_fix(uri: str, message: str) -> None:
+    with pytest.raises(ModelSourceError, match=message):
+        parse_source(uri)
+
+
+def test_local_folder_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing"))
+
+
+def test_local_folder_needs_config_json(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match=r"no config\.json"):
+        resolve_source(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["X"]}))
+    assert resolve_source(f"file://{tmp_path}") == tmp_path
+
+
+def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMOPS_MODEL_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("LLMOPS_MODEL_CACHE")
+    assert default_cache_dir().parts[-2:] == ("llmops", "models")
+
+
+def test_embedded_encoder_resolves_to_the_packaged_folder() -> None:
+    folder = resolve_source("embedded://all-minilm-l6-v2")
+    assert folder == embedded_file("all-minilm-l6-v2")
+    assert (folder / "config.json").is_file()
+    assert (folder / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_embedded_gguf_is_converted_once_and_reused() -> None:
+    lines: list[str] = []
+    folder = resolve_source("embedded://smollm2-135m-instruct", progress=lines.append)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in config
+    assert (folder / "model.safetensors").stat().st_size > 100_000_000
+    assert (folder / "tokenizer.json").is_file()
+    assert (folder / ".complete").is_file()
+    started = time.monotonic()
+    again: list[str] = []
+    assert resolve_source("embedded://smollm2-135m-instruct", progress=again.append) == folder
+    assert again == []
+    assert time.monotonic() - started < 1.0
+
+
+def test_hf_offline_fails_fast_with_a_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="HF_HUB_OFFLINE is set"):
+        resolve_source("hf://HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=tmp_path)
+
+
+def test_hf_unreachable_hub_fails_with_a_clear_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # A closed loopback port stands in for a hub that cannot be reached.
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    started = time.monotonic()
+    with pytest.raises(ModelSourceError, match="could not download hf://org/model"):
+        resolve_source("hf://org/model", cache_dir=tmp_path)
+    assert time.monotonic() - started < 60
+
+
+def test_hf_uses_the_cache_without_the_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = tmp_path / "hf" / "models--org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    refs = tmp_path / "hf" / "models--org--cached" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_source("hf://org/cached", cache_dir=tmp_path) == snapshot
