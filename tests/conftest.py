@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TEST_GRAPH = ROOT / "tests" / "graph.yaml"
 STARTUP_TIMEOUT_S = 900
+READY_BANNER = "Press Ctrl-C to stop."
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def _ready(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
-    """Runs `llmops up --config tests/graph.yaml` and waits until it answers /readyz."""
+    """Runs `llmops up --config tests/graph.yaml` and waits until it is ready."""
     port = free_port()
     log = tmp_path_factory.mktemp("graph") / "llmops-up.log"
     url = f"http://127.0.0.1:{port}"
@@ -65,7 +66,8 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
             command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
         )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not _ready(url):
+    # Ready for a user means both: the router answers, and `llmops up` has printed its banner.
+    while not (_ready(url) and READY_BANNER in log.read_text()):
         if process.poll() is not None:
             pytest.fail(f"llmops up exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:

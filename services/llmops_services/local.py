@@ -105,6 +105,8 @@ def run_local(
         progress: Receives a line per long model step (fetch, convert).
         on_status: Receives deployment states about once a second while replicas start.
     """
+    # vLLM announces at import that Triton has no CPU backend: noise on a local console.
+    logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
     import ray
     from ray import serve
 
