@@ -11,6 +11,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
+from llmops_cli.keys import app as keys_app
 from llmops_services import GraphConfig, ModelSourceError, default_graph_config
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+app.add_typer(keys_app, name="keys")
 
 
 def load_graph_config(path: Path | None) -> GraphConfig:

@@ -1,0 +1,112 @@
+"""`llmops keys`: create, list and revoke gateway API keys in a local key file."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+from typing import Annotated
+
+import platformdirs
+import typer
+from pydantic import ValidationError
+
+from llmops_gateway.keys import FileKeyStore, Tenant
+
+KEYS_FILE_ENV = "LLMOPS_KEYS_FILE"
+
+app = typer.Typer(
+    help="Manage gateway API keys and tenants in a key file (`llmops up` reads the same file; "
+    "on Kubernetes the chart keeps the same document in a Secret).",
+    no_args_is_help=True,
+)
+
+
+def default_keys_file() -> Path:
+    """``$LLMOPS_KEYS_FILE``, or keys.json in the user's config folder."""
+    configured = os.environ.get(KEYS_FILE_ENV)
+    if configured:
+        return Path(configured)
+    return Path(platformdirs.user_config_dir("llmops")) / "keys.json"
+
+
+StoreOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--store", help=f"Key file (default: ${KEYS_FILE_ENV} or the user config folder)."
+    ),
+]
+
+
+def _store(path: Path | None) -> FileKeyStore:
+    return FileKeyStore(path or default_keys_file())
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@app.command()
+def create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to (created if new).")],
+    models: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="A model the tenant may use; repeat it. Default: all."),
+    ] = None,
+    requests_per_minute: Annotated[int, typer.Option(help="Request rate limit.")] = 600,
+    tokens_per_minute: Annotated[int, typer.Option(help="Token rate limit.")] = 200_000,
+    max_concurrent_streams: Annotated[int, typer.Option(help="Open streams at once.")] = 32,
+    tokens_per_day: Annotated[int, typer.Option(help="Daily token budget.")] = 5_000_000,
+    description: Annotated[str, typer.Option(help="Free text shown by `list`.")] = "",
+    store: StoreOption = None,
+) -> None:
+    """Create a key and print it once: it is stored only as a hash."""
+    try:
+        spec = Tenant(
+            name=tenant,
+            allowed_models=models or ["*"],
+            requests_per_minute=requests_per_minute,
+            tokens_per_minute=tokens_per_minute,
+            max_concurrent_streams=max_concurrent_streams,
+            tokens_per_day=tokens_per_day,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(problems) from exc
+    key_store = _store(store)
+    record, key = key_store.create(spec, description)
+    typer.echo(key)
+    typer.echo(
+        f"created key {record.id} for tenant {spec.name} in {key_store.path}; "
+        "this is the only time the key is shown",
+        err=True,
+    )
+
+
+@app.command("list")
+def list_keys(store: StoreOption = None) -> None:
+    """List keys (ids, tenants, state); never the keys themselves."""
+    document = _store(store).load()
+    typer.echo(f"{'ID':<14}{'TENANT':<20}{'CREATED':<22}{'REVOKED':<22}DESCRIPTION")
+    for record in document.keys:
+        typer.echo(
+            f"{record.id:<14}{record.tenant:<20}{_when(record.created_at):<22}"
+            f"{_when(record.revoked_at):<22}{record.description}"
+        )
+
+
+@app.command()
+def revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id that `list` shows.")],
+    store: StoreOption = None,
+) -> None:
+    """Revoke a key by id; requests with it are refused from then on."""
+    try:
+        record = _store(store).revoke(key_id)
+    except KeyError:
+        typer.echo(f"no key with id {key_id!r}; `llmops keys list` shows the ids", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"revoked key {record.id} of tenant {record.tenant}")

@@ -1,0 +1,125 @@
+"""API keys: format, hashing at rest, authentication, revocation, concurrent edits."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from llmops_gateway.keys import (
+    FileKeyStore,
+    KeyIndex,
+    KeyRejectedError,
+    Tenant,
+    hash_key,
+    key_id_of,
+    new_key,
+)
+
+
+def test_keys_carry_256_random_bits_and_a_visible_id() -> None:
+    key_id, key = new_key()
+    assert key.startswith(f"llmops_{key_id}_")
+    assert key_id_of(key) == key_id
+    secret = key.split("_", 2)[2]
+    assert len(secret) >= 43  # 32 bytes, base64url
+    assert len({new_key()[1] for _ in range(200)}) == 200
+
+
+@pytest.mark.parametrize("bad", ["", "sk-123", "llmops_short_x", "other_c96604b453ae_x"])
+def test_malformed_keys_have_no_id(bad: str) -> None:
+    assert key_id_of(bad) is None
+
+
+def test_store_keeps_only_the_hash(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "keys.json")
+    record, key = store.create(Tenant(name="acme"))
+    text = store.path.read_text()
+    assert key not in text
+    assert key.split("_", 2)[2] not in text
+    assert record.sha256 == hash_key(key)
+    assert json.loads(text)["keys"][0]["sha256"] == hash_key(key)
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+
+
+def test_authenticate_finds_the_tenant(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "keys.json")
+    _, key = store.create(Tenant(name="acme", allowed_models=["m1"], requests_per_minute=7))
+    record, tenant = KeyIndex(store.load()).authenticate(key)
+    assert tenant.name == "acme"
+    assert tenant.requests_per_minute == 7
+    assert tenant.may_use("m1")
+    assert not tenant.may_use("m2")
+    assert record.tenant == "acme"
+
+
+def test_wrong_secret_with_a_real_id_is_rejected(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "keys.json")
+    _, key = store.create(Tenant(name="acme"))
+    forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+    with pytest.raises(KeyRejectedError, match="invalid API key"):
+        KeyIndex(store.load()).authenticate(forged)
+
+
+def test_revoked_keys_are_rejected_with_their_id(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "keys.json")
+    record, key = store.create(Tenant(name="acme"))
+    store.revoke(record.id)
+    with pytest.raises(KeyRejectedError, match=f"{record.id} has been revoked") as caught:
+        KeyIndex(store.load()).authenticate(key)
+    assert key not in str(caught.value)
+    with pytest.raises(KeyError):
+        store.revoke("000000000000")
+
+
+def test_concurrent_creates_lose_nothing(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "keys.json")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        keys = list(pool.map(lambda i: store.create(Tenant(name=f"t{i % 3}"))[1], range(24)))
+    index = KeyIndex(store.load())
+    assert len(store.load().keys) == 24
+    assert all(index.authenticate(key) for key in keys)
+
+
+def test_tenant_limits_are_validated() -> None:
+    with pytest.raises(ValidationError, match="requests_per_minute"):
+        Tenant(name="acme", requests_per_minute=0)
+    with pytest.raises(ValidationError, match="name"):
+        Tenant(name="Not A Name")
+
+
+def test_keys_command_prints_the_key_once(tmp_path: Path) -> None:
+    store = tmp_path / "keys.json"
+    llmops = [sys.executable, "-m", "llmops_cli", "keys"]
+    created = subprocess.run(
+        [*llmops, "create", "--tenant", "acme", "--model", "m1", "--store", str(store)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    key = created.stdout.strip()
+    assert key_id_of(key) is not None
+    assert "only time" in created.stderr
+    listed = subprocess.run(
+        [*llmops, "list", "--store", str(store)], capture_output=True, text=True, check=True
+    )
+    assert key_id_of(key) in listed.stdout
+    assert key not in listed.stdout
+    revoked = subprocess.run(
+        [*llmops, "revoke", str(key_id_of(key)), "--store", str(store)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "revoked" in revoked.stdout
+    missing = subprocess.run(
+        [*llmops, "revoke", "nope", "--store", str(store)], capture_output=True, text=True
+    )
+    assert missing.returncode == 1
+    assert "llmops keys list" in missing.stderr
