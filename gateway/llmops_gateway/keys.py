@@ -112,6 +112,10 @@ class KeyStore(Protocol):
         """Reads the current document."""
         ...
 
+    def version(self) -> object:
+        """Changes whenever the document changes (cheap to ask on every request)."""
+        ...
+
 
 class FileKeyStore:
     """A JSON file of tenants and hashed keys, for `llmops up` and single machines.
@@ -125,6 +129,14 @@ class FileKeyStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def version(self) -> object:
+        """The file's modification time and size; None while it does not exist."""
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
 
     def load(self) -> KeyFile:
         """Reads the file; a missing file is an empty store."""

@@ -1,0 +1,388 @@
+"""The protocol-independent gateway: authenticate, admit, route, relay, settle.
+
+REST (and gRPC) adapters call these methods and map `GatewayError` to their own wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmops_gateway import errors
+from llmops_gateway.admission import Admission, Rejection, Reservation
+from llmops_gateway.keys import KeyIndex, KeyRejectedError, KeyStore, Tenant
+from llmops_gateway.metrics import GatewayMetrics
+from llmops_gateway.settings import GatewaySettings
+
+logger = logging.getLogger("llmops.gateway")
+
+REQUEST_ID_HEADER = "x-request-id"
+MODELS_TTL_S = 10.0
+
+
+class GenerationRequest(BaseModel):
+    """The fields of a chat or completion request the gateway itself reads; the rest pass."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="Model name.")
+    stream: bool = Field(default=False, description="Stream the answer as SSE.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Output token limit.")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Same, newer name.")
+    n: int = Field(default=1, ge=1, le=128, description="Choices to generate.")
+
+
+class ChatRequest(GenerationRequest):
+    """OpenAI chat completion request (fields the gateway reads; others pass through)."""
+
+    messages: list[dict[str, Any]] = Field(min_length=1, description="The conversation.")
+
+
+class CompletionRequest(GenerationRequest):
+    """OpenAI text completion request (fields the gateway reads; others pass through)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(description="The prompt(s).")
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI embeddings request (fields the gateway reads; others pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="Embedding model name.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(description="Text(s) to embed.")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller."""
+
+    key_id: str
+    tenant: Tenant
+
+
+@dataclass
+class Admitted:
+    """A request that passed authentication, routing and admission."""
+
+    caller: Caller
+    model: str
+    backend: str
+    reservation: Reservation | None
+    prompt_estimate: int
+    started: float = field(default_factory=time.monotonic)
+
+
+def estimate_tokens(value: Any) -> int:
+    """A generous token estimate of text (about 3 characters a token), for reservations.
+
+    Over-estimating only holds tokens until `settle` swaps in the real count.
+    """
+    if isinstance(value, str):
+        return len(value) // 3 + 1
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, list):
+        return sum(estimate_tokens(item) for item in value) + 1
+    if isinstance(value, dict):
+        return sum(estimate_tokens(v) for v in value.values()) + 4
+    return 0
+
+
+def parse_body(raw: bytes, model_cls: type[BaseModel], limit: int) -> tuple[dict[str, Any], Any]:
+    """Parses and checks a JSON body.
+
+    Returns:
+        The JSON object and the validated model.
+
+    Raises:
+        GatewayError: 413 over ``limit`` bytes, 400 for malformed JSON or wrong types.
+    """
+    if len(raw) > limit:
+        raise errors.too_large(f"request body is {len(raw)} bytes; the limit is {limit}")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise errors.invalid(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise errors.invalid("request body must be a JSON object")
+    try:
+        return data, model_cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise errors.invalid(f"invalid {where}: {first['msg']}", param=where) from exc
+
+
+class GatewayCore:
+    """Authentication, admission, routing and upstream calls, shared by REST and gRPC.
+
+    Args:
+        settings: Process settings.
+        store: Where keys and tenants are read from (re-read every few seconds).
+        admission: The limiter (Redis or memory).
+        metrics: The process's metrics.
+    """
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: KeyStore,
+        admission: Admission,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.admission = admission
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+        self._keys_version = store.version()
+        self._keys = KeyIndex(store.load())
+        self._default_models: list[str] = []
+        self._models_loaded = -math.inf
+        self.draining = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs background work (usage settlement) that must not be cancelled with a request."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        """Opens the upstream connection pool."""
+        timeout = aiohttp.ClientTimeout(
+            total=self.settings.request_timeout_s, sock_connect=self.settings.connect_timeout_s
+        )
+        self.session = aiohttp.ClientSession(
+            timeout=timeout, connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        )
+
+    async def close(self) -> None:
+        """Waits for pending settlements and closes the pool."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+
+    # -- authentication --------------------------------------------------------------------
+
+    def _index(self) -> KeyIndex:
+        """The key index, reloaded as soon as the store changes (new or revoked keys)."""
+        version = self.store.version()
+        if version != self._keys_version:
+            try:
+                self._keys = KeyIndex(self.store.load())
+                self._keys_version = version
+            except (OSError, ValueError) as exc:
+                logger.warning("keeping the previous keys: cannot reload them: %s", exc)
+        return self._keys
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        """Checks an ``Authorization: Bearer <key>`` header value.
+
+        Raises:
+            GatewayError: 401 without a key, or with an invalid or revoked one.
+        """
+        if not authorization:
+            raise errors.unauthenticated(
+                "missing API key: send the header 'Authorization: Bearer <key>'"
+            )
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise errors.unauthenticated("the Authorization header must be 'Bearer <key>'")
+        try:
+            record, tenant = self._index().authenticate(key.strip())
+        except KeyRejectedError as exc:
+            raise errors.unauthenticated(str(exc)) from None
+        return Caller(record.id, tenant)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    async def served_models(self) -> dict[str, str]:
+        """Model name -> backend URL for every model the gateway can reach."""
+        table = dict(self.settings.backends)
+        default = self.settings.default_backend
+        if default is not None:
+            if time.monotonic() - self._models_loaded > MODELS_TTL_S:
+                self._default_models = await self._fetch_models(default)
+                self._models_loaded = time.monotonic()
+            for name in self._default_models:
+                table.setdefault(name, default)
+        return table
+
+    async def _fetch_models(self, backend: str) -> list[str]:
+        assert self.session is not None
+        try:
+            async with self.session.get(
+                f"{backend}/v1/models", timeout=aiohttp.ClientTimeout(total=5)
+            ) as response:
+                payload = await response.json()
+            return [str(item["id"]) for item in payload.get("data", [])]
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            logger.warning("cannot list models of %s: %s", backend, exc)
+            return self._default_models
+
+    async def models_for(self, caller: Caller) -> list[str]:
+        """Models the caller's tenant may use."""
+        return [name for name in await self.served_models() if caller.tenant.may_use(name)]
+
+    async def route(self, caller: Caller, model: str) -> str:
+        """The backend for ``model``.
+
+        Raises:
+            GatewayError: 403 when the tenant may not use it, 404 when nobody serves it.
+        """
+        table = await self.served_models()
+        if model not in table:
+            allowed = [name for name in table if caller.tenant.may_use(name)]
+            raise errors.not_found(
+                f"The model {model!r} does not exist. Available models: {', '.join(allowed)}."
+            )
+        if not caller.tenant.may_use(model):
+            raise errors.permission_denied(
+                f"tenant {caller.tenant.name} may not use model {model!r}"
+            )
+        return table[model]
+
+    # -- admission -------------------------------------------------------------------------
+
+    async def admit(
+        self, caller: Caller, model: str, prompt_estimate: int, max_tokens: int, stream: bool
+    ) -> Admitted:
+        """Routes and reserves a request.
+
+        Raises:
+            GatewayError: 403/404 from routing, 429 over a limit, 503 when draining or when
+                Redis is down in fail-closed mode.
+        """
+        if self.draining:
+            raise errors.unavailable("the gateway is shutting down; retry", retry_after_s=1.0)
+        backend = await self.route(caller, model)
+        tenant = caller.tenant
+        try:
+            verdict = await self.admission.admit(
+                tenant, prompt_estimate + max_tokens, stream=stream
+            )
+        except Exception as exc:  # the limiter's store is down: apply the configured mode
+            mode = self.settings.redis_failure_mode
+            self.metrics.redis_errors.labels(mode=mode).inc()
+            logger.error("admission store unreachable (%s), failing %s", type(exc).__name__, mode)
+            if mode == "closed":
+                raise errors.unavailable(
+                    "rate limiter unavailable; retry shortly", retry_after_s=1.0
+                ) from None
+            return Admitted(caller, model, backend, None, prompt_estimate)
+        if isinstance(verdict, Rejection):
+            self.metrics.rejections.labels(tenant=tenant.name, reason=verdict.reason).inc()
+            if verdict.reason == "request_too_large":
+                raise errors.invalid(verdict.message, param="max_tokens")
+            raise errors.rate_limited(verdict.message, verdict.reason, verdict.retry_after_s)
+        return Admitted(caller, model, backend, verdict, prompt_estimate)
+
+    async def settle(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int) -> None:
+        """Records real usage; never raises (usage must not break a finished response)."""
+        tenant, model = admitted.caller.tenant.name, admitted.model
+        self.metrics.tokens.labels(tenant=tenant, model=model, direction="prompt").inc(
+            prompt_tokens
+        )
+        self.metrics.tokens.labels(tenant=tenant, model=model, direction="completion").inc(
+            completion_tokens
+        )
+        if admitted.reservation is None:
+            return
+        try:
+            await self.admission.settle(admitted.reservation, prompt_tokens + completion_tokens)
+        except Exception as exc:  # the reservation expires with its window anyway
+            self.metrics.redis_errors.labels(mode=self.settings.redis_failure_mode).inc()
+            logger.error("could not settle usage (%s)", type(exc).__name__)
+
+    # -- upstream --------------------------------------------------------------------------
+
+    async def post(
+        self, admitted: Admitted, path: str, body: dict[str, Any], request_id: str
+    ) -> aiohttp.ClientResponse:
+        """Sends a request to the backend; retries once only if it never connected.
+
+        Raises:
+            GatewayError: 503 when the backend cannot be reached, 504 on timeout.
+        """
+        assert self.session is not None
+        url = f"{admitted.backend}{path}"
+        headers = {REQUEST_ID_HEADER: request_id}
+        for attempt in (1, 2):
+            try:
+                return await self.session.post(url, json=body, headers=headers)
+            except aiohttp.ClientConnectorError as exc:
+                if attempt == 2:
+                    raise errors.unavailable(
+                        f"backend for {admitted.model!r} is unreachable: {exc.strerror or exc}",
+                        retry_after_s=1.0,
+                    ) from None
+                await asyncio.sleep(0.05)
+            except TimeoutError:
+                raise errors.timed_out(
+                    f"backend for {admitted.model!r} did not answer in "
+                    f"{self.settings.request_timeout_s:.0f} s"
+                ) from None
+        raise AssertionError("unreachable")
+
+
+async def relay_sse(
+    core: GatewayCore,
+    admitted: Admitted,
+    response: aiohttp.ClientResponse,
+    client_wants_usage: bool,
+) -> AsyncIterator[bytes]:
+    """Relays an upstream SSE stream event by event, settling usage however it ends.
+
+    Usage comes from the final usage chunk (always requested upstream); when the client did
+    not ask for it, that chunk is dropped. A client that disconnects is charged for the
+    content chunks relayed so far; a stream that fails upstream ends with an error event.
+    """
+    prompt_tokens, completion_tokens, counted = admitted.prompt_estimate, 0, 0
+    usage_seen = False
+    first = True
+    core.metrics.streams.inc()
+    try:
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                if b'"usage":{' in line:
+                    usage = json.loads(line[6:]).get("usage") or {}
+                    prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
+                    completion_tokens = int(usage.get("completion_tokens", counted))
+                    usage_seen = True
+                    if not client_wants_usage and b'"choices":[]' in line:
+                        continue
+                elif b'"content":"' in line or b'"text":"' in line:
+                    counted += 1
+                    if first:
+                        core.metrics.ttft.labels(model=admitted.model).observe(
+                            time.monotonic() - admitted.started
+                        )
+                        first = False
+            yield line
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        failure = errors.GatewayError(
+            f"the stream failed upstream: {type(exc).__name__}",
+            status=502,
+            grpc_code="UNAVAILABLE",
+            type="server_error",
+        )
+        yield f"data: {json.dumps(failure.body(''))}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        core.metrics.streams.dec()
+        response.close()
+        # A disconnect cancels this generator: settle in a task the cancellation cannot cut.
+        core.spawn(
+            core.settle(admitted, prompt_tokens, completion_tokens if usage_seen else counted)
+        )

@@ -1,0 +1,84 @@
+"""Gateway metrics, registered when the app is built (never at import).
+
+Labels are bounded: model names come from the routing table (unknown ones become "other"),
+tenants from the key store; never keys, prompts or request ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    """All metrics of one gateway process."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    ttft: Histogram
+    tokens: Counter
+    rejections: Counter
+    in_flight: Gauge
+    streams: Gauge
+    redis_errors: Counter
+
+    @classmethod
+    def create(cls) -> GatewayMetrics:
+        """Makes a fresh registry holding the gateway's metrics."""
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            requests=Counter(
+                "llmops_gateway_requests_total",
+                "Requests by endpoint, model, tenant and HTTP status.",
+                ["endpoint", "model", "tenant", "status"],
+                registry=registry,
+            ),
+            latency=Histogram(
+                "llmops_gateway_request_duration_seconds",
+                "Time from request to the last byte of the response.",
+                ["endpoint", "model"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            ttft=Histogram(
+                "llmops_gateway_time_to_first_token_seconds",
+                "Time from request to the first streamed content chunk.",
+                ["model"],
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+            tokens=Counter(
+                "llmops_gateway_tokens_total",
+                "Tokens settled, by tenant, model and direction (prompt or completion).",
+                ["tenant", "model", "direction"],
+                registry=registry,
+            ),
+            rejections=Counter(
+                "llmops_gateway_rate_limit_rejections_total",
+                "Requests refused by admission, by tenant and reason.",
+                ["tenant", "reason"],
+                registry=registry,
+            ),
+            in_flight=Gauge(
+                "llmops_gateway_in_flight_requests",
+                "Requests being processed.",
+                registry=registry,
+            ),
+            streams=Gauge(
+                "llmops_gateway_open_streams",
+                "Streaming responses being relayed.",
+                registry=registry,
+            ),
+            redis_errors=Counter(
+                "llmops_gateway_redis_errors_total",
+                "Admission calls that failed because Redis was unreachable, by failure mode.",
+                ["mode"],
+                registry=registry,
+            ),
+        )

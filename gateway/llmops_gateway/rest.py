@@ -1,0 +1,240 @@
+"""The REST adapter: OpenAI-compatible FastAPI app over `GatewayCore`."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from llmops_gateway.core import (
+    REQUEST_ID_HEADER,
+    Admitted,
+    Caller,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GatewayCore,
+    estimate_tokens,
+    parse_body,
+    relay_sse,
+)
+from llmops_gateway.errors import GatewayError
+
+PASSTHROUGH_HEADERS = ("content-type",)
+
+
+def _request_id(request: Request) -> str:
+    return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+
+
+def _error(error: GatewayError, request_id: str) -> JSONResponse:
+    headers = {REQUEST_ID_HEADER: request_id}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after_s + 0.4999)))
+    return JSONResponse(error.body(request_id), status_code=error.status, headers=headers)
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+def create_app(core: GatewayCore) -> FastAPI:
+    """Builds the REST app around a core (started and closed by the app's lifespan)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await core.start()
+        try:
+            yield
+        finally:
+            await core.close()
+
+    app = FastAPI(
+        title="llmops gateway",
+        version="v1",
+        description="OpenAI-compatible API of the llmops platform: authenticate with "
+        "'Authorization: Bearer <key>'.",
+        lifespan=lifespan,
+    )
+
+    async def authenticated(request: Request) -> Caller:
+        return core.authenticate(request.headers.get("authorization"))
+
+    async def count(endpoint: str, model: str, tenant: str, status: int, started: float) -> None:
+        core.metrics.requests.labels(
+            endpoint=endpoint, model=model, tenant=tenant, status=str(status)
+        ).inc()
+        core.metrics.latency.labels(endpoint=endpoint, model=model).observe(
+            time.monotonic() - started
+        )
+
+    async def generate(request: Request, endpoint: str, path: str, kind: type[Any]) -> Response:
+        started = time.monotonic()
+        request_id = _request_id(request)
+        tenant, model = "unknown", "unknown"
+        core.metrics.in_flight.inc()
+        try:
+            caller = await authenticated(request)
+            tenant = caller.tenant.name
+            data, body = parse_body(await request.body(), kind, core.settings.max_body_bytes)
+            prompt = data.get("messages") if "messages" in data else data.get("prompt")
+            max_tokens = body.max_tokens or body.max_completion_tokens
+            reserve = (max_tokens or core.settings.default_max_tokens) * body.n
+            admitted = await core.admit(
+                caller, body.model, estimate_tokens(prompt), reserve, body.stream
+            )
+            model = admitted.model
+            if body.stream:
+                wants_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+                data["stream_options"] = {
+                    **(data.get("stream_options") or {}),
+                    "include_usage": True,
+                }
+                return await _stream(core, admitted, path, data, request_id, wants_usage, endpoint)
+            return await _unary(core, admitted, path, data, request_id, endpoint)
+        except GatewayError as error:
+            await count(endpoint, model, tenant, error.status, started)
+            return _error(error, request_id)
+        finally:
+            core.metrics.in_flight.dec()
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI chat completions, streaming (SSE) or not."""
+        return await generate(request, "chat", "/v1/chat/completions", ChatRequest)
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request) -> Response:
+        """OpenAI text completions, streaming (SSE) or not."""
+        return await generate(request, "completions", "/v1/completions", CompletionRequest)
+
+    @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    async def embeddings(request: Request) -> Response:
+        """OpenAI embeddings."""
+        started = time.monotonic()
+        request_id = _request_id(request)
+        try:
+            caller = await authenticated(request)
+            data, body = parse_body(
+                await request.body(), EmbeddingRequest, core.settings.max_body_bytes
+            )
+            admitted = await core.admit(caller, body.model, estimate_tokens(body.input), 0, False)
+            return await _unary(core, admitted, "/v1/embeddings", data, request_id, "embeddings")
+        except GatewayError as error:
+            await count("embeddings", "unknown", "unknown", error.status, started)
+            return _error(error, request_id)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        """The models the caller's key may use."""
+        request_id = _request_id(request)
+        try:
+            caller = await authenticated(request)
+        except GatewayError as error:
+            return _error(error, request_id)
+        names = await core.models_for(caller)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": n, "object": "model", "created": 0, "owned_by": "llmops"} for n in names
+                ],
+            }
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Readiness: false while draining, so load balancers stop sending."""
+        if core.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return app
+
+
+async def _unary(
+    core: GatewayCore,
+    admitted: Admitted,
+    path: str,
+    data: dict[str, Any],
+    request_id: str,
+    endpoint: str,
+) -> Response:
+    response = await core.post(admitted, path, data, request_id)
+    async with response:
+        payload = await response.read()
+        status = response.status
+    usage: dict[str, Any] = {}
+    if status == 200:
+        try:
+            usage = json.loads(payload).get("usage") or {}
+        except ValueError:
+            usage = {}
+    prompt = int(usage.get("prompt_tokens", 0 if status != 200 else admitted.prompt_estimate))
+    completion = int(usage.get("completion_tokens", 0))
+    await core.settle(admitted, prompt, completion)
+    core.metrics.requests.labels(
+        endpoint=endpoint,
+        model=admitted.model,
+        tenant=admitted.caller.tenant.name,
+        status=str(status),
+    ).inc()
+    core.metrics.latency.labels(endpoint=endpoint, model=admitted.model).observe(
+        time.monotonic() - admitted.started
+    )
+    return Response(
+        payload,
+        status_code=status,
+        media_type="application/json",
+        headers={REQUEST_ID_HEADER: request_id},
+    )
+
+
+async def _stream(
+    core: GatewayCore,
+    admitted: Admitted,
+    path: str,
+    data: dict[str, Any],
+    request_id: str,
+    wants_usage: bool,
+    endpoint: str,
+) -> Response:
+    response = await core.post(admitted, path, data, request_id)
+    core.metrics.requests.labels(
+        endpoint=endpoint,
+        model=admitted.model,
+        tenant=admitted.caller.tenant.name,
+        status=str(response.status),
+    ).inc()
+    if response.status != 200 or not response.content_type.startswith("text/event-stream"):
+        async with response:
+            payload = await response.read()
+        await core.settle(admitted, 0, 0)
+        return Response(
+            payload,
+            status_code=response.status,
+            media_type=response.content_type,
+            headers={REQUEST_ID_HEADER: request_id},
+        )
+    return StreamingResponse(
+        relay_sse(core, admitted, response, wants_usage),
+        media_type="text/event-stream",
+        headers={REQUEST_ID_HEADER: request_id, "Cache-Control": "no-cache"},
+    )

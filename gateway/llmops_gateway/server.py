@@ -1,0 +1,76 @@
+"""The gateway process: settings from the environment, REST on one port, metrics on another.
+
+On SIGTERM the gateway drains: readiness turns false and new requests get 503 at once, while
+requests and streams in flight may finish for up to ``drain_timeout_s``; then it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from types import FrameType
+
+import uvicorn
+from prometheus_client import start_http_server
+
+from llmops_gateway.admission import Admission, MemoryAdmission, RedisAdmission
+from llmops_gateway.core import GatewayCore
+from llmops_gateway.keys import FileKeyStore, KeyFile
+from llmops_gateway.metrics import GatewayMetrics
+from llmops_gateway.rest import create_app
+from llmops_gateway.settings import GatewaySettings
+
+
+class _EmptyStore:
+    def load(self) -> KeyFile:
+        return KeyFile()
+
+    def version(self) -> object:
+        return None
+
+
+def build_core(settings: GatewaySettings) -> GatewayCore:
+    """Wires settings into a core: key store, admission backend, metrics."""
+    store = FileKeyStore(settings.keys_file) if settings.keys_file else _EmptyStore()
+    admission: Admission = (
+        RedisAdmission(settings.redis_url) if settings.redis_url else MemoryAdmission()
+    )
+    return GatewayCore(settings, store, admission, GatewayMetrics.create())
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn that marks the core as draining before its graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, core: GatewayCore) -> None:
+        super().__init__(config)
+        self.core = core
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.core.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: GatewaySettings) -> None:
+    """Runs the gateway until SIGTERM/SIGINT (then drains)."""
+    core = build_core(settings)
+    start_http_server(settings.metrics_port, addr=settings.host, registry=core.metrics.registry)
+    config = uvicorn.Config(
+        create_app(core),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        loop="asyncio",
+    )
+    # Start-up garbage is long-lived; freezing it keeps collections off the hot path.
+    gc.collect()
+    gc.freeze()
+    asyncio.run(_DrainingServer(config, core).serve())
+
+
+def main() -> None:
+    """Entry point: ``python -m llmops_gateway``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    serve(GatewaySettings())

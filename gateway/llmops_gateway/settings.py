@@ -1,0 +1,51 @@
+"""Gateway process settings: environment variables ``LLMOPS_GATEWAY_*``, built in `main()`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway process reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMOPS_GATEWAY_", extra="forbid")
+
+    host: str = Field(default="127.0.0.1", description="Interface of the API port.")
+    port: int = Field(default=8080, ge=0, le=65535, description="REST API port (0: any).")
+    metrics_port: int = Field(
+        default=9464, ge=0, le=65535, description="Prometheus metrics port, apart from the API."
+    )
+    backends: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model name -> base URL of the graph ingress serving it (JSON).",
+    )
+    default_backend: str | None = Field(
+        default=None,
+        description="Base URL for models not in `backends`; their names are asked from its "
+        "/v1/models.",
+    )
+    keys_file: Path | None = Field(default=None, description="Key file (tenants and hashes).")
+    redis_url: str | None = Field(
+        default=None, description="Redis for limits shared by replicas; None keeps them in memory."
+    )
+    redis_failure_mode: Literal["open", "closed"] = Field(
+        default="closed",
+        description="When Redis is unreachable: 'open' admits requests, 'closed' refuses (503).",
+    )
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger bodies get 413.")
+    default_max_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Tokens reserved for output when a request sets no max_tokens.",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="Backend connect timeout.")
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest a request may take end to end (504 after)."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish."
+    )

@@ -1,0 +1,180 @@
+"""A fast OpenAI-compatible upstream for gateway tests and benchmarks.
+
+Answers instantly (or after ``--token-delay`` per token) with deterministic text: each
+completion token is the word "tok", at most 12 of them unless the request sets ignore_eos.
+Model ``hang`` never answers (timeouts). Streams honour ``stream_options.include_usage``
+like vLLM.
+
+    python -m tests.fakes.openai_stub --port 9000 [--models a,b] [--token-delay 0.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+EMBEDDING_DIM = 8
+NATURAL_LENGTH = 12
+"""Tokens after which the stub "stops" like a model at end-of-sequence (unless ignore_eos)."""
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
+    return max(1, len(text) // 4)
+
+
+def make_app(models: list[str], token_delay: float) -> web.Application:
+    """The stub's aiohttp application."""
+    state = {"requests": 0, "cancelled": 0}
+
+    async def list_models(_: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "stub"} for m in models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        state["requests"] += 1
+        model = body.get("model")
+        if model == "hang":
+            await asyncio.sleep(3600)
+        if model not in models:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"no model {model}",
+                        "type": "not_found_error",
+                        "param": "model",
+                        "code": None,
+                    }
+                },
+                status=404,
+            )
+        chat = request.path.endswith("/chat/completions")
+        n_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        if not body.get("ignore_eos"):
+            n_tokens = min(n_tokens, NATURAL_LENGTH)
+        prompt = _prompt_tokens(body)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": n_tokens,
+            "total_tokens": prompt + n_tokens,
+        }
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        if not body.get("stream"):
+            if token_delay:
+                await asyncio.sleep(token_delay * n_tokens)
+            text = " ".join(["tok"] * n_tokens)
+            choice: dict[str, Any] = (
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "length",
+                }
+                if chat
+                else {"index": 0, "text": text, "finish_reason": "length"}
+            )
+            return web.json_response(
+                {
+                    "id": "stub-1",
+                    "object": kind,
+                    "created": created,
+                    "model": model,
+                    "choices": [choice],
+                    "usage": usage,
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for i in range(n_tokens):
+                if token_delay:
+                    await asyncio.sleep(token_delay)
+                delta: dict[str, Any] = (
+                    {"index": 0, "delta": {"content": "tok "}, "finish_reason": None}
+                    if chat
+                    else {"index": 0, "text": "tok ", "finish_reason": None}
+                )
+                if i == n_tokens - 1:
+                    delta["finish_reason"] = "length"
+                chunk = {
+                    "id": "stub-1",
+                    "object": f"{kind}.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [delta],
+                }
+                await response.write(
+                    f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+                )
+            if (body.get("stream_options") or {}).get("include_usage"):
+                chunk = {
+                    "id": "stub-1",
+                    "object": f"{kind}.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+                await response.write(
+                    f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+                )
+            await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            state["cancelled"] += 1
+            raise
+        return response
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        state["requests"] += 1
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.125] * EMBEDDING_DIM}
+            for i in range(len(items))
+        ]
+        tokens = _prompt_tokens(body)
+        return web.json_response(
+            {
+                "object": "list",
+                "model": body.get("model"),
+                "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    app = web.Application()
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/stats", stats)
+    app.router.add_post("/v1/chat/completions", generate)
+    app.router.add_post("/v1/completions", generate)
+    app.router.add_post("/v1/embeddings", embeddings)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--models", default="stub-chat,stub-embed")
+    parser.add_argument("--token-delay", type=float, default=0.0)
+    args = parser.parse_args()
+    web.run_app(
+        make_app(args.models.split(","), args.token_delay),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

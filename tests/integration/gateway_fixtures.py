@@ -1,0 +1,90 @@
+"""Processes for gateway tests: the stub upstream and gateways in front of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import free_port
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A running gateway process."""
+
+    url: str
+    metrics_url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def wait_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+@contextmanager
+def stub_upstream(token_delay: float = 0.0) -> Iterator[str]:
+    """Runs tests.fakes.openai_stub; yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.openai_stub",
+            "--port",
+            str(port),
+            "--token-delay",
+            str(token_delay),
+        ],
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@contextmanager
+def gateway(log_dir: Path, **settings: object) -> Iterator[Gateway]:
+    """Runs `python -m llmops_gateway` with LLMOPS_GATEWAY_* settings; SIGTERM on exit."""
+    port, metrics_port = free_port(), free_port()
+    env = dict(os.environ)
+    for key, value in {"port": port, "metrics_port": metrics_port, **settings}.items():
+        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        env[f"LLMOPS_GATEWAY_{key.upper()}"] = text
+    log = log_dir / f"gateway-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llmops_gateway"],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz")
+        yield Gateway(url, f"http://127.0.0.1:{metrics_port}/metrics", process, log)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -1,0 +1,236 @@
+"""The gateway in front of a stub upstream, with real Redis: auth, limits, relay, usage."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from llmops_gateway.keys import FileKeyStore, Tenant
+from tests.integration.gateway_fixtures import Gateway, gateway, stub_upstream
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    with stub_upstream() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> FileKeyStore:
+    return FileKeyStore(tmp_path_factory.mktemp("keys") / "keys.json")
+
+
+@pytest.fixture(scope="module")
+def gw(
+    upstream: str, redis_url: str, keys: FileKeyStore, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    keys.create(Tenant(name="bootstrap"))
+    with gateway(
+        tmp_path_factory.mktemp("gw"),
+        default_backend=upstream,
+        keys_file=keys.path,
+        redis_url=redis_url,
+        max_body_bytes=4096,
+    ) as running:
+        yield running
+
+
+def _key(keys: FileKeyStore, **limits: object) -> str:
+    name = f"tenant-{len(keys.load().keys)}"
+    return keys.create(Tenant(name=name, **limits))[1]  # type: ignore[arg-type]
+
+
+def _client(gw: Gateway, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
+
+
+def test_openai_client_works_unchanged(gw: Gateway, keys: FileKeyStore) -> None:
+    client = _client(gw, _key(keys))
+    reply = client.chat.completions.create(
+        model="stub-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert reply.choices[0].message.content == "tok tok tok tok tok"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 5
+    chunks = list(
+        client.chat.completions.create(
+            model="stub-chat",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=7,
+            stream=True,
+        )
+    )
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 7
+    # The gateway asks upstream for usage to settle it, but does not show it unasked.
+    assert all(c.usage is None for c in chunks)
+    completion = client.completions.create(model="stub-chat", prompt="x", max_tokens=3)
+    assert completion.choices[0].text == "tok tok tok"
+    vectors = client.embeddings.create(model="stub-embed", input=["a", "b"])
+    assert len(vectors.data) == 2
+
+
+def test_stream_usage_is_shown_when_asked(gw: Gateway, keys: FileKeyStore) -> None:
+    chunks = list(
+        _client(gw, _key(keys)).chat.completions.create(
+            model="stub-chat",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("header", "fragment"),
+    [
+        (None, "missing API key"),
+        ("Basic abc", "must be 'Bearer <key>'"),
+        ("Bearer llmops_000000000000_nope", "invalid API key"),
+        ("Bearer sk-not-ours", "invalid API key"),
+    ],
+)
+def test_bad_keys_are_401(gw: Gateway, header: str | None, fragment: str) -> None:
+    headers = {"authorization": header} if header else {}
+    response = httpx.post(f"{gw.url}/v1/chat/completions", headers=headers, json={})
+    assert response.status_code == 401
+    assert fragment in response.json()["error"]["message"]
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_revoked_key_is_refused_at_once(gw: Gateway, keys: FileKeyStore) -> None:
+    key = _key(keys)
+    client = _client(gw, key)
+    assert client.models.list().data
+    record = next(r for r in keys.load().keys if key.startswith(f"llmops_{r.id}_"))
+    keys.revoke(record.id)
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        client.models.list()
+
+
+def test_models_lists_only_what_the_key_may_use(gw: Gateway, keys: FileKeyStore) -> None:
+    client = _client(gw, _key(keys, allowed_models=["stub-chat"]))
+    assert [m.id for m in client.models.list()] == ["stub-chat"]
+    with pytest.raises(openai.PermissionDeniedError, match="may not use model 'stub-embed'"):
+        client.embeddings.create(model="stub-embed", input="x")
+
+
+def test_unknown_model_is_404(gw: Gateway, keys: FileKeyStore) -> None:
+    with pytest.raises(openai.NotFoundError, match="'gpt-9' does not exist"):
+        _client(gw, _key(keys)).chat.completions.create(
+            model="gpt-9", messages=[{"role": "user", "content": "x"}]
+        )
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1]", 400, "JSON object"),
+        (b'{"model": "stub-chat", "messages": "hi"}', 400, "messages"),
+        (
+            b'{"model": "stub-chat", "messages": [{"role": "user"}], "max_tokens": "x"}',
+            400,
+            "max_tokens",
+        ),
+        (b'{"model": "stub-chat", "messages": [], "max_tokens": 1}', 400, "messages"),
+        (
+            b'{"model": "stub-chat", "messages": [{"role": "user"}], "max_tokens": -1}',
+            400,
+            "max_tokens",
+        ),
+        (
+            b'{"model": "stub-chat", "messages": [{"role": "user", "content": "'
+            + b"x" * 5000
+            + b'"}]}',
+            413,
+            "limit is 4096",
+        ),
+    ],
+)
+def test_bad_bodies_get_clear_errors(
+    gw: Gateway, keys: FileKeyStore, body: bytes, status: int, fragment: str
+) -> None:
+    response = httpx.post(
+        f"{gw.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {_key(keys)}", "content-type": "application/json"},
+        content=body,
+    )
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert response.json()["request_id"]
+
+
+def test_max_tokens_over_the_tenant_limit_is_400(gw: Gateway, keys: FileKeyStore) -> None:
+    with pytest.raises(openai.BadRequestError, match="lower max_tokens"):
+        _client(gw, _key(keys, tokens_per_minute=1000)).chat.completions.create(
+            model="stub-chat", messages=[{"role": "user", "content": "x"}], max_tokens=5000
+        )
+
+
+def test_request_limit_gives_429_with_retry_after(gw: Gateway, keys: FileKeyStore) -> None:
+    key = _key(keys, requests_per_minute=3)
+    statuses = []
+    for _ in range(5):
+        response = httpx.post(
+            f"{gw.url}/v1/completions",
+            headers={"authorization": f"Bearer {key}"},
+            json={"model": "stub-chat", "prompt": "x", "max_tokens": 1},
+        )
+        statuses.append(response.status_code)
+    assert statuses == [200, 200, 200, 429, 429]
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert response.json()["error"]["code"] == "requests_per_minute"
+
+
+def test_stream_usage_is_settled_so_capacity_returns(gw: Gateway, keys: FileKeyStore) -> None:
+    # 1000 tokens a minute; each request reserves ~1 + 600 but uses ~1 + 10.
+    client = _client(gw, _key(keys, tokens_per_minute=1000))
+    for _ in range(5):
+        stream = client.completions.create(
+            model="stub-chat",
+            prompt="x",
+            max_tokens=600,
+            stream=True,
+            extra_body={"max_tokens": 600},
+        )
+        assert sum(1 for _ in stream) > 0
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model="stub-chat", prompt="x", max_tokens=999)
+
+
+def test_metrics_live_on_their_own_port_without_keys(gw: Gateway, keys: FileKeyStore) -> None:
+    key = _key(keys)
+    _client(gw, key).completions.create(model="stub-chat", prompt="x", max_tokens=2)
+    with urllib.request.urlopen(gw.metrics_url) as response:
+        text = response.read().decode()
+    assert "llmops_gateway_requests_total" in text
+    assert "llmops_gateway_tokens_total" in text
+    assert key not in text
+    assert key.split("_")[1] not in text
+    api_metrics = httpx.get(f"{gw.url}/metrics")
+    assert api_metrics.status_code == 404
+
+
+def test_logs_never_contain_keys(gw: Gateway, keys: FileKeyStore) -> None:
+    key = _key(keys)
+    client = _client(gw, key)
+    client.completions.create(model="stub-chat", prompt="x", max_tokens=1)
+    httpx.post(f"{gw.url}/v1/completions", headers={"authorization": f"Bearer {key}x"}, json={})
+    assert key not in gw.log.read_text()
+
+
+def test_openapi_spec_documents_the_bodies(gw: Gateway) -> None:
+    spec = httpx.get(f"{gw.url}/openapi.json").json()
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    schema = chat["content"]["application/json"]["schema"]
+    assert "messages" in json.dumps(schema)
+    assert Path  # keeps the import for type hints in fixtures
