@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,11 @@ class RunningGraph:
     """The `llmops up` process the tests drive."""
 
     url: str
+    """The gateway: what users call, with `key`."""
+    graph_url: str
+    """The graph's own ingress behind the gateway (no authentication)."""
+    key: str
+    """The API key `llmops up` printed."""
     process: subprocess.Popen[str]
     log: Path
 
@@ -49,18 +55,15 @@ def _ready(url: str) -> bool:
 @pytest.fixture(scope="session")
 def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
     """Runs `llmops up --config tests/graph.yaml` and waits until it is ready."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("graph") / "llmops-up.log"
+    port, graph_port, metrics_port = free_port(), free_port(), free_port()
+    folder = tmp_path_factory.mktemp("graph")
+    log = folder / "llmops-up.log"
     url = f"http://127.0.0.1:{port}"
+    graph_url = f"http://127.0.0.1:{graph_port}"
     command = [
-        sys.executable,
-        "-m",
-        "llmops_cli",
-        "up",
-        "--config",
-        str(TEST_GRAPH),
-        "--port",
-        str(port),
+        *(sys.executable, "-m", "llmops_cli", "up", "--config", str(TEST_GRAPH)),
+        *("--port", str(port), "--graph-port", str(graph_port)),
+        *("--metrics-port", str(metrics_port), "--keys-file", str(folder / "keys.json")),
     ]
     with log.open("w") as sink:
         process = subprocess.Popen(
@@ -68,14 +71,16 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
         )
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     # Ready for a user means both: the router answers, and `llmops up` has printed its banner.
-    while not (_ready(url) and READY_BANNER in log.read_text()):
+    while not (_ready(graph_url) and READY_BANNER in log.read_text()):
         if process.poll() is not None:
             pytest.fail(f"llmops up exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"graph not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
         time.sleep(1)
-    yield RunningGraph(url=url, process=process, log=log)
+    key = re.search(r"API key \(tenant 'local'; shown once\): (\S+)", log.read_text())
+    assert key is not None, log.read_text()[-2000:]
+    yield RunningGraph(url, graph_url, key.group(1), process, log)
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
+from llmops_cli.keys import KEYS_FILE_ENV, default_keys_file
 from llmops_cli.keys import app as keys_app
 from llmops_services import GraphConfig, ModelSourceError, default_graph_config
 
@@ -49,17 +51,18 @@ def load_graph_config(path: Path | None) -> GraphConfig:
         ) from exc
 
 
-def _examples(url: str, config: GraphConfig) -> str:
+def _examples(url: str, config: GraphConfig, key: str) -> str:
     llm = config.default_llm
     encoder = config.encoder.name if config.encoder else None
     curl = (
         f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"  -H 'Authorization: Bearer {key}' \\\n"
         f'  -d \'{{"model": "{llm}", "messages": [{{"role": "user", '
         f'"content": "What is the capital of France?"}}]}}\''
     )
     python = (
         "from openai import OpenAI\n"
-        f'client = OpenAI(base_url="{url}/v1", api_key="unused")\n'
+        f'client = OpenAI(base_url="{url}/v1", api_key="{key}")\n'
         f'reply = client.chat.completions.create(model="{llm}", messages=[{{"role": "user", '
         f'"content": "What is the capital of France?"}}])\n'
         "print(reply.choices[0].message.content)"
@@ -85,9 +88,32 @@ def up(
         ),
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port of the OpenAI-compatible API.")] = 8000,
+    port: Annotated[
+        int, typer.Option(help="Port of the OpenAI-compatible API (the gateway).")
+    ] = 8000,
+    graph_port: Annotated[
+        int, typer.Option(help="Port of the serving graph's own ingress, behind the gateway.")
+    ] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Gateway Prometheus metrics port.")] = 9464,
+    gateway: Annotated[
+        bool,
+        typer.Option(
+            help="Put the gateway (API keys, limits) in front; --no-gateway serves "
+            "the graph alone on --port."
+        ),
+    ] = True,
+    keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"Gateway key file (default: ${KEYS_FILE_ENV} or the user config folder)."
+        ),
+    ] = None,
 ) -> None:
-    """Start Ray and the serving graph locally, wait until ready, serve until Ctrl-C."""
+    """Start Ray, the serving graph and the gateway locally; serve until Ctrl-C.
+
+    Prints the API URL, a fresh API key (keys printed by earlier runs are revoked) and
+    copy-pasteable curl and Python examples.
+    """
     from llmops_services.local import run_local
 
     graph = load_graph_config(config)
@@ -103,15 +129,38 @@ def up(
 
     status.start()
     try:
-        with run_local(graph, host, port, progress=on_progress, on_status=on_status) as running:
+        with ExitStack() as stack:
+            running = stack.enter_context(
+                run_local(
+                    graph,
+                    host,
+                    graph_port if gateway else port,
+                    progress=on_progress,
+                    on_status=on_status,
+                )
+            )
+            url, key = running.url, "unused"
+            if gateway:
+                from llmops_gateway.keys import FileKeyStore
+                from llmops_gateway.local import issue_local_key, run_gateway
+
+                status.update("starting the gateway")
+                store = FileKeyStore(keys_file or default_keys_file())
+                key = issue_local_key(store)
+                url = stack.enter_context(
+                    run_gateway(running.url, store.path, host, port, metrics_port)
+                )
             status.stop()
-            # Ctrl-C and SIGTERM both stop the graph (also when started in the background);
+            # Ctrl-C and SIGTERM both stop everything (also when started in the background);
             # set after ray.init, which installs handlers of its own.
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-            console.print(f"\n[green]ready[/green] at {running.url}")
+            console.print(f"\n[green]ready[/green] at {url}")
+            if gateway:
+                console.print(f"API key (tenant 'local'; shown once): {key}")
+                console.print(f"metrics: http://{host}:{metrics_port}/metrics")
             console.print(f"Ray logs: {running.ray_logs}\n")
-            typer.echo(_examples(running.url, graph))
+            typer.echo(_examples(url, graph, key))
             console.print("\nPress Ctrl-C to stop.")
             while True:
                 signal.pause()
@@ -120,8 +169,25 @@ def up(
     except ModelSourceError as exc:
         console.print(f"[red]model source error:[/red] {exc}")
         raise typer.Exit(2) from exc
+    except RuntimeError as exc:
+        console.print(f"[red]could not start:[/red] {exc}")
+        raise typer.Exit(1) from exc
     finally:
         status.stop()
+
+
+@app.command("gateway")
+def gateway_command() -> None:
+    """Run the gateway alone; settings come from LLMOPS_GATEWAY_* environment variables.
+
+    The main ones: LLMOPS_GATEWAY_DEFAULT_BACKEND (graph URL), LLMOPS_GATEWAY_BACKENDS (JSON
+    model -> URL), LLMOPS_GATEWAY_KEYS_FILE, LLMOPS_GATEWAY_REDIS_URL (limits shared by
+    replicas; unset keeps them in memory), LLMOPS_GATEWAY_REDIS_FAILURE_MODE (open|closed),
+    LLMOPS_GATEWAY_PORT, LLMOPS_GATEWAY_METRICS_PORT, LLMOPS_GATEWAY_DRAIN_TIMEOUT_S.
+    """
+    from llmops_gateway.server import main as gateway_main
+
+    gateway_main()
 
 
 @app.command("config")

@@ -37,6 +37,7 @@ def llm_config_for(spec: LLMSpec, model_path: str | None = None) -> LLMConfig:
         },
         "engine_kwargs": spec.engine.to_vllm(),
         "log_engine_metrics": True,
+        "experimental_configs": {"stream_batching_interval_ms": spec.stream_batching_interval_ms},
         "deployment_config": {
             "num_replicas": spec.replicas,
             "max_ongoing_requests": spec.max_ongoing_requests,

@@ -157,7 +157,7 @@ def run_direct(args: argparse.Namespace, model: str) -> list[Result]:
 
 def run_graph(args: argparse.Namespace, model: str) -> list[Result]:
     port = _free_port()
-    command = [sys.executable, "-m", "llmops_cli", "up", "--port", str(port)]
+    command = [sys.executable, "-m", "llmops_cli", "up", "--no-gateway", "--port", str(port)]
     with open(args.logs / "graph.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -21,12 +21,12 @@ ENCODER = "all-minilm-l6-v2"
 
 @pytest.fixture(scope="module")
 def client(graph: RunningGraph) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{graph.url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{graph.graph_url}/v1", api_key="unused", max_retries=0)
 
 
 def test_health_endpoints(graph: RunningGraph) -> None:
-    assert httpx.get(f"{graph.url}/healthz").json() == {"status": "ok"}
-    ready = httpx.get(f"{graph.url}/readyz").json()
+    assert httpx.get(f"{graph.graph_url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{graph.graph_url}/readyz").json()
     assert ready == {"status": "ready", "models": {GEO: "ok", CODE: "ok", ENCODER: "ok"}}
 
 
@@ -147,14 +147,14 @@ def test_embeddings_are_384_dimensional(client: openai.OpenAI) -> None:
 async def test_concurrent_embeddings_are_batched_without_mixing_results(
     graph: RunningGraph,
 ) -> None:
-    client = openai.AsyncOpenAI(base_url=f"{graph.url}/v1", api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=f"{graph.graph_url}/v1", api_key="unused", max_retries=0)
     texts = [f"sentence number {i} about topic {i % 5}" for i in range(24)]
 
     results = await asyncio.gather(
         *(client.embeddings.create(model=ENCODER, input=t, encoding_format="float") for t in texts)
     )
     together = [r.data[0].embedding for r in results]
-    alone = openai.OpenAI(base_url=f"{graph.url}/v1", api_key="unused").embeddings.create(
+    alone = openai.OpenAI(base_url=f"{graph.graph_url}/v1", api_key="unused").embeddings.create(
         model=ENCODER, input=texts[5], encoding_format="float"
     )
     assert together[5] == pytest.approx(alone.data[0].embedding, abs=1e-5)
@@ -174,7 +174,7 @@ def test_auto_routes_by_semantic_similarity(
     graph: RunningGraph, prompt: str, expected: str
 ) -> None:
     response = httpx.post(
-        f"{graph.url}/v1/chat/completions",
+        f"{graph.graph_url}/v1/chat/completions",
         json={"model": "auto", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4},
         timeout=120,
     )
@@ -184,7 +184,7 @@ def test_auto_routes_by_semantic_similarity(
 
 
 async def test_concurrent_streams_all_complete(graph: RunningGraph) -> None:
-    client = openai.AsyncOpenAI(base_url=f"{graph.url}/v1", api_key="unused", max_retries=0)
+    client = openai.AsyncOpenAI(base_url=f"{graph.graph_url}/v1", api_key="unused", max_retries=0)
 
     async def one(i: int) -> int:
         stream = await client.chat.completions.create(

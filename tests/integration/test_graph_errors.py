@@ -17,7 +17,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def _post(graph: RunningGraph, path: str, **kwargs: Any) -> httpx.Response:
-    return httpx.post(f"{graph.url}{path}", timeout=60, **kwargs)
+    return httpx.post(f"{graph.graph_url}{path}", timeout=60, **kwargs)
 
 
 def _assert_openai_error(response: httpx.Response, status: int, fragment: str) -> None:
@@ -96,7 +96,7 @@ def test_wrong_embedding_dimensions_is_400(graph: RunningGraph) -> None:
 
 
 def test_openai_client_raises_typed_errors(graph: RunningGraph) -> None:
-    client = openai.OpenAI(base_url=f"{graph.url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{graph.graph_url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
@@ -109,7 +109,7 @@ def test_graph_keeps_serving_after_bad_input(graph: RunningGraph) -> None:
     for _ in range(3):
         _post(graph, "/v1/chat/completions", content=b"{oops")
         _post(graph, "/v1/chat/completions", json={"model": GEO, "messages": []})
-    client = openai.OpenAI(base_url=f"{graph.url}/v1", api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=f"{graph.graph_url}/v1", api_key="unused", max_retries=0)
     reply = client.chat.completions.create(
         model=GEO, messages=[{"role": "user", "content": "Say hello."}], max_tokens=5
     )

@@ -23,6 +23,7 @@ def test_cpu_spec_places_the_engine_on_a_cpu_bundle() -> None:
     assert config.engine_kwargs["enforce_eager"] is True
     assert config.deployment_config["num_replicas"] == 2
     assert config.accelerator_type is None
+    assert config.experimental_configs == {"stream_batching_interval_ms": 50.0}
 
 
 def test_gpu_spec_uses_gpu_bundles_and_the_accelerator_type() -> None:
