@@ -33,6 +33,8 @@ class RunningGraph:
     """The graph's own ingress behind the gateway (no authentication)."""
     key: str
     """The API key `llmops up` printed."""
+    grpc_target: str
+    """host:port of the gateway's gRPC API."""
     process: subprocess.Popen[str]
     log: Path
 
@@ -55,7 +57,7 @@ def _ready(url: str) -> bool:
 @pytest.fixture(scope="session")
 def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
     """Runs `llmops up --config tests/graph.yaml` and waits until it is ready."""
-    port, graph_port, metrics_port = free_port(), free_port(), free_port()
+    port, graph_port, metrics_port, grpc_port = free_port(), free_port(), free_port(), free_port()
     folder = tmp_path_factory.mktemp("graph")
     log = folder / "llmops-up.log"
     url = f"http://127.0.0.1:{port}"
@@ -64,6 +66,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
         *(sys.executable, "-m", "llmops_cli", "up", "--config", str(TEST_GRAPH)),
         *("--port", str(port), "--graph-port", str(graph_port)),
         *("--metrics-port", str(metrics_port), "--keys-file", str(folder / "keys.json")),
+        *("--grpc-port", str(grpc_port)),
     ]
     with log.open("w") as sink:
         process = subprocess.Popen(
@@ -80,7 +83,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
         time.sleep(1)
     key = re.search(r"API key \(tenant 'local'; shown once\): (\S+)", log.read_text())
     assert key is not None, log.read_text()[-2000:]
-    yield RunningGraph(url, graph_url, key.group(1), process, log)
+    yield RunningGraph(url, graph_url, key.group(1), f"127.0.0.1:{grpc_port}", process, log)
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:

@@ -57,14 +57,14 @@ def _examples(url: str, config: GraphConfig, key: str) -> str:
     curl = (
         f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
         f"  -H 'Authorization: Bearer {key}' \\\n"
-        f'  -d \'{{"model": "{llm}", "messages": [{{"role": "user", '
+        f'  -d \'{{"model": "{llm}", "max_tokens": 64, "messages": [{{"role": "user", '
         f'"content": "What is the capital of France?"}}]}}\''
     )
     python = (
         "from openai import OpenAI\n"
         f'client = OpenAI(base_url="{url}/v1", api_key="{key}")\n'
-        f'reply = client.chat.completions.create(model="{llm}", messages=[{{"role": "user", '
-        f'"content": "What is the capital of France?"}}])\n'
+        f'reply = client.chat.completions.create(model="{llm}", max_tokens=64, messages=[{{"role": '
+        f'"user", "content": "What is the capital of France?"}}])\n'
         "print(reply.choices[0].message.content)"
     )
     if encoder:
@@ -95,6 +95,7 @@ def up(
         int, typer.Option(help="Port of the serving graph's own ingress, behind the gateway.")
     ] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Gateway Prometheus metrics port.")] = 9464,
+    grpc_port: Annotated[int, typer.Option(help="Gateway gRPC port.")] = 50051,
     gateway: Annotated[
         bool,
         typer.Option(
@@ -148,18 +149,20 @@ def up(
                 store = FileKeyStore(keys_file or default_keys_file())
                 key = issue_local_key(store)
                 url = stack.enter_context(
-                    run_gateway(running.url, store.path, host, port, metrics_port)
+                    run_gateway(running.url, store.path, host, port, metrics_port, grpc_port)
                 )
             status.stop()
             # Ctrl-C and SIGTERM both stop everything (also when started in the background);
             # set after ray.init, which installs handlers of its own.
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-            console.print(f"\n[green]ready[/green] at {url}")
+            # Plain output (never wrapped): users copy these lines.
+            typer.echo(f"\nready at {url}")
             if gateway:
-                console.print(f"API key (tenant 'local'; shown once): {key}")
-                console.print(f"metrics: http://{host}:{metrics_port}/metrics")
-            console.print(f"Ray logs: {running.ray_logs}\n")
+                typer.echo(f"API key (tenant 'local'; shown once): {key}")
+                typer.echo(f"gRPC: {host}:{grpc_port} (protos/llmops/v1/gateway.proto)")
+                typer.echo(f"metrics: http://{host}:{metrics_port}/metrics")
+            typer.echo(f"Ray logs: {running.ray_logs}\n")
             typer.echo(_examples(url, graph, key))
             console.print("\nPress Ctrl-C to stop.")
             while True:

@@ -38,6 +38,7 @@ def run_gateway(
     host: str = "127.0.0.1",
     port: int = 8000,
     metrics_port: int = 9464,
+    grpc_port: int = 50051,
     timeout_s: float = 60.0,
 ) -> Iterator[str]:
     """Starts ``python -m llmops_gateway`` in front of ``backend`` and yields its URL.
@@ -50,6 +51,7 @@ def run_gateway(
         LLMOPS_GATEWAY_HOST=host,
         LLMOPS_GATEWAY_PORT=str(port),
         LLMOPS_GATEWAY_METRICS_PORT=str(metrics_port),
+        LLMOPS_GATEWAY_GRPC_PORT=str(grpc_port),
         LLMOPS_GATEWAY_DEFAULT_BACKEND=backend,
         LLMOPS_GATEWAY_KEYS_FILE=str(keys_file),
     )

@@ -55,10 +55,18 @@ def create_app(core: GatewayCore) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        from llmops_gateway.grpc_server import start_grpc
+
         await core.start()
+        grpc_server = None
+        if core.settings.grpc_port is not None:
+            grpc_server, _port = await start_grpc(core, core.settings.host, core.settings.grpc_port)
         try:
             yield
         finally:
+            core.draining = True
+            if grpc_server is not None:
+                await grpc_server.stop(grace=core.settings.drain_timeout_s)
             await core.close()
 
     app = FastAPI(
@@ -91,7 +99,9 @@ def create_app(core: GatewayCore) -> FastAPI:
             data, body = parse_body(await request.body(), kind, core.settings.max_body_bytes)
             prompt = data.get("messages") if "messages" in data else data.get("prompt")
             max_tokens = body.max_tokens or body.max_completion_tokens
-            reserve = (max_tokens or core.settings.default_max_tokens) * body.n
+            if max_tokens is None:
+                max_tokens = data["max_tokens"] = core.settings.default_max_tokens
+            reserve = max_tokens * body.n
             admitted = await core.admit(
                 caller, body.model, estimate_tokens(prompt), reserve, body.stream
             )

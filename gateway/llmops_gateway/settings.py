@@ -16,6 +16,9 @@ class GatewaySettings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="Interface of the API port.")
     port: int = Field(default=8080, ge=0, le=65535, description="REST API port (0: any).")
+    grpc_port: int | None = Field(
+        default=50051, ge=0, le=65535, description="gRPC API port (0: any; null: no gRPC)."
+    )
     metrics_port: int = Field(
         default=9464, ge=0, le=65535, description="Prometheus metrics port, apart from the API."
     )
@@ -40,7 +43,8 @@ class GatewaySettings(BaseSettings):
     default_max_tokens: int = Field(
         default=512,
         ge=1,
-        description="Tokens reserved for output when a request sets no max_tokens.",
+        description="Output cap for requests that set no max_tokens: the gateway sets it "
+        "upstream, so the tokens it reserves bound what the request can use.",
     )
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Backend connect timeout.")
     request_timeout_s: float = Field(

@@ -22,6 +22,7 @@ class Gateway:
     """A running gateway process."""
 
     url: str
+    grpc_target: str
     metrics_url: str
     process: subprocess.Popen[bytes]
     log: Path
@@ -68,9 +69,10 @@ def stub_upstream(token_delay: float = 0.0) -> Iterator[str]:
 @contextmanager
 def gateway(log_dir: Path, **settings: object) -> Iterator[Gateway]:
     """Runs `python -m llmops_gateway` with LLMOPS_GATEWAY_* settings; SIGTERM on exit."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, grpc_port = free_port(), free_port(), free_port()
     env = dict(os.environ)
-    for key, value in {"port": port, "metrics_port": metrics_port, **settings}.items():
+    ports = {"port": port, "metrics_port": metrics_port, "grpc_port": grpc_port}
+    for key, value in {**ports, **settings}.items():
         text = json.dumps(value) if isinstance(value, dict | list) else str(value)
         env[f"LLMOPS_GATEWAY_{key.upper()}"] = text
     log = log_dir / f"gateway-{port}.log"
@@ -84,7 +86,9 @@ def gateway(log_dir: Path, **settings: object) -> Iterator[Gateway]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/healthz")
-        yield Gateway(url, f"http://127.0.0.1:{metrics_port}/metrics", process, log)
+        yield Gateway(
+            url, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", process, log
+        )
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -37,6 +37,7 @@ def gw(
         keys_file=keys.path,
         redis_url=redis_url,
         max_body_bytes=4096,
+        default_max_tokens=20,
     ) as running:
         yield running
 
@@ -234,3 +235,13 @@ def test_openapi_spec_documents_the_bodies(gw: Gateway) -> None:
     schema = chat["content"]["application/json"]["schema"]
     assert "messages" in json.dumps(schema)
     assert Path  # keeps the import for type hints in fixtures
+
+
+def test_requests_without_max_tokens_are_capped_at_the_default(
+    gw: Gateway, keys: FileKeyStore
+) -> None:
+    reply = _client(gw, _key(keys)).completions.create(
+        model="stub-chat", prompt="x", extra_body={"ignore_eos": True}
+    )
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 20

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of protos/llmops/v1/gateway.proto, and the generator."""

@@ -1,0 +1,366 @@
+"""The gRPC adapter: protos/llmops/v1/gateway.proto over the same `GatewayCore` as REST.
+
+Requests become the OpenAI JSON the backends speak; answers and stream chunks are converted
+back. `GatewayError` becomes the matching status code, with ``retry-after`` trailing metadata
+on RESOURCE_EXHAUSTED and UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llmops_gateway.core import (
+    REQUEST_ID_HEADER,
+    Admitted,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GatewayCore,
+    estimate_tokens,
+    relay_sse,
+)
+from llmops_gateway.errors import GatewayError, invalid, timed_out
+from llmops_gateway.grpc_api import gateway_pb2 as pb
+from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
+
+
+def _params(params: pb.SamplingParams) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for field in (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+        "top_logprobs",
+    ):
+        if params.HasField(field):
+            out[field] = getattr(params, field)
+    if params.stop:
+        out["stop"] = list(params.stop)
+    return out
+
+
+def _extra(request: pb.ChatCompletionRequest | pb.CompletionRequest) -> dict[str, Any]:
+    if not request.HasField("extra"):
+        return {}
+    extra: dict[str, Any] = json_format.MessageToDict(request.extra)
+    return extra
+
+
+def _usage(data: dict[str, Any] | None) -> pb.Usage | None:
+    if not data:
+        return None
+    return pb.Usage(
+        prompt_tokens=int(data.get("prompt_tokens", 0)),
+        completion_tokens=int(data.get("completion_tokens", 0)),
+        total_tokens=int(data.get("total_tokens", 0)),
+    )
+
+
+class GatewayService(pb_grpc.GatewayServicer):
+    """The Gateway service.
+
+    Args:
+        core: The same core the REST app uses.
+    """
+
+    def __init__(self, core: GatewayCore) -> None:
+        self.core = core
+
+    # -- shared steps ----------------------------------------------------------------------
+
+    async def _guard(
+        self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        try:
+            return await work()
+        except GatewayError as error:
+            await _abort(context, error)
+            raise AssertionError("abort returns only by raising") from None
+
+    def _request_id(self, context: grpc.aio.ServicerContext) -> str:
+        metadata = dict(context.invocation_metadata() or ())
+        return str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
+
+    async def _admit(
+        self,
+        context: grpc.aio.ServicerContext,
+        body: dict[str, Any],
+        kind: type[ChatRequest] | type[CompletionRequest],
+        stream: bool,
+    ) -> Admitted:
+        metadata = dict(context.invocation_metadata() or ())
+        caller = self.core.authenticate(metadata.get("authorization"))
+        try:
+            parsed = kind.model_validate(body)
+        except ValueError as exc:
+            raise invalid(f"invalid request: {exc}") from None
+        prompt = body.get("messages") if "messages" in body else body.get("prompt")
+        max_tokens = parsed.max_tokens or parsed.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = body["max_tokens"] = self.core.settings.default_max_tokens
+        reserve = max_tokens * parsed.n
+        return await self.core.admit(caller, parsed.model, estimate_tokens(prompt), reserve, stream)
+
+    async def _unary_json(
+        self, admitted: Admitted, path: str, body: dict[str, Any], request_id: str
+    ) -> dict[str, Any]:
+        response = await self.core.post(admitted, path, body, request_id)
+        async with response:
+            payload = await response.read()
+            status = response.status
+        data: dict[str, Any] = json.loads(payload) if payload else {}
+        usage = data.get("usage") or {}
+        await self.core.settle(
+            admitted, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        )
+        if status != 200:
+            raise _upstream_error(status, data)
+        return data
+
+    async def _stream_json(
+        self,
+        context: grpc.aio.ServicerContext,
+        body: dict[str, Any],
+        path: str,
+        kind: type[ChatRequest] | type[CompletionRequest],
+    ) -> AsyncIterator[dict[str, Any]]:
+        request_id = self._request_id(context)
+        try:
+            admitted = await self._admit(context, body, kind, stream=True)
+            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            response = await self.core.post(admitted, path, body, request_id)
+            if response.status != 200:
+                async with response:
+                    payload = await response.read()
+                await self.core.settle(admitted, 0, 0)
+                raise _upstream_error(response.status, json.loads(payload or b"{}"))
+        except GatewayError as error:
+            await _abort(context, error)
+            return
+        async for line in relay_sse(self.core, admitted, response, client_wants_usage=True):
+            if not line.startswith(b"data: {"):
+                continue
+            chunk: dict[str, Any] = json.loads(line[6:])
+            if "error" in chunk:
+                failure = chunk["error"]
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(failure.get("message")))
+            yield chunk
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    async def CreateChatCompletion(  # noqa: N802 (gRPC method names)
+        self, request: pb.ChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ChatCompletion:
+        """A whole chat completion."""
+        body = _chat_body(request)
+
+        async def work() -> pb.ChatCompletion:
+            admitted = await self._admit(context, body, ChatRequest, stream=False)
+            data = await self._unary_json(
+                admitted, "/v1/chat/completions", body, self._request_id(context)
+            )
+            return pb.ChatCompletion(
+                id=str(data.get("id", "")),
+                model=str(data.get("model", "")),
+                created=int(data.get("created", 0)),
+                choices=[
+                    pb.ChatChoice(
+                        index=int(c.get("index", 0)),
+                        message=pb.Message(
+                            role=str(c["message"].get("role") or "assistant"),
+                            content=str(c["message"].get("content") or ""),
+                        ),
+                        finish_reason=str(c.get("finish_reason") or ""),
+                    )
+                    for c in data.get("choices", [])
+                ],
+                usage=_usage(data.get("usage")),
+            )
+
+        return await self._guard(context, work)
+
+    async def StreamChatCompletion(  # noqa: N802
+        self, request: pb.ChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ChatCompletionChunk]:
+        """A chat completion as it is generated."""
+        body = _chat_body(request)
+        async for chunk in self._stream_json(context, body, "/v1/chat/completions", ChatRequest):
+            yield pb.ChatCompletionChunk(
+                id=str(chunk.get("id", "")),
+                model=str(chunk.get("model", "")),
+                choices=[
+                    pb.ChatDelta(
+                        index=int(c.get("index", 0)),
+                        role=str((c.get("delta") or {}).get("role") or ""),
+                        content=str((c.get("delta") or {}).get("content") or ""),
+                        finish_reason=str(c.get("finish_reason") or ""),
+                    )
+                    for c in chunk.get("choices", [])
+                ],
+                usage=_usage(chunk.get("usage")),
+            )
+
+    async def CreateCompletion(  # noqa: N802
+        self, request: pb.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Completion:
+        """A whole text completion."""
+        body = _completion_body(request)
+
+        async def work() -> pb.Completion:
+            admitted = await self._admit(context, body, CompletionRequest, stream=False)
+            data = await self._unary_json(
+                admitted, "/v1/completions", body, self._request_id(context)
+            )
+            return pb.Completion(
+                id=str(data.get("id", "")),
+                model=str(data.get("model", "")),
+                created=int(data.get("created", 0)),
+                choices=[_completion_choice(c) for c in data.get("choices", [])],
+                usage=_usage(data.get("usage")),
+            )
+
+        return await self._guard(context, work)
+
+    async def StreamCompletion(  # noqa: N802
+        self, request: pb.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CompletionChunk]:
+        """A text completion as it is generated."""
+        body = _completion_body(request)
+        async for chunk in self._stream_json(context, body, "/v1/completions", CompletionRequest):
+            yield pb.CompletionChunk(
+                id=str(chunk.get("id", "")),
+                model=str(chunk.get("model", "")),
+                choices=[_completion_choice(c) for c in chunk.get("choices", [])],
+                usage=_usage(chunk.get("usage")),
+            )
+
+    async def CreateEmbeddings(  # noqa: N802
+        self, request: pb.EmbeddingsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Embeddings:
+        """Embeddings of one or more texts."""
+
+        async def work() -> pb.Embeddings:
+            metadata = dict(context.invocation_metadata() or ())
+            caller = self.core.authenticate(metadata.get("authorization"))
+            if not request.model or not request.input:
+                raise invalid("model and at least one input are required")
+            body = {
+                "model": request.model,
+                "input": list(request.input),
+                "encoding_format": "float",
+            }
+            EmbeddingRequest.model_validate(body)
+            admitted = await self.core.admit(
+                caller, request.model, estimate_tokens(body["input"]), 0, False
+            )
+            data = await self._unary_json(
+                admitted, "/v1/embeddings", body, self._request_id(context)
+            )
+            return pb.Embeddings(
+                model=str(data.get("model", "")),
+                data=[
+                    pb.Embedding(index=int(d.get("index", i)), values=d.get("embedding", []))
+                    for i, d in enumerate(data.get("data", []))
+                ],
+                usage=_usage(data.get("usage")),
+            )
+
+        return await self._guard(context, work)
+
+    async def ListModels(  # noqa: N802
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        """The models the caller's key may use."""
+
+        async def work() -> pb.ListModelsResponse:
+            metadata = dict(context.invocation_metadata() or ())
+            caller = self.core.authenticate(metadata.get("authorization"))
+            return pb.ListModelsResponse(models=await self.core.models_for(caller))
+
+        return await self._guard(context, work)
+
+
+def _chat_body(request: pb.ChatCompletionRequest) -> dict[str, Any]:
+    messages = [
+        {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+        for m in request.messages
+    ]
+    return {
+        **_extra(request),
+        "model": request.model,
+        "messages": messages,
+        **_params(request.params),
+    }
+
+
+def _completion_body(request: pb.CompletionRequest) -> dict[str, Any]:
+    return {
+        **_extra(request),
+        "model": request.model,
+        "prompt": request.prompt,
+        **_params(request.params),
+    }
+
+
+def _completion_choice(choice: dict[str, Any]) -> pb.CompletionChoice:
+    return pb.CompletionChoice(
+        index=int(choice.get("index", 0)),
+        text=str(choice.get("text") or ""),
+        finish_reason=str(choice.get("finish_reason") or ""),
+    )
+
+
+_CODES = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__members__}
+
+
+def _upstream_error(status: int, data: dict[str, Any]) -> GatewayError:
+    message = str((data.get("error") or {}).get("message") or f"backend answered {status}")
+    if status == 404:
+        return GatewayError(message, status=404, grpc_code="NOT_FOUND", type="not_found_error")
+    if status == 504:
+        return timed_out(message)
+    if 400 <= status < 500:
+        return invalid(message)
+    return GatewayError(message, status=502, grpc_code="UNAVAILABLE", type="server_error")
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: GatewayError) -> None:
+    if error.retry_after_s is not None:
+        context.set_trailing_metadata((("retry-after", str(max(1, round(error.retry_after_s)))),))
+    await context.abort(_CODES[error.grpc_code], error.message)
+
+
+async def start_grpc(core: GatewayCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Starts the gRPC server with the Gateway service, health and reflection.
+
+    Returns:
+        The server and the port it bound (useful with port 0).
+    """
+    server = grpc.aio.server()
+    pb_grpc.add_GatewayServicer_to_server(GatewayService(core), server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound

@@ -1,0 +1,160 @@
+"""The gateway's gRPC API, with a client built from protos/, against the stub upstream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from llmops_gateway.grpc_api import gateway_pb2 as pb
+from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
+from llmops_gateway.keys import FileKeyStore, Tenant
+from tests.integration.gateway_fixtures import Gateway, gateway, stub_upstream
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> FileKeyStore:
+    return FileKeyStore(tmp_path_factory.mktemp("grpc-keys") / "keys.json")
+
+
+@pytest.fixture(scope="module")
+def gw(keys: FileKeyStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    keys.create(Tenant(name="bootstrap"))
+    with (
+        stub_upstream() as upstream,
+        gateway(
+            tmp_path_factory.mktemp("grpc-gw"),
+            default_backend=upstream,
+            backends={"hang": upstream},
+            keys_file=keys.path,
+            request_timeout_s=1.5,
+        ) as running,
+    ):
+        yield running
+
+
+@pytest.fixture(scope="module")
+def channel(gw: Gateway) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(gw.grpc_target) as chan:
+        grpc.channel_ready_future(chan).result(timeout=10)
+        yield chan
+
+
+def _auth(keys: FileKeyStore, **limits: object) -> list[tuple[str, str]]:
+    name = f"grpc-{len(keys.load().keys)}"
+    key = keys.create(Tenant(name=name, **limits))[1]  # type: ignore[arg-type]
+    return [("authorization", f"Bearer {key}")]
+
+
+def _chat(model: str = "stub-chat", max_tokens: int = 5) -> pb.ChatCompletionRequest:
+    return pb.ChatCompletionRequest(
+        model=model,
+        messages=[pb.Message(role="user", content="hi")],
+        params=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
+
+
+def test_unary_and_streaming_chat(channel: grpc.Channel, keys: FileKeyStore) -> None:
+    stub = pb_grpc.GatewayStub(channel)
+    metadata = _auth(keys)
+    reply = stub.CreateChatCompletion(_chat(), metadata=metadata)
+    assert reply.choices[0].message.content == "tok tok tok tok tok"
+    assert reply.usage.completion_tokens == 5
+    chunks = list(stub.StreamChatCompletion(_chat(max_tokens=7), metadata=metadata))
+    assert sum(1 for c in chunks if c.choices and c.choices[0].content) == 7
+    assert chunks[-1].usage.completion_tokens == 7
+
+
+def test_completions_embeddings_and_models(channel: grpc.Channel, keys: FileKeyStore) -> None:
+    stub = pb_grpc.GatewayStub(channel)
+    metadata = _auth(keys, allowed_models=["stub-chat", "stub-embed"])
+    request = pb.CompletionRequest(
+        model="stub-chat", prompt="x", params=pb.SamplingParams(max_tokens=3)
+    )
+    assert stub.CreateCompletion(request, metadata=metadata).choices[0].text == "tok tok tok"
+    streamed = list(stub.StreamCompletion(request, metadata=metadata))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "tok tok tok "
+    vectors = stub.CreateEmbeddings(
+        pb.EmbeddingsRequest(model="stub-embed", input=["a", "b"]), metadata=metadata
+    )
+    assert [len(d.values) for d in vectors.data] == [8, 8]
+    assert sorted(stub.ListModels(pb.ListModelsRequest(), metadata=metadata).models) == [
+        "stub-chat",
+        "stub-embed",
+    ]
+
+
+def test_extra_fields_pass_through(channel: grpc.Channel, keys: FileKeyStore) -> None:
+    extra = struct_pb2.Struct()
+    extra.update({"ignore_eos": True})
+    request = _chat(max_tokens=20)
+    request.extra.CopyFrom(extra)
+    reply = pb_grpc.GatewayStub(channel).CreateChatCompletion(request, metadata=_auth(keys))
+    assert reply.usage.completion_tokens == 20  # the stub stops at 12 without ignore_eos
+
+
+@pytest.mark.parametrize(
+    ("make_metadata", "request_", "code"),
+    [
+        (lambda keys: [], _chat(), grpc.StatusCode.UNAUTHENTICATED),
+        (
+            lambda keys: [("authorization", "Bearer llmops_000000000000_x")],
+            _chat(),
+            grpc.StatusCode.UNAUTHENTICATED,
+        ),
+        (
+            lambda keys: _auth(keys, allowed_models=["other"]),
+            _chat(),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        (lambda keys: _auth(keys), _chat(model="gpt-9"), grpc.StatusCode.NOT_FOUND),
+        (lambda keys: _auth(keys), _chat(max_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT),
+        (lambda keys: _auth(keys), _chat(model="hang"), grpc.StatusCode.DEADLINE_EXCEEDED),
+    ],
+)
+def test_errors_map_to_status_codes(
+    channel: grpc.Channel,
+    keys: FileKeyStore,
+    make_metadata: object,
+    request_: object,
+    code: grpc.StatusCode,
+) -> None:
+    stub = pb_grpc.GatewayStub(channel)
+    metadata = make_metadata(keys)  # type: ignore[operator]
+    with pytest.raises(grpc.RpcError) as unary:
+        stub.CreateChatCompletion(request_, metadata=metadata)
+    assert unary.value.code() == code
+    with pytest.raises(grpc.RpcError) as streamed:
+        list(stub.StreamChatCompletion(request_, metadata=metadata))
+    assert streamed.value.code() == code
+
+
+def test_rate_limit_is_resource_exhausted_with_retry_after(
+    channel: grpc.Channel, keys: FileKeyStore
+) -> None:
+    stub = pb_grpc.GatewayStub(channel)
+    metadata = _auth(keys, requests_per_minute=2)
+    stub.CreateChatCompletion(_chat(), metadata=metadata)
+    stub.CreateChatCompletion(_chat(), metadata=metadata)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CreateChatCompletion(_chat(), metadata=metadata)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(caught.value.trailing_metadata() or ())
+    assert 1 <= int(trailing["retry-after"]) <= 60
+
+
+def test_health_and_reflection(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service="llmops.v1.Gateway"))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answers = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for s in next(answers).list_services_response.service}
+    assert "llmops.v1.Gateway" in names
+    assert "grpc.health.v1.Health" in names
