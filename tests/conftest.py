@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from llmops_gateway.local import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_GRAPH = ROOT / "tests" / "graph.yaml"
@@ -84,13 +85,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
     key = re.search(r"API key \(tenant 'local'; shown once\): (\S+)", log.read_text())
     assert key is not None, log.read_text()[-2000:]
     yield RunningGraph(url, graph_url, key.group(1), f"127.0.0.1:{grpc_port}", process, log)
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, timeout_s=120)
 
 
 @pytest.fixture(scope="session")

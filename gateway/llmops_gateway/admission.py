@@ -189,21 +189,9 @@ class RedisAdmission:
             redis.exceptions.RedisError: Redis is unreachable (the caller applies its
                 fail-open or fail-closed setting).
         """
-        if tokens > tenant.tokens_per_minute:
-            return Rejection(
-                "request_too_large",
-                f"this request may use {tokens} tokens (prompt + max_tokens), more than the "
-                f"tenant's {tenant.tokens_per_minute} tokens per minute: lower max_tokens",
-                0.0,
-            )
-        rpm = RateLimitItemPerMinute(tenant.requests_per_minute)
-        if not await self._requests.hit(rpm, tenant.name):
-            stats = await self._requests.get_window_stats(rpm, tenant.name)
-            return Rejection(
-                "requests_per_minute",
-                f"tenant {tenant.name} is over {tenant.requests_per_minute} requests per minute",
-                max(stats.reset_time - time.time(), 0.001),
-            )
+        early = await _precheck(self._requests, tenant, tokens)
+        if early is not None:
+            return early
         now = time.time()
         member = uuid.uuid4().hex
         day = _day(now)
@@ -238,6 +226,28 @@ class RedisAdmission:
         await self.redis.aclose()
 
 
+async def _precheck(
+    requests: MovingWindowRateLimiter, tenant: Tenant, tokens: int
+) -> Rejection | None:
+    """The checks both backends make first: request size, then the request rate."""
+    if tokens > tenant.tokens_per_minute:
+        return Rejection(
+            "request_too_large",
+            f"this request may use {tokens} tokens (prompt + max_tokens), more than the "
+            f"tenant's {tenant.tokens_per_minute} tokens per minute: lower max_tokens",
+            0.0,
+        )
+    rpm = RateLimitItemPerMinute(tenant.requests_per_minute)
+    if not await requests.hit(rpm, tenant.name):
+        stats = await requests.get_window_stats(rpm, tenant.name)
+        return Rejection(
+            "requests_per_minute",
+            f"tenant {tenant.name} is over {tenant.requests_per_minute} requests per minute",
+            max(stats.reset_time - time.time(), 0.001),
+        )
+    return None
+
+
 def _rejection(reason: str, tenant: Tenant, retry_after_s: float) -> Rejection:
     messages = {
         "tokens_per_minute": f"tenant {tenant.name} is over {tenant.tokens_per_minute} tokens "
@@ -264,21 +274,9 @@ class MemoryAdmission:
         self, tenant: Tenant, tokens: int, *, stream: bool = False
     ) -> Reservation | Rejection:
         """Reserves one request and ``tokens`` tokens, or says why not."""
-        if tokens > tenant.tokens_per_minute:
-            return Rejection(
-                "request_too_large",
-                f"this request may use {tokens} tokens (prompt + max_tokens), more than the "
-                f"tenant's {tenant.tokens_per_minute} tokens per minute: lower max_tokens",
-                0.0,
-            )
-        rpm = RateLimitItemPerMinute(tenant.requests_per_minute)
-        if not await self._requests.hit(rpm, tenant.name):
-            stats = await self._requests.get_window_stats(rpm, tenant.name)
-            return Rejection(
-                "requests_per_minute",
-                f"tenant {tenant.name} is over {tenant.requests_per_minute} requests per minute",
-                max(stats.reset_time - time.time(), 0.001),
-            )
+        early = await _precheck(self._requests, tenant, tokens)
+        if early is not None:
+            return early
         async with self._lock:
             now = time.time()
             window = self._window.setdefault(tenant.name, {})

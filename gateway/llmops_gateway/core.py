@@ -292,6 +292,17 @@ class GatewayCore:
     async def settle(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int) -> None:
         """Records real usage; never raises (usage must not break a finished response)."""
         tenant, model = admitted.caller.tenant.name, admitted.model
+        logger.info(
+            "request settled",
+            extra={
+                "tenant": tenant,
+                "key_id": admitted.caller.key_id,
+                "model": model,
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "duration_s": round(time.monotonic() - admitted.started, 4),
+            },
+        )
         self.metrics.tokens.labels(tenant=tenant, model=model, direction="prompt").inc(
             prompt_tokens
         )

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import structlog
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -95,7 +96,9 @@ class GatewayService(pb_grpc.GatewayServicer):
 
     def _request_id(self, context: grpc.aio.ServicerContext) -> str:
         metadata = dict(context.invocation_metadata() or ())
-        return str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
+        request_id = str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        return request_id
 
     async def _admit(
         self,

@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from llmops_gateway.keys import FileKeyStore, Tenant
 
@@ -47,7 +48,8 @@ def run_gateway(
         RuntimeError: the gateway exited or did not answer within ``timeout_s``.
     """
     env = dict(
-        os.environ,
+        {"LLMOPS_GATEWAY_LOG_FORMAT": "console"},
+        **os.environ,
         LLMOPS_GATEWAY_HOST=host,
         LLMOPS_GATEWAY_PORT=str(port),
         LLMOPS_GATEWAY_METRICS_PORT=str(metrics_port),
@@ -71,9 +73,16 @@ def run_gateway(
                 time.sleep(0.1)
         yield url
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_process(process, timeout_s=60)
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 30) -> None:
+    """SIGTERM, wait up to ``timeout_s`` (time to drain), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

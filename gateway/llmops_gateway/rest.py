@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -31,7 +32,10 @@ PASSTHROUGH_HEADERS = ("content-type",)
 
 
 def _request_id(request: Request) -> str:
-    return request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    """The caller's request id (or a new one), also bound into every log line of the request."""
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    return request_id
 
 
 def _error(error: GatewayError, request_id: str) -> JSONResponse:

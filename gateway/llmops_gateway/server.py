@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 from types import FrameType
 
 import uvicorn
@@ -17,6 +16,7 @@ from prometheus_client import start_http_server
 from llmops_gateway.admission import Admission, MemoryAdmission, RedisAdmission
 from llmops_gateway.core import GatewayCore
 from llmops_gateway.keys import FileKeyStore, KeyFile
+from llmops_gateway.logs import configure_logging
 from llmops_gateway.metrics import GatewayMetrics
 from llmops_gateway.rest import create_app
 from llmops_gateway.settings import GatewaySettings
@@ -72,5 +72,6 @@ def serve(settings: GatewaySettings) -> None:
 
 def main() -> None:
     """Entry point: ``python -m llmops_gateway``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(GatewaySettings())
+    settings = GatewaySettings()
+    configure_logging(settings.log_format)
+    serve(settings)

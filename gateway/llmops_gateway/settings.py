@@ -50,6 +50,9 @@ class GatewaySettings(BaseSettings):
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest a request may take end to end (504 after)."
     )
+    log_format: Literal["json", "console"] = Field(
+        default="json", description="json for log collectors, console for people."
+    )
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish."
     )

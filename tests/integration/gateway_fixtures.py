@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmops_gateway.local import stop_process
 from tests.conftest import free_port
 
 
@@ -58,12 +58,7 @@ def stub_upstream(token_delay: float = 0.0) -> Iterator[str]:
         wait_http(f"http://127.0.0.1:{port}/v1/models")
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=10)
 
 
 @contextmanager
@@ -90,9 +85,4 @@ def gateway(log_dir: Path, **settings: object) -> Iterator[Gateway]:
             url, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", process, log
         )
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_process(process)
