@@ -73,19 +73,23 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
         process = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
         )
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    # Ready for a user means both: the router answers, and `llmops up` has printed its banner.
-    while not (_ready(graph_url) and READY_BANNER in log.read_text()):
-        if process.poll() is not None:
-            pytest.fail(f"llmops up exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"graph not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    key = re.search(r"API key \(tenant 'local'; shown once\): (\S+)", log.read_text())
-    assert key is not None, log.read_text()[-2000:]
-    yield RunningGraph(url, graph_url, key.group(1), f"127.0.0.1:{grpc_port}", process, log)
-    stop_process(process, timeout_s=120)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        # Ready for a user means both: the router answers, and `llmops up` printed its banner.
+        while not (_ready(graph_url) and READY_BANNER in log.read_text()):
+            if process.poll() is not None:
+                pytest.fail(
+                    f"llmops up exited with {process.returncode}:\n{log.read_text()[-4000:]}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        key = re.search(r"API key \(tenant 'local'; shown once\): (\S+)", log.read_text())
+        assert key is not None, log.read_text()[-2000:]
+        yield RunningGraph(url, graph_url, key.group(1), f"127.0.0.1:{grpc_port}", process, log)
+    finally:
+        # Also when start-up failed: a leaked `llmops up` keeps Ray and the engines running.
+        stop_process(process, timeout_s=120)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,39 @@ from llmops_gateway.core import (
 )
 from llmops_gateway.errors import GatewayError
 
-PASSTHROUGH_HEADERS = ("content-type",)
+
+class ErrorDetail(BaseModel):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error the gateway returns."""
+
+    error: ErrorDetail
+    request_id: str
+
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    described = {
+        400: "Malformed JSON, wrong field types, or a request larger than a limit allows.",
+        401: "Missing, invalid or revoked API key.",
+        403: "The key's tenant may not use this model.",
+        404: "No such model.",
+        413: "Body over the size limit.",
+        429: "A rate limit or budget is reached; see Retry-After.",
+        502: "The backend failed.",
+        503: "Draining, rate limiter down (fail closed), or backend unreachable.",
+        504: "The backend did not answer in time.",
+    }
+    return {code: {"model": ErrorBody, "description": described[code]} for code in statuses}
+
+
+GENERATION_ERRORS = _responses(400, 401, 403, 404, 413, 429, 502, 503, 504)
 
 
 def _request_id(request: Request) -> str:
@@ -124,17 +156,27 @@ def create_app(core: GatewayCore) -> FastAPI:
         finally:
             core.metrics.in_flight.dec()
 
-    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatRequest))
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=_body_schema(ChatRequest),
+        responses=GENERATION_ERRORS,
+    )
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
         return await generate(request, "chat", "/v1/chat/completions", ChatRequest)
 
-    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    @app.post(
+        "/v1/completions",
+        openapi_extra=_body_schema(CompletionRequest),
+        responses=GENERATION_ERRORS,
+    )
     async def completions(request: Request) -> Response:
         """OpenAI text completions, streaming (SSE) or not."""
         return await generate(request, "completions", "/v1/completions", CompletionRequest)
 
-    @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    @app.post(
+        "/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest), responses=GENERATION_ERRORS
+    )
     async def embeddings(request: Request) -> Response:
         """OpenAI embeddings."""
         started = time.monotonic()
@@ -150,7 +192,7 @@ def create_app(core: GatewayCore) -> FastAPI:
             await count("embeddings", "unknown", "unknown", error.status, started)
             return _error(error, request_id)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_responses(401))
     async def models(request: Request) -> Response:
         """The models the caller's key may use."""
         request_id = _request_id(request)
@@ -173,7 +215,7 @@ def create_app(core: GatewayCore) -> FastAPI:
         """Liveness."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "Draining: send no new requests."}})
     async def readyz() -> Response:
         """Readiness: false while draining, so load balancers stop sending."""
         if core.draining:
