@@ -163,13 +163,23 @@ class RedisAdmission:
     Args:
         url: ``redis://host:port/db``.
         prefix: Key prefix, so several gateways can share a Redis.
+        max_connections: Redis connections this process may open for admission.
     """
 
-    def __init__(self, url: str, prefix: str = "llmops:gw") -> None:
+    def __init__(self, url: str, prefix: str = "llmops:gw", max_connections: int = 64) -> None:
         import redis.asyncio as aioredis
 
         self.prefix = prefix
-        self.redis = aioredis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        # A bounded pool that makes callers wait for a connection (up to the socket timeout)
+        # instead of failing when a burst needs more connections than Redis should get.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=2.0,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+        )
+        self.redis = aioredis.Redis(connection_pool=pool)
         self._admit = self.redis.register_script(_ADMIT)
         self._settle = self.redis.register_script(_SETTLE)
         self._requests = MovingWindowRateLimiter(
