@@ -82,6 +82,15 @@ class Admitted:
     started: float = field(default_factory=time.monotonic)
 
 
+def json_object(payload: bytes) -> dict[str, Any]:
+    """A body parsed as a JSON object; {} for an empty, malformed or non-object body."""
+    try:
+        data = json.loads(payload) if payload else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def estimate_tokens(value: Any) -> int:
     """A generous token estimate of text (about 3 characters a token), for reservations.
 
@@ -346,6 +355,25 @@ class GatewayCore:
                     f"{self.settings.request_timeout_s:.0f} s"
                 ) from None
         raise AssertionError("unreachable")
+
+    async def call(
+        self, admitted: Admitted, path: str, body: dict[str, Any], request_id: str
+    ) -> tuple[int, bytes, dict[str, Any]]:
+        """Sends a non-streaming request and settles its usage.
+
+        Returns:
+            The backend's status, its raw body, and the body as a JSON object ({} if not one).
+        """
+        response = await self.post(admitted, path, body, request_id)
+        async with response:
+            payload = await response.read()
+            status = response.status
+        data = json_object(payload)
+        # Failed requests generated nothing; a success without usage is charged the estimate.
+        usage = (data.get("usage") or {}) if status == 200 else {}
+        prompt = int(usage.get("prompt_tokens", admitted.prompt_estimate if status == 200 else 0))
+        await self.settle(admitted, prompt, int(usage.get("completion_tokens", 0)))
+        return status, payload, data
 
 
 async def relay_sse(

@@ -26,6 +26,7 @@ from llmops_gateway.core import (
     EmbeddingRequest,
     GatewayCore,
     estimate_tokens,
+    json_object,
     relay_sse,
 )
 from llmops_gateway.errors import GatewayError, invalid, timed_out
@@ -123,15 +124,7 @@ class GatewayService(pb_grpc.GatewayServicer):
     async def _unary_json(
         self, admitted: Admitted, path: str, body: dict[str, Any], request_id: str
     ) -> dict[str, Any]:
-        response = await self.core.post(admitted, path, body, request_id)
-        async with response:
-            payload = await response.read()
-            status = response.status
-        data: dict[str, Any] = json.loads(payload) if payload else {}
-        usage = data.get("usage") or {}
-        await self.core.settle(
-            admitted, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-        )
+        status, _, data = await self.core.call(admitted, path, body, request_id)
         if status != 200:
             raise _upstream_error(status, data)
         return data
@@ -152,7 +145,7 @@ class GatewayService(pb_grpc.GatewayServicer):
                 async with response:
                     payload = await response.read()
                 await self.core.settle(admitted, 0, 0)
-                raise _upstream_error(response.status, json.loads(payload or b"{}"))
+                raise _upstream_error(response.status, json_object(payload))
         except GatewayError as error:
             await _abort(context, error)
             return

@@ -1,11 +1,12 @@
 """Gateway metrics, registered when the app is built (never at import).
 
-Labels are bounded: model names come from the routing table (unknown ones become "other"),
+Labels are bounded: model names come from the routing table ("unknown" before routing),
 tenants from the key store; never keys, prompts or request ids.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -26,6 +27,13 @@ class GatewayMetrics:
     in_flight: Gauge
     streams: Gauge
     redis_errors: Counter
+
+    def record(self, endpoint: str, model: str, tenant: str, status: int, started: float) -> None:
+        """Counts one finished request and observes its latency since ``started``."""
+        self.requests.labels(
+            endpoint=endpoint, model=model, tenant=tenant, status=str(status)
+        ).inc()
+        self.latency.labels(endpoint=endpoint, model=model).observe(time.monotonic() - started)
 
     @classmethod
     def create(cls) -> GatewayMetrics:

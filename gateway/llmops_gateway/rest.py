@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +16,6 @@ from pydantic import BaseModel
 from llmops_gateway.core import (
     REQUEST_ID_HEADER,
     Admitted,
-    Caller,
     ChatRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -113,24 +111,13 @@ def create_app(core: GatewayCore) -> FastAPI:
         lifespan=lifespan,
     )
 
-    async def authenticated(request: Request) -> Caller:
-        return core.authenticate(request.headers.get("authorization"))
-
-    async def count(endpoint: str, model: str, tenant: str, status: int, started: float) -> None:
-        core.metrics.requests.labels(
-            endpoint=endpoint, model=model, tenant=tenant, status=str(status)
-        ).inc()
-        core.metrics.latency.labels(endpoint=endpoint, model=model).observe(
-            time.monotonic() - started
-        )
-
     async def generate(request: Request, endpoint: str, path: str, kind: type[Any]) -> Response:
         started = time.monotonic()
         request_id = _request_id(request)
         tenant, model = "unknown", "unknown"
         core.metrics.in_flight.inc()
         try:
-            caller = await authenticated(request)
+            caller = core.authenticate(request.headers.get("authorization"))
             tenant = caller.tenant.name
             data, body = parse_body(await request.body(), kind, core.settings.max_body_bytes)
             prompt = data.get("messages") if "messages" in data else data.get("prompt")
@@ -151,7 +138,7 @@ def create_app(core: GatewayCore) -> FastAPI:
                 return await _stream(core, admitted, path, data, request_id, wants_usage, endpoint)
             return await _unary(core, admitted, path, data, request_id, endpoint)
         except GatewayError as error:
-            await count(endpoint, model, tenant, error.status, started)
+            core.metrics.record(endpoint, model, tenant, error.status, started)
             return _error(error, request_id)
         finally:
             core.metrics.in_flight.dec()
@@ -181,15 +168,17 @@ def create_app(core: GatewayCore) -> FastAPI:
         """OpenAI embeddings."""
         started = time.monotonic()
         request_id = _request_id(request)
+        tenant, model = "unknown", "unknown"
         try:
-            caller = await authenticated(request)
+            caller = core.authenticate(request.headers.get("authorization"))
+            tenant = caller.tenant.name
             data, body = parse_body(
                 await request.body(), EmbeddingRequest, core.settings.max_body_bytes
             )
             admitted = await core.admit(caller, body.model, estimate_tokens(body.input), 0, False)
             return await _unary(core, admitted, "/v1/embeddings", data, request_id, "embeddings")
         except GatewayError as error:
-            await count("embeddings", "unknown", "unknown", error.status, started)
+            core.metrics.record("embeddings", model, tenant, error.status, started)
             return _error(error, request_id)
 
     @app.get("/v1/models", responses=_responses(401))
@@ -197,7 +186,7 @@ def create_app(core: GatewayCore) -> FastAPI:
         """The models the caller's key may use."""
         request_id = _request_id(request)
         try:
-            caller = await authenticated(request)
+            caller = core.authenticate(request.headers.get("authorization"))
         except GatewayError as error:
             return _error(error, request_id)
         names = await core.models_for(caller)
@@ -233,27 +222,9 @@ async def _unary(
     request_id: str,
     endpoint: str,
 ) -> Response:
-    response = await core.post(admitted, path, data, request_id)
-    async with response:
-        payload = await response.read()
-        status = response.status
-    usage: dict[str, Any] = {}
-    if status == 200:
-        try:
-            usage = json.loads(payload).get("usage") or {}
-        except ValueError:
-            usage = {}
-    prompt = int(usage.get("prompt_tokens", 0 if status != 200 else admitted.prompt_estimate))
-    completion = int(usage.get("completion_tokens", 0))
-    await core.settle(admitted, prompt, completion)
-    core.metrics.requests.labels(
-        endpoint=endpoint,
-        model=admitted.model,
-        tenant=admitted.caller.tenant.name,
-        status=str(status),
-    ).inc()
-    core.metrics.latency.labels(endpoint=endpoint, model=admitted.model).observe(
-        time.monotonic() - admitted.started
+    status, payload, _ = await core.call(admitted, path, data, request_id)
+    core.metrics.record(
+        endpoint, admitted.model, admitted.caller.tenant.name, status, admitted.started
     )
     return Response(
         payload,
@@ -273,12 +244,10 @@ async def _stream(
     endpoint: str,
 ) -> Response:
     response = await core.post(admitted, path, data, request_id)
-    core.metrics.requests.labels(
-        endpoint=endpoint,
-        model=admitted.model,
-        tenant=admitted.caller.tenant.name,
-        status=str(response.status),
-    ).inc()
+    # Counted when the stream starts; its latency is the time to the response head.
+    core.metrics.record(
+        endpoint, admitted.model, admitted.caller.tenant.name, response.status, admitted.started
+    )
     if response.status != 200 or not response.content_type.startswith("text/event-stream"):
         async with response:
             payload = await response.read()

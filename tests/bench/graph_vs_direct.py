@@ -27,6 +27,7 @@ from pathlib import Path
 import openai
 
 from llmops_services import default_graph_config, resolve_source
+from tests.conftest import free_port
 
 PROMPTS = [
     "Explain what a hash table is.",
@@ -47,14 +48,6 @@ class Result:
     ttft_p50_ms: float
     ttft_p95_ms: float
     requests: int
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait(url: str, path: str, timeout_s: float = 900) -> None:
@@ -125,7 +118,7 @@ def run_direct(args: argparse.Namespace, model: str) -> list[Result]:
     spec = default_graph_config().llms[0]
     engine = spec.engine
     folder = resolve_source(spec.source)
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -156,7 +149,7 @@ def run_direct(args: argparse.Namespace, model: str) -> list[Result]:
 
 
 def run_graph(args: argparse.Namespace, model: str) -> list[Result]:
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "llmops_cli", "up", "--no-gateway", "--port", str(port)]
     with open(args.logs / "graph.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
