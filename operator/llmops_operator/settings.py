@@ -1,0 +1,61 @@
+"""Operator process settings: environment variables ``LLMOPS_OPERATOR_*``, built in `main()`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_WORKER_IMAGE = "ghcr.io/llmops-dev/llmops-worker:0.1.0"
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the operator process reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMOPS_OPERATOR_", extra="forbid")
+
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces to watch (JSON list); empty watches the whole cluster.",
+    )
+    peering_name: str = Field(
+        default="llmops",
+        description="Kopf peering object shared by operator replicas: one is active, the "
+        "others stand by and take over when it stops.",
+    )
+    standalone: bool = Field(
+        default=False, description="Run without peering (one replica, or local development)."
+    )
+    priority: int = Field(
+        default=0, description="Peering priority; the highest-priority replica is active."
+    )
+    worker_limit: int = Field(
+        default=50, ge=1, le=10000, description="Most LLMDeployments reconciled at once."
+    )
+    resync_interval_s: float = Field(
+        default=300.0,
+        ge=10.0,
+        description="Every object is reconciled at least this often, even with no event.",
+    )
+    metrics_port: int = Field(
+        default=9090, ge=0, le=65535, description="Prometheus metrics port (0: off)."
+    )
+    health_port: int = Field(
+        default=8081, ge=0, le=65535, description="Liveness endpoint port /healthz (0: off)."
+    )
+    worker_image: str = Field(
+        default=DEFAULT_WORKER_IMAGE,
+        description="Ray + vLLM + llmops image for head and workers, unless a manifest sets one.",
+    )
+    loader_image: str = Field(
+        default=DEFAULT_WORKER_IMAGE,
+        description="Image of the model-cache loader Job, unless a manifest sets one.",
+    )
+    prometheus_url: str = Field(
+        default="http://prometheus-operated.monitoring.svc:9090",
+        description="Prometheus that KEDA queries for the autoscaling triggers.",
+    )
+    log_format: Literal["json", "console"] = Field(
+        default="json", description="json for log collectors, console for people."
+    )
