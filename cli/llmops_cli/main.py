@@ -12,6 +12,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
+from llmops_cli import cluster
 from llmops_cli.keys import KEYS_FILE_ENV, default_keys_file
 from llmops_cli.keys import app as keys_app
 from llmops_services import GraphConfig, ModelSourceError, default_graph_config
@@ -24,6 +25,10 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 app.add_typer(keys_app, name="keys")
+app.command("render")(cluster.render_command)
+app.command("crd")(cluster.crd_command)
+app.command("operator")(cluster.operator_command)
+app.command("fetch")(cluster.fetch_command)
 
 
 def load_graph_config(path: Path | None) -> GraphConfig:

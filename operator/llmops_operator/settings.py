@@ -33,6 +33,11 @@ class OperatorSettings(BaseSettings):
     worker_limit: int = Field(
         default=50, ge=1, le=10000, description="Most LLMDeployments reconciled at once."
     )
+    converge_interval_s: float = Field(
+        default=10.0,
+        ge=0.5,
+        description="While an object is not Ready, it is reconciled this often.",
+    )
     resync_interval_s: float = Field(
         default=300.0,
         ge=10.0,

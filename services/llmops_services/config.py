@@ -212,6 +212,12 @@ class LLMSpec(StrictModel):
         "at once (lowest time to first token, more messages per token).",
     )
 
+    prefix_aware_routing: bool = Field(
+        default=False,
+        description="Pick among this model's replicas by prompt-prefix affinity (Ray Serve "
+        "LLM's PrefixCacheAffinityRouter), so shared prefixes hit a warm KV cache.",
+    )
+
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, value: str) -> str:

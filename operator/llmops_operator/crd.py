@@ -1,0 +1,152 @@
+"""Generates the `LLMDeployment` CustomResourceDefinition from the pydantic models.
+
+Pydantic writes JSON Schema; the Kubernetes API wants a structural OpenAPI v3 schema: no
+``$ref``, no ``anyOf`` with null (``nullable`` instead), no ``additionalProperties`` beside
+``properties``, boolean ``exclusiveMinimum``. `crd_manifest` does that translation, and adds
+printer columns, the status and scale subresources and the short name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from llmops_operator.models import (
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    LLMDeploymentSpec,
+    LLMDeploymentStatus,
+)
+
+CRD_FILE_NAME = f"{GROUP}_{PLURAL}.yaml"
+_DROPPED_KEYS = {"title"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """One JSON Schema node as a structural OpenAPI v3 node."""
+    if isinstance(node, list):
+        return [_structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    ref = node.pop("$ref", None)
+    if ref is not None:
+        target = _structural(defs[ref.rsplit("/", 1)[-1]], defs)
+        node = {**target, **node}
+    any_of = node.pop("anyOf", None)
+    if any_of is not None:
+        options = [option for option in any_of if option.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express anyOf {any_of!r} structurally")
+        merged = _structural(options[0], defs)
+        node = {**merged, **node}
+        if len(options) < len(any_of):
+            node["nullable"] = True
+            if node.get("default", ...) is None:
+                del node["default"]
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DROPPED_KEYS or key == "$defs":
+            continue
+        if key == "properties":
+            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+        elif key in {"items", "additionalProperties"} and isinstance(value, dict):
+            out[key] = _structural(value, defs)
+        elif key == "exclusiveMinimum" and not isinstance(value, bool):
+            out["minimum"], out["exclusiveMinimum"] = value, True
+        elif key == "exclusiveMaximum" and not isinstance(value, bool):
+            out["maximum"], out["exclusiveMaximum"] = value, True
+        else:
+            out[key] = value
+    if "properties" in out:
+        out["type"] = "object"
+        out.pop("additionalProperties", None)
+    if "enum" in out and "type" not in out:
+        out["type"] = "string"
+    return out
+
+
+def openapi_schema(model: type[LLMDeploymentSpec] | type[LLMDeploymentStatus]) -> dict[str, Any]:
+    """A model's structural OpenAPI v3 schema (camelCase keys)."""
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    defs = schema.pop("$defs", {})
+    return dict(_structural(schema, defs))
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The CustomResourceDefinition object."""
+    spec_schema = openapi_schema(LLMDeploymentSpec)
+    # Model names are keys: the API server itself rejects two models with one name.
+    models = spec_schema["properties"]["models"]
+    models["x-kubernetes-list-type"] = "map"
+    models["x-kubernetes-list-map-keys"] = ["name"]
+    status_schema = openapi_schema(LLMDeploymentStatus)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": ["llmops"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A model (or graph of models) served by Ray Serve "
+                            "and vLLM on KubeRay, autoscaled by KEDA.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema,
+                                "status": status_schema,
+                            },
+                        }
+                    },
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": [
+                        {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+                        {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+                        {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
+                        {"name": "Models", "type": "string", "jsonPath": ".status.modelsSummary"},
+                        {
+                            "name": "Age",
+                            "type": "date",
+                            "jsonPath": ".metadata.creationTimestamp",
+                        },
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """The CRD as the YAML committed in the chart (stable key order)."""
+    header = "# Generated from llmops_operator.models by `llmops crd`; do not edit.\n"
+    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)

@@ -1,0 +1,250 @@
+"""Kopf handlers for LLMDeployment: thin adapters over `reconcile.reconcile`.
+
+Create, spec update and resume (operator start) run a pass at once; a timer repeats it every
+few seconds while the deployment is not Ready (children converging), and a slower timer
+repairs drift once it is. Deletion needs no handler and no finalizer: every child carries an
+owner reference, so Kubernetes' garbage collector removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from llmops_operator import render
+from llmops_operator.kube import KubeClient, KubeError
+from llmops_operator.metrics import OperatorMetrics
+from llmops_operator.models import GROUP, PLURAL, VERSION
+from llmops_operator.reconcile import Outcome, is_subset, reconcile
+from llmops_operator.settings import OperatorSettings
+
+LoginFn = Callable[..., kopf.ConnectionInfo | None]
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+@dataclass
+class ClientHolder:
+    """Shared by every per-object copy of the memo: one connection pool per process."""
+
+    info: kopf.ConnectionInfo | None = None
+    client: KubeClient | None = None
+    # Change handlers and timers run concurrently; passes over one object must not overlap.
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, uid: str) -> asyncio.Lock:
+        return self.locks.setdefault(uid, asyncio.Lock())
+
+    def get(self) -> KubeClient:
+        if self.client is None:
+            if self.info is None:
+                raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=5)
+            self.client = KubeClient(self.info)
+        return self.client
+
+
+@dataclass
+class Context:
+    """What handlers share (Kopf passes a shallow copy of it as ``memo``)."""
+
+    settings: OperatorSettings
+    metrics: OperatorMetrics
+    holder: ClientHolder = field(default_factory=ClientHolder)
+
+    @property
+    def defaults(self) -> render.RenderDefaults:
+        """Render defaults from the operator settings."""
+        return render.RenderDefaults.from_settings(self.settings)
+
+
+def default_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account first, then the user's kubeconfig."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def _say(body: kopf.Body, logger: Logger) -> Callable[[str, str, str], None]:
+    """Logs a message and posts it as a Kubernetes Event on the LLMDeployment."""
+
+    def say(level: str, reason: str, message: str) -> None:
+        if level == "info":
+            logger.info(message)
+            kopf.info(body, reason=reason, message=message)
+        else:
+            logger.warning(message)
+            kopf.warn(body, reason=reason, message=message)
+
+    return say
+
+
+async def run_pass(
+    trigger: str,
+    body: kopf.Body,
+    patch: kopf.Patch,
+    logger: Logger,
+    memo: Context,
+) -> Outcome | None:
+    """One reconcile pass with metrics, status and errors mapped to Kopf's semantics."""
+    metrics = memo.metrics
+    started = time.monotonic()
+    namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
+    try:
+        async with memo.holder.lock(body.metadata.uid or f"{namespace}/{name}"):
+            outcome = await reconcile(memo.holder.get(), body, memo.defaults, _say(body, logger))
+    except render.RenderError as exc:
+        metrics.reconciles.labels(trigger=trigger, result="invalid").inc()
+        metrics.errors.labels(reason="InvalidSpec").inc()
+        metrics.set_state(namespace, name, "Invalid")
+        _report_invalid(body, patch, logger, str(exc))
+        if trigger == "change":
+            raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+        return None
+    except KubeError as exc:
+        metrics.reconciles.labels(trigger=trigger, result="error").inc()
+        metrics.errors.labels(reason=f"HTTP{exc.status}").inc()
+        raise kopf.TemporaryError(f"Kubernetes API call failed: {exc}", delay=10) from exc
+    finally:
+        metrics.duration.labels(trigger=trigger).observe(time.monotonic() - started)
+    if not is_subset(outcome.status, dict(body.status)):  # unchanged status: no write, no event
+        patch.status.update(outcome.status)
+    metrics.reconciles.labels(
+        trigger=trigger, result="ready" if outcome.ready else "progressing"
+    ).inc()
+    metrics.set_state(namespace, name, "Ready" if outcome.ready else "NotReady")
+    for action, keys in (
+        ("created", outcome.created),
+        ("patched", outcome.patched),
+        ("deleted", outcome.deleted),
+    ):
+        for key in keys:
+            metrics.changes.labels(kind=key.split("/", 1)[0], action=action).inc()
+            _say(body, logger)("info", action.capitalize(), f"{action} {key}")
+    return outcome
+
+
+def _report_invalid(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    logger: Logger,
+    message: str,
+) -> None:
+    """Ready=False with reason InvalidSpec; an Event only when this is news."""
+    generation = body.metadata.get("generation")
+    previous = {c.get("type"): c for c in body.status.get("conditions", [])}
+    old = previous.get("Ready", {})
+    if not (old.get("reason") == "InvalidSpec" and old.get("message") == message):
+        _say(body, logger)("warning", "InvalidSpec", f"invalid spec: {message}")
+    condition = {
+        "type": "Ready",
+        "status": "False",
+        "reason": "InvalidSpec",
+        "message": message[:2000],
+        "observedGeneration": generation,
+        "lastTransitionTime": old.get("lastTransitionTime")
+        if old.get("status") == "False"
+        else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    kept = [c for t, c in previous.items() if t != "Ready"]
+    status = {"observedGeneration": generation, "ready": "False", "conditions": [*kept, condition]}
+    if not is_subset(status, dict(body.status)):
+        patch.status.update(status)
+
+
+def _not_ready(status: kopf.Status, **_: Any) -> bool:
+    return bool(status.get("ready") != "True")
+
+
+def _ready(status: kopf.Status, **_: Any) -> bool:
+    return bool(status.get("ready") == "True")
+
+
+def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
+    """Kopf's own settings: state in annotations (the status stays ours), worker limit."""
+    configured = kopf.OperatorSettings()
+    configured.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    configured.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    configured.persistence.finalizer = f"{GROUP}/finalizer"
+    configured.posting.level = logging.INFO
+    configured.queueing.worker_limit = settings.worker_limit
+    # Replicas of one Deployment share a configured priority; Kopf pauses all peers of equal
+    # priority, so a random tiebreak below it picks one active replica.
+    configured.peering.priority = settings.priority * 1000 + secrets.randbelow(1000)
+    configured.peering.name = settings.peering_name
+    configured.peering.standalone = settings.standalone
+    # With peering on, the peering CRD must exist: two active replicas would fight.
+    configured.peering.mandatory = not settings.standalone
+    return configured
+
+
+def build_registry(
+    settings: OperatorSettings, login: LoginFn = default_login
+) -> kopf.OperatorRegistry:
+    """Registers the operator's handlers in a fresh registry."""
+    registry = kopf.OperatorRegistry()
+    resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.login(registry=registry)
+    def on_login_cluster(memo: Context, **kwargs: Any) -> kopf.ConnectionInfo | None:
+        info = login(**kwargs)
+        memo.holder.info = info
+        if memo.holder.client is not None:  # credentials rotated: reconnect lazily
+            asyncio.get_running_loop().create_task(memo.holder.client.close())
+            memo.holder.client = None
+        return info
+
+    @kopf.on.cleanup(registry=registry)
+    async def on_cleanup_operator(memo: Context, **_: Any) -> None:
+        if memo.holder.client is not None:
+            await memo.holder.client.close()
+
+    @kopf.on.resume(*resource, registry=registry)
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, field="spec", registry=registry)
+    async def on_change_llmdeployment(
+        body: kopf.Body,
+        patch: kopf.Patch,
+        logger: Logger,
+        memo: Context,
+        **_: Any,
+    ) -> None:
+        await run_pass("change", body, patch, logger, memo)
+
+    @kopf.timer(
+        *resource, interval=settings.converge_interval_s, when=_not_ready, registry=registry
+    )
+    async def on_timer_converge_llmdeployment(
+        body: kopf.Body,
+        patch: kopf.Patch,
+        logger: Logger,
+        memo: Context,
+        **_: Any,
+    ) -> None:
+        await run_pass("converge", body, patch, logger, memo)
+
+    @kopf.timer(
+        *resource,
+        interval=settings.resync_interval_s,
+        initial_delay=settings.resync_interval_s,
+        when=_ready,
+        registry=registry,
+    )
+    async def on_timer_resync_llmdeployment(
+        body: kopf.Body,
+        patch: kopf.Patch,
+        logger: Logger,
+        memo: Context,
+        **_: Any,
+    ) -> None:
+        await run_pass("resync", body, patch, logger, memo)
+
+    @kopf.on.delete(*resource, optional=True, registry=registry)
+    def on_delete_llmdeployment(body: kopf.Body, memo: Context, **_: Any) -> None:
+        memo.metrics.set_state(body.metadata.namespace or "default", body.metadata.name or "", None)
+        memo.holder.locks.pop(body.metadata.uid or "", None)
+
+    return registry

@@ -1,0 +1,74 @@
+"""Operator metrics, registered when the operator starts (never at import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass
+class OperatorMetrics:
+    """All metrics of one operator process."""
+
+    registry: CollectorRegistry
+    reconciles: Counter
+    errors: Counter
+    duration: Histogram
+    changes: Counter
+    deployments: Gauge
+    _states: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def set_state(self, namespace: str, name: str, state: str | None) -> None:
+        """Tracks one LLMDeployment's state (Ready, NotReady, Invalid); None forgets it."""
+        key = (namespace, name)
+        if state is None:
+            self._states.pop(key, None)
+        else:
+            self._states[key] = state
+        counts: dict[str, int] = {"Ready": 0, "NotReady": 0, "Invalid": 0}
+        for value in self._states.values():
+            counts[value] = counts.get(value, 0) + 1
+        for value, count in counts.items():
+            self.deployments.labels(state=value).set(count)
+
+    @classmethod
+    def create(cls) -> OperatorMetrics:
+        """Makes a fresh registry holding the operator's metrics."""
+        registry = CollectorRegistry()
+        return cls(
+            registry=registry,
+            reconciles=Counter(
+                "llmops_operator_reconciles_total",
+                "Reconcile passes by trigger and result.",
+                ["trigger", "result"],
+                registry=registry,
+            ),
+            errors=Counter(
+                "llmops_operator_reconcile_errors_total",
+                "Failed reconcile passes by reason.",
+                ["reason"],
+                registry=registry,
+            ),
+            duration=Histogram(
+                "llmops_operator_reconcile_duration_seconds",
+                "Time of one reconcile pass.",
+                ["trigger"],
+                buckets=DURATION_BUCKETS,
+                registry=registry,
+            ),
+            changes=Counter(
+                "llmops_operator_child_changes_total",
+                "Children created, patched or deleted, by kind and action.",
+                ["kind", "action"],
+                registry=registry,
+            ),
+            deployments=Gauge(
+                "llmops_operator_deployments",
+                "LLMDeployments by state.",
+                ["state"],
+                registry=registry,
+            ),
+        )

