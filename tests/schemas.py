@@ -23,6 +23,7 @@ from llmops_operator.crd import crd_manifest
 
 KUBERNETES_VERSION = "1.33"
 CRD_DIR = Path(__file__).parent / "data" / "crds"
+CUSTOM_GROUPS = ("ray.io", "keda.sh", "monitoring.coreos.com", "llmops.dev")
 
 
 def _to_json_schema(node: Any) -> Any:
@@ -77,9 +78,7 @@ def schema_errors(obj: dict[str, Any]) -> list[str]:
             f"{where}: {'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
             for error in validator.iter_errors(obj)
         ]
-    if "." in key[0].split("/")[0] and key[0].split("/")[0].endswith(
-        ("ray.io", "keda.sh", "coreos.com", "llmops.dev")
-    ):
+    if key[0].split("/")[0].endswith(CUSTOM_GROUPS):
         return [f"{where}: no schema for custom kind {key}"]
     try:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)

@@ -22,7 +22,13 @@ from llmops_operator import render
 from llmops_operator.kube import KubeClient, KubeError
 from llmops_operator.metrics import OperatorMetrics
 from llmops_operator.models import GROUP, PLURAL, VERSION
-from llmops_operator.reconcile import Outcome, is_subset, reconcile
+from llmops_operator.reconcile import (
+    Outcome,
+    is_subset,
+    make_condition,
+    reconcile,
+    stamp_transitions,
+)
 from llmops_operator.settings import OperatorSettings
 
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
@@ -139,16 +145,8 @@ def _report_invalid(
     old = previous.get("Ready", {})
     if not (old.get("reason") == "InvalidSpec" and old.get("message") == message):
         _say(body, logger)("warning", "InvalidSpec", f"invalid spec: {message}")
-    condition = {
-        "type": "Ready",
-        "status": "False",
-        "reason": "InvalidSpec",
-        "message": message[:2000],
-        "observedGeneration": generation,
-        "lastTransitionTime": old.get("lastTransitionTime")
-        if old.get("status") == "False"
-        else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    ready = make_condition("Ready", False, "InvalidSpec", message[:2000], generation)
+    (condition,) = stamp_transitions([ready], list(previous.values()))
     kept = [c for t, c in previous.items() if t != "Ready"]
     status = {"observedGeneration": generation, "ready": "False", "conditions": [*kept, condition]}
     if not is_subset(status, dict(body.status)):

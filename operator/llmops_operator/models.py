@@ -301,30 +301,14 @@ class LLMDeploymentSpec(CRDModel):
     )
 
     @model_validator(mode="after")
-    def _check_graph(self) -> LLMDeploymentSpec:
-        names = [m.name for m in self.models]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"model names must be unique, repeated: {', '.join(repeated)}")
-        if self.encoder.enabled and self.encoder.name in names:
-            raise ValueError(f"encoder name {self.encoder.name!r} is also a model name")
-        default = self.router.default_model
-        if default is not None and default not in names:
-            raise ValueError(f"router.defaultModel {default!r} is not one of the models")
+    def _check_routing(self) -> LLMDeploymentSpec:
+        # Rules of the graph itself (unique names, default model, GPUs = tensor parallelism)
+        # are checked once, by the services GraphConfig the renderer builds.
         if self.router.policy == "semantic":
             if not self.encoder.enabled:
                 raise ValueError("router.policy 'semantic' needs the encoder enabled")
             if not any(m.route_examples for m in self.models):
                 raise ValueError("router.policy 'semantic' needs routeExamples on some model")
-        for model in self.models:
-            gpus, tp = model.resources.gpus, model.engine.tensor_parallel_size
-            if gpus and gpus != tp:
-                raise ValueError(
-                    f"model {model.name!r}: resources.gpus ({gpus}) must equal "
-                    f"engine.tensor_parallel_size ({tp})"
-                )
-            if not gpus and tp > 1:
-                raise ValueError(f"model {model.name!r}: tensor_parallel_size > 1 needs gpus")
         return self
 
 

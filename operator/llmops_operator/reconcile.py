@@ -37,7 +37,6 @@ PREREQUISITES = {
     PODMONITOR_CRD: ("monitoring.coreos.com/v1", "podmonitors"),
 }
 APPLICATION = render.APP_NAME
-CONDITION_TYPES = ("ModelCached", "ServingReady", "AutoscalingReady", "Ready")
 
 Say = Callable[[str, str, str], None]  # (level "info"/"warning", reason, message) -> an Event
 
@@ -51,7 +50,6 @@ class Outcome:
     created: list[str] = field(default_factory=list)
     patched: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
-    retry: bool = False
 
 
 def is_subset(desired: Any, observed: Any) -> bool:
@@ -89,7 +87,7 @@ def _key(obj: Mapping[str, Any]) -> str:
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
-def _condition(
+def make_condition(
     type_: str, ok: bool | None, reason: str, message: str, generation: int | None
 ) -> dict[str, Any]:
     status = "Unknown" if ok is None else ("True" if ok else "False")
@@ -98,7 +96,7 @@ def _condition(
     ).model_dump(by_alias=True, exclude_none=True)
 
 
-def _stamp(
+def stamp_transitions(
     conditions: list[dict[str, Any]], previous: list[Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
     """Keeps lastTransitionTime unless the status changed."""
@@ -177,15 +175,17 @@ def _cache_condition(job: Mapping[str, Any] | None, generation: int | None) -> d
     status = (job or {}).get("status", {})
     for cond in status.get("conditions", []):
         if cond.get("type") == "Complete" and cond.get("status") == "True":
-            return _condition(
+            return make_condition(
                 "ModelCached", True, "Loaded", "every model is in the cache", generation
             )
         if cond.get("type") == "Failed" and cond.get("status") == "True":
             message = cond.get("message") or "the loader Job failed; see its pod logs"
-            return _condition("ModelCached", False, "LoadFailed", message, generation)
+            return make_condition("ModelCached", False, "LoadFailed", message, generation)
     if status.get("succeeded"):
-        return _condition("ModelCached", True, "Loaded", "every model is in the cache", generation)
-    return _condition(
+        return make_condition(
+            "ModelCached", True, "Loaded", "every model is in the cache", generation
+        )
+    return make_condition(
         "ModelCached", False, "Loading", "the loader Job is downloading the models", generation
     )
 
@@ -207,13 +207,15 @@ def _serving(
     ready_cond = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), None)
     app_status = app.get("status", "")
     if app_status == "RUNNING" and (ready_cond is None or ready_cond.get("status") == "True"):
-        cond = _condition("ServingReady", True, "Running", "the graph serves requests", generation)
+        cond = make_condition(
+            "ServingReady", True, "Running", "the graph serves requests", generation
+        )
     elif app_status in {"DEPLOY_FAILED", "UNHEALTHY"}:
         message = app.get("message") or f"Serve application is {app_status}"
-        cond = _condition("ServingReady", False, "ServeFailed", message[:1000], generation)
+        cond = make_condition("ServingReady", False, "ServeFailed", message[:1000], generation)
     else:
         message = f"Serve application is {app_status or 'not deployed yet'}"
-        cond = _condition("ServingReady", False, "Deploying", message, generation)
+        cond = make_condition("ServingReady", False, "Deploying", message, generation)
     return cond, models
 
 
@@ -221,11 +223,11 @@ def _autoscaling(
     enabled: bool, keda: bool, scaled: Mapping[str, Any] | None, generation: int | None
 ) -> dict[str, Any]:
     if not enabled:
-        return _condition(
+        return make_condition(
             "AutoscalingReady", True, "Disabled", "replicas are set by hand", generation
         )
     if not keda:
-        return _condition(
+        return make_condition(
             "AutoscalingReady",
             False,
             "KEDAMissing",
@@ -237,8 +239,12 @@ def _autoscaling(
         if cond.get("type") == "Ready":
             ok = cond.get("status") == "True"
             reason = "Active" if ok else (cond.get("reason") or "NotReady")
-            return _condition("AutoscalingReady", ok, reason, cond.get("message", ""), generation)
-    return _condition("AutoscalingReady", False, "Pending", "KEDA has not reported yet", generation)
+            return make_condition(
+                "AutoscalingReady", ok, reason, cond.get("message", ""), generation
+            )
+    return make_condition(
+        "AutoscalingReady", False, "Pending", "KEDA has not reported yet", generation
+    )
 
 
 async def reconcile(
@@ -259,8 +265,9 @@ async def reconcile(
     previous = body.get("status", {}) or {}
     old_conditions = previous.get("conditions", [])
     # Validate and render before touching anything: an invalid spec creates nothing.
-    children = render.render(body, defaults)
     target = render.parse_manifest(body)
+    graph = render.graph_config(target)
+    children = render.render_target(target, defaults, graph)
     base = {
         "observedGeneration": generation,
         "selector": render.worker_selector(name),
@@ -272,13 +279,17 @@ async def reconcile(
             f"KubeRay is not installed (no CRD {RAYSERVICE_CRD}); install the KubeRay operator"
         )
         conditions = [
-            _condition("ModelCached", None, "Waiting", message, generation),
-            _condition("ServingReady", False, "KubeRayMissing", message, generation),
-            _condition("AutoscalingReady", None, "Waiting", message, generation),
-            _condition("Ready", False, "KubeRayMissing", message, generation),
+            make_condition("ModelCached", None, "Waiting", message, generation),
+            make_condition("ServingReady", False, "KubeRayMissing", message, generation),
+            make_condition("AutoscalingReady", None, "Waiting", message, generation),
+            make_condition("Ready", False, "KubeRayMissing", message, generation),
         ]
-        status = {**base, "ready": "False", "conditions": _stamp(conditions, old_conditions)}
-        return Outcome(status=status, ready=False, retry=True)
+        status = {
+            **base,
+            "ready": "False",
+            "conditions": stamp_transitions(conditions, old_conditions),
+        }
+        return Outcome(status=status, ready=False)
     keda = await client.api_installed(*PREREQUISITES[SCALEDOBJECT_CRD])
     monitors = await client.api_installed(*PREREQUISITES[PODMONITOR_CRD])
     skipped = {
@@ -289,7 +300,7 @@ async def reconcile(
 
     job = observed.get(f"Job/{render.loader_job_name(target)}")
     cache = _cache_condition(job, generation)
-    deployments = {llm.name: llm.deployment_name for llm in render.graph_config(target).llms}
+    deployments = {llm.name: llm.deployment_name for llm in graph.llms}
     serving, models = _serving(observed.get(f"RayService/{name}"), deployments, generation)
     autoscaling = _autoscaling(
         target.spec.autoscaling.enabled, keda, observed.get(f"ScaledObject/{name}"), generation
@@ -298,11 +309,13 @@ async def reconcile(
     ready = all(c["status"] == "True" for c in parts)
     not_ready = [c for c in parts if c["status"] != "True"]
     if ready:
-        overall = _condition("Ready", True, "Ready", "serving at the desired replicas", generation)
+        overall = make_condition(
+            "Ready", True, "Ready", "serving at the desired replicas", generation
+        )
     else:
         first = not_ready[0]
-        overall = _condition("Ready", False, first["reason"], first["message"], generation)
-    conditions = _stamp([cache, serving, autoscaling, overall], old_conditions)
+        overall = make_condition("Ready", False, first["reason"], first["message"], generation)
+    conditions = stamp_transitions([cache, serving, autoscaling, overall], old_conditions)
     _announce(conditions, old_conditions, say)
     serving_ok = serving["status"] == "True"
     replicas = target.spec.replicas if serving_ok else previous.get("replicas", 0)
@@ -319,7 +332,7 @@ async def reconcile(
             "PrometheusOperatorMissing",
             f"Prometheus Operator is not installed (no CRD {PODMONITOR_CRD}): no PodMonitor",
         )
-    return Outcome(status, ready, created, patched, deleted, retry=not ready)
+    return Outcome(status, ready, created, patched, deleted)
 
 
 def _announce(

@@ -118,8 +118,13 @@ def render(
         RenderError: the manifest is invalid; nothing should be applied.
     """
     target = parse_manifest(manifest)
-    defaults = defaults or RenderDefaults()
-    graph = graph_config(target)
+    return render_target(target, defaults or RenderDefaults(), graph_config(target))
+
+
+def render_target(
+    target: Target, defaults: RenderDefaults, graph: GraphConfig
+) -> list[dict[str, Any]]:
+    """`render` for an already parsed target and its validated graph config."""
     children = [
         cache_claim(target),
         cache_loader(target, defaults),

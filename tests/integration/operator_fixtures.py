@@ -17,7 +17,7 @@ import yaml
 from llmops_operator.main import operate
 from llmops_operator.metrics import OperatorMetrics
 from llmops_operator.settings import OperatorSettings
-from tests.fakes.kube_api import LLMDEPLOYMENTS, KubeAPI
+from tests.fakes.kube_api import KubeAPI
 
 EXAMPLES = Path(__file__).parents[2] / "deploy" / "examples"
 NAMESPACE = "llmops-demo"
@@ -139,6 +139,3 @@ async def patch(api: KubeAPI, path: str, body: dict[str, Any]) -> dict[str, Any]
 def llmd_path(name: str, namespace: str = NAMESPACE) -> str:
     """API path of an LLMDeployment."""
     return f"/apis/llmops.dev/v1alpha1/namespaces/{namespace}/llmdeployments/{name}"
-
-
-__all__ = ["LLMDEPLOYMENTS", "KubeAPI"]

@@ -229,10 +229,8 @@ async def test_restart_mid_reconcile_converges_without_duplicates(kmock: KubeAPI
         # Stop as soon as the first child exists: the pass is cut half-way.
         await eventually(lambda: live(kmock, "v1/persistentvolumeclaims"), what="first child")
         await operator.stop()
-        partial = {kind: len(objs) for kind, objs in children(kmock).items()}
         operator.start()
         await eventually(lambda: all(children(kmock).values()), what="convergence after restart")
-    assert sum(partial.values()) < 6 or True  # how far the first pass got varies
     posts = [
         r
         for r in kmock._requests

@@ -100,7 +100,7 @@ def test_crd_schema_rejects_bad_values_with_the_field_named() -> None:
         ),
         (lambda s: s["router"].update(policy="semantic"), "needs routeExamples"),
         (lambda s: s["autoscaling"].update(minReplicas=5, maxReplicas=2), "below minReplicas"),
-        (lambda s: s["router"].update(defaultModel="nope"), "not one of the models"),
+        (lambda s: s["router"].update(defaultModel="nope"), "is not one of the llms"),
         (lambda s: s["models"][0].update(source="s3://bucket/model"), "spec.models.0.source"),
     ],
 )
