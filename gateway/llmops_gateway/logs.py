@@ -43,6 +43,20 @@ def redact_secrets(
     return event_dict
 
 
+def compact_kopf_extras(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: Kopf attaches its whole settings object and an object reference to
+    each record; keep the reference as ``object`` (kind/namespace/name), drop the rest."""
+    event_dict.pop("settings", None)
+    event_dict.pop("k8s_skip", None)
+    ref = event_dict.pop("k8s_ref", None)
+    if isinstance(ref, dict):
+        parts = (ref.get("kind"), ref.get("namespace"), ref.get("name"))
+        event_dict["object"] = "/".join(p for p in parts if p)
+    return event_dict
+
+
 def configure_logging(
     output: Literal["json", "console"] = "json", level: int = logging.INFO
 ) -> None:
@@ -53,6 +67,7 @@ def configure_logging(
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.stdlib.ExtraAdder(),
+        compact_kopf_extras,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()

@@ -1,8 +1,9 @@
 """Kopf handlers for LLMDeployment: thin adapters over `reconcile.reconcile`.
 
-Create, spec update and resume (operator start) run a pass at once; a timer repeats it every
-few seconds while the deployment is not Ready (children converging), and a slower timer
-repairs drift once it is. Deletion needs no handler and no finalizer: every child carries an
+Create, spec update and resume (operator start) run a pass at once. While the deployment is not
+Ready a timer repeats it, backing off while nothing changes; watching the Jobs, RayServices and
+ScaledObjects it owns brings the next pass forward as soon as one of them reports. Once Ready,
+a slower timer repairs drift. Deletion needs no handler and no finalizer: every child carries an
 owner reference, so Kubernetes' garbage collector removes them.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable
@@ -21,7 +23,7 @@ import kopf
 from llmops_operator import render
 from llmops_operator.kube import KubeClient, KubeError
 from llmops_operator.metrics import OperatorMetrics
-from llmops_operator.models import GROUP, PLURAL, VERSION
+from llmops_operator.models import GROUP, KIND, PLURAL, VERSION
 from llmops_operator.reconcile import (
     Outcome,
     is_subset,
@@ -32,7 +34,58 @@ from llmops_operator.reconcile import (
 from llmops_operator.settings import OperatorSettings
 
 LoginFn = Callable[..., kopf.ConnectionInfo | None]
+# Children whose status feeds the LLMDeployment's conditions; their watch events poke a pass.
+CHILDREN_WITH_STATUS = (
+    ("batch", "v1", "jobs"),
+    ("ray.io", "v1", "rayservices"),
+    ("keda.sh", "v1alpha1", "scaledobjects"),
+)
 Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+@dataclass
+class Pacer:
+    """When each object's next pass is due (by uid).
+
+    Not Ready (converging): the interval starts at ``base`` and doubles after each pass that
+    changed nothing, up to ``ceiling``; a pass that changed something, or a poke from a child's
+    watch event, makes the next one due at the next timer tick.
+
+    Ready (resync): every ``resync`` seconds, the first one at a random point of the second
+    half of that period, so that after a restart 1,000 objects do not all resync at once.
+    """
+
+    base: float
+    ceiling: float
+    resync: float
+    _delay: dict[str, float] = field(default_factory=dict)
+    _due: dict[str, float] = field(default_factory=dict)
+    _resync_due: dict[str, float] = field(default_factory=dict)
+
+    def resync_due(self, uid: str) -> bool:
+        now = time.monotonic()
+        due = self._resync_due.setdefault(uid, now + self.resync * random.uniform(0.5, 1.0))  # noqa: S311
+        if now < due:
+            return False
+        self._resync_due[uid] = now + self.resync
+        return True
+
+    def due(self, uid: str) -> bool:
+        return time.monotonic() >= self._due.get(uid, 0.0)
+
+    def passed(self, uid: str, progressed: bool) -> None:
+        delay = self.base if progressed else min(self._delay.get(uid, 0.0) * 2, self.ceiling)
+        self._delay[uid] = max(delay, self.base)
+        # A little early, so a tick landing just before the due time does not skip a period.
+        self._due[uid] = time.monotonic() + self._delay[uid] - self.base / 2
+
+    def poke(self, uid: str) -> None:
+        self._delay.pop(uid, None)
+        self._due.pop(uid, None)
+
+    def forget(self, uid: str) -> None:
+        self.poke(uid)
+        self._resync_due.pop(uid, None)
 
 
 @dataclass
@@ -62,6 +115,14 @@ class Context:
     settings: OperatorSettings
     metrics: OperatorMetrics
     holder: ClientHolder = field(default_factory=ClientHolder)
+    pacer: Pacer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pacer = Pacer(
+            self.settings.converge_interval_s,
+            self.settings.converge_max_interval_s,
+            self.settings.resync_interval_s,
+        )
 
     @property
     def defaults(self) -> render.RenderDefaults:
@@ -122,6 +183,8 @@ async def run_pass(
         trigger=trigger, result="ready" if outcome.ready else "progressing"
     ).inc()
     metrics.set_state(namespace, name, "Ready" if outcome.ready else "NotReady")
+    desired = body.spec.get("replicas", 1)
+    metrics.set_replicas(namespace, name, int(desired), int(outcome.status.get("replicas", 0)))
     for action, keys in (
         ("created", outcome.created),
         ("patched", outcome.patched),
@@ -129,7 +192,8 @@ async def run_pass(
     ):
         for key in keys:
             metrics.changes.labels(kind=key.split("/", 1)[0], action=action).inc()
-            _say(body, logger)("info", action.capitalize(), f"{action} {key}")
+        if keys:  # one Event per action and pass keeps `kubectl describe` readable
+            _say(body, logger)("info", action.capitalize(), f"{action} {', '.join(keys)}")
     return outcome
 
 
@@ -211,6 +275,7 @@ def build_registry(
         **_: Any,
     ) -> None:
         await run_pass("change", body, patch, logger, memo)
+        memo.pacer.poke(body.metadata.uid or "")  # converge briskly after a change
 
     @kopf.timer(
         *resource, interval=settings.converge_interval_s, when=_not_ready, registry=registry
@@ -222,12 +287,32 @@ def build_registry(
         memo: Context,
         **_: Any,
     ) -> None:
-        await run_pass("converge", body, patch, logger, memo)
+        uid = body.metadata.uid or ""
+        if not memo.pacer.due(uid):
+            return
+        outcome = await run_pass("converge", body, patch, logger, memo)
+        progressed = bool(patch.status) or bool(
+            outcome and (outcome.created or outcome.patched or outcome.deleted)
+        )
+        memo.pacer.passed(uid, progressed)
+
+    for group, version, plural in CHILDREN_WITH_STATUS:
+
+        @kopf.on.event(
+            group,
+            version,
+            plural,
+            labels={render.MANAGED_BY_LABEL: render.MANAGED_BY},
+            registry=registry,
+        )
+        def on_event_child(body: kopf.Body, memo: Context, **_: Any) -> None:
+            for owner in body.metadata.get("ownerReferences", []):
+                if owner.get("kind") == KIND and owner.get("controller"):
+                    memo.pacer.poke(owner.get("uid", ""))
 
     @kopf.timer(
         *resource,
-        interval=settings.resync_interval_s,
-        initial_delay=settings.resync_interval_s,
+        interval=max(settings.resync_interval_s / 10, settings.converge_interval_s),
         when=_ready,
         registry=registry,
     )
@@ -238,11 +323,13 @@ def build_registry(
         memo: Context,
         **_: Any,
     ) -> None:
-        await run_pass("resync", body, patch, logger, memo)
+        if memo.pacer.resync_due(body.metadata.uid or ""):
+            await run_pass("resync", body, patch, logger, memo)
 
     @kopf.on.delete(*resource, optional=True, registry=registry)
     def on_delete_llmdeployment(body: kopf.Body, memo: Context, **_: Any) -> None:
         memo.metrics.set_state(body.metadata.namespace or "default", body.metadata.name or "", None)
         memo.holder.locks.pop(body.metadata.uid or "", None)
+        memo.pacer.forget(body.metadata.uid or "")
 
     return registry

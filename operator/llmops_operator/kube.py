@@ -11,6 +11,7 @@ import base64
 import collections
 import ssl
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,9 @@ PLURALS = {
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }
 MERGE_PATCH = "application/merge-patch+json"
+# How long an API found in discovery is trusted before asking again. Only presence is cached:
+# an install is noticed on the next pass; a removal surfaces as a 404 on the next write.
+DISCOVERY_TTL_S = 60.0
 
 
 class KubeError(Exception):
@@ -85,6 +89,7 @@ class KubeClient:
             timeout=aiohttp.ClientTimeout(total=30),
         )
         self.calls: collections.Counter[str] = collections.Counter()
+        self._present_until: dict[tuple[str, str], float] = {}
 
     async def close(self) -> None:
         """Closes the connection pool."""
@@ -174,5 +179,11 @@ class KubeClient:
         Asks API discovery, which every authenticated client may read, so a namespaced
         operator without rights on CustomResourceDefinitions can tell too.
         """
+        key = (api_version, plural)
+        if self._present_until.get(key, 0.0) > time.monotonic():
+            return True
         found = await self._request("GET", f"/apis/{api_version}")
-        return any(r.get("name") == plural for r in (found or {}).get("resources", []))
+        present = any(r.get("name") == plural for r in (found or {}).get("resources", []))
+        if present:
+            self._present_until[key] = time.monotonic() + DISCOVERY_TTL_S
+        return present

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -19,6 +20,8 @@ class OperatorMetrics:
     duration: Histogram
     changes: Counter
     deployments: Gauge
+    desired_replicas: Gauge
+    ready_replicas: Gauge
     _states: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def set_state(self, namespace: str, name: str, state: str | None) -> None:
@@ -26,6 +29,9 @@ class OperatorMetrics:
         key = (namespace, name)
         if state is None:
             self._states.pop(key, None)
+            for gauge in (self.desired_replicas, self.ready_replicas):
+                with contextlib.suppress(KeyError):  # never reported
+                    gauge.remove(namespace, name)
         else:
             self._states[key] = state
         counts: dict[str, int] = {"Ready": 0, "NotReady": 0, "Invalid": 0}
@@ -33,6 +39,11 @@ class OperatorMetrics:
             counts[value] = counts.get(value, 0) + 1
         for value, count in counts.items():
             self.deployments.labels(state=value).set(count)
+
+    def set_replicas(self, namespace: str, name: str, desired: int, ready: int) -> None:
+        """Replicas one LLMDeployment asks for and serves (alert: stuck below desired)."""
+        self.desired_replicas.labels(namespace=namespace, deployment=name).set(desired)
+        self.ready_replicas.labels(namespace=namespace, deployment=name).set(ready)
 
     @classmethod
     def create(cls) -> OperatorMetrics:
@@ -69,6 +80,18 @@ class OperatorMetrics:
                 "llmops_operator_deployments",
                 "LLMDeployments by state.",
                 ["state"],
+                registry=registry,
+            ),
+            desired_replicas=Gauge(
+                "llmops_operator_desired_replicas",
+                "Serve replicas an LLMDeployment asks for (spec.replicas, or KEDA's choice).",
+                ["namespace", "deployment"],
+                registry=registry,
+            ),
+            ready_replicas=Gauge(
+                "llmops_operator_ready_replicas",
+                "Serve replicas an LLMDeployment serves with (status.replicas).",
+                ["namespace", "deployment"],
                 registry=registry,
             ),
         )

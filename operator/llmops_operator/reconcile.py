@@ -156,7 +156,7 @@ async def _prune(
     """Deletes loader Jobs of older cache contents and a ScaledObject no longer wanted."""
     wanted = {_key(c) for c in children}
     deleted = []
-    selector = {render.DEPLOYMENT_LABEL: name, "app.kubernetes.io/managed-by": render.MANAGED_BY}
+    selector = {render.DEPLOYMENT_LABEL: name, render.MANAGED_BY_LABEL: render.MANAGED_BY}
     for job in await client.list("batch/v1", "Job", namespace, selector):
         key = _key({"kind": "Job", **job})
         job_status = job.get("status", {})

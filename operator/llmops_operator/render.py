@@ -31,6 +31,7 @@ APP_NAME = "llmops"
 DEPLOYMENT_LABEL = "llmops.dev/deployment"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = "llmops-operator"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 CACHE_MOUNT = "/models"
 READY_MARKER_DIR = ".llmops"
 SERVE_PORT = 8000
@@ -158,7 +159,7 @@ def labels(target: Target, component: str) -> dict[str, str]:
         "app.kubernetes.io/name": APP_NAME,
         "app.kubernetes.io/instance": target.name,
         COMPONENT_LABEL: component,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
         DEPLOYMENT_LABEL: target.name,
     }
 

@@ -36,7 +36,14 @@ class OperatorSettings(BaseSettings):
     converge_interval_s: float = Field(
         default=10.0,
         ge=0.5,
-        description="While an object is not Ready, it is reconciled this often.",
+        description="While an object is not Ready, its pass runs at most this often; a status "
+        "change of one of its Jobs, RayServices or ScaledObjects brings the next pass forward.",
+    )
+    converge_max_interval_s: float = Field(
+        default=120.0,
+        ge=0.5,
+        description="While nothing changes (say, a long model download), the interval between "
+        "passes doubles up to this.",
     )
     resync_interval_s: float = Field(
         default=300.0,

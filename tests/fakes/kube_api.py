@@ -4,7 +4,10 @@ The stock emulator stores JSON as sent. This subclass adds what a real API serve
 operator depends on: metadata.uid / resourceVersion / generation / creationTimestamp on create,
 generation bumps on spec changes, the status and scale subresources (a main-resource write
 cannot change status; /status writes only status; /scale writes spec.replicas), and garbage
-collection of children by owner reference uid. Objects are validated separately (tests/schemas.py).
+collection of children by owner reference uid, and label selectors on lists. Reads and writes
+find an object by its key rather than by scanning the store, so thousands of objects stay fast
+(the operator benchmark runs 1,000 LLMDeployments). Objects are validated separately
+(tests/schemas.py).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 import aiohttp.web
 import attrs
 from kmock import KubernetesEmulator
-from kmock._internal import enums, k8s, rendering
+from kmock._internal import enums, k8s, k8s_dicts, rendering
 
 
 @attrs.frozen
@@ -59,18 +62,18 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "batch/v1/jobs": {
         "kind": "Job",
         "namespaced": True,
-        "verbs": ["get", "list", "create", "patch", "delete"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
     "ray.io/v1/rayservices": {
         "kind": "RayService",
         "namespaced": True,
-        "verbs": ["get", "list", "create", "patch", "delete"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
         "subresources": ["status"],
     },
     "keda.sh/v1alpha1/scaledobjects": {
         "kind": "ScaledObject",
         "namespaced": True,
-        "verbs": ["get", "list", "create", "patch", "delete"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
         "subresources": ["status"],
     },
     "monitoring.coreos.com/v1/podmonitors": {
@@ -92,6 +95,9 @@ class KubeAPI(KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
+        # Object keys by (resource, namespace), for lists; grows with the store (see _index).
+        self._by_collection: dict[tuple[Any, str | None], set[tuple[Any, str | None, str]]] = {}
+        self._indexed = 0
         installed_later = set(PREREQUISITE_CRDS.values())
         for resource, info in RESOURCES.items():
             if resource not in installed_later:
@@ -115,11 +121,79 @@ class KubeAPI(KubernetesEmulator):
                 },
             }
 
+    def _stored(
+        self, request: rendering.Request, name: str | None = None, namespace: str | None = None
+    ) -> k8s_dicts.Object | None:
+        """The stored object a request addresses (deleted ones included), by key."""
+        key = (request.resource, namespace or request.namespace, name or request.name)
+        return self._objects[key] if key in self._objects else None  # noqa: SIM401 (no .get)
+
     def _current(self, request: rendering.Request) -> dict[str, Any] | None:
-        for (resource, namespace, name), obj in self._objects.items():
-            if (resource, namespace, name) == (request.resource, request.namespace, request.name):
-                return None if obj.deleted else dict(obj.raw)
-        return None
+        obj = self._stored(request)
+        return None if obj is None or obj.deleted else dict(obj.raw)
+
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        async with self._lock:
+            obj = self._stored(request)
+        if obj is None or obj.deleted:
+            raise k8s.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
+        meta = request.data.get("metadata", {})
+        async with self._lock:
+            obj = self._stored(request, meta.get("name"), meta.get("namespace"))
+        assert obj is not None  # stored by the base class's _handle before this runs
+        return obj.raw
+
+    async def _serve_update(self, request: rendering.Request) -> rendering.Payload:
+        async with self._lock:
+            obj = self._stored(request)
+        assert obj is not None
+        return obj.last.raw
+
+    _serve_delete = _serve_update
+
+    def _index(self) -> None:
+        """Adds keys stored since the last call (the store only grows, keys in order)."""
+        store = self._objects._objects  # the plain dict under the view: C-speed keys
+        if len(store) == self._indexed:
+            return
+        if len(store) < self._indexed:  # something was hard-deleted: start over
+            self._by_collection.clear()
+            self._indexed = 0
+        for key in list(store)[self._indexed :]:
+            resource, namespace, _ = key
+            self._by_collection.setdefault((resource, namespace), set()).add(key)
+            self._by_collection.setdefault((resource, None), set()).add(key)
+        self._indexed = len(store)
+
+    def _get_resources(self) -> list[Any]:
+        self._index()
+        declared = set(k8s.KubernetesScaffold._get_resources(self))
+        return list(declared | {resource for resource, _ in self._by_collection})
+
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        if request.resource not in self._get_resources():
+            raise k8s.KubernetesResourceNotFoundError()
+        wanted = dict(
+            term.split("=", 1)
+            for term in request.params.get("labelSelector", "").split(",")
+            if "=" in term
+        )
+        store = self._objects._objects
+        async with self._lock:
+            collection = self._by_collection.get((request.resource, request.namespace), set())
+            alive = (store[key] for key in collection if key in store)
+            raws = (obj.raw for obj in alive if not obj.deleted)
+            items = [
+                raw
+                for raw in raws
+                if all(
+                    raw.get("metadata", {}).get("labels", {}).get(k) == v for k, v in wanted.items()
+                )
+            ]
+        return {"metadata": {"resourceVersion": str(next(self._versions))}, "items": items}
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and isinstance(request.data, dict):
@@ -132,6 +206,7 @@ class KubeAPI(KubernetesEmulator):
             and request.action in {enums.action.DELETE, enums.action.UPDATE}
             and request.name is not None
             and response.status < 300
+            and ((obj := self._stored(request)) is None or obj.deleted)
         ):
             await self._collect_garbage()
         return response

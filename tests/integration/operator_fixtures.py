@@ -139,3 +139,33 @@ async def patch(api: KubeAPI, path: str, body: dict[str, Any]) -> dict[str, Any]
 def llmd_path(name: str, namespace: str = NAMESPACE) -> str:
     """API path of an LLMDeployment."""
     return f"/apis/llmops.dev/v1alpha1/namespaces/{namespace}/llmdeployments/{name}"
+
+
+async def report_children_ready(
+    api: KubeAPI, name: str, job: str, llm_deployments: list[str], namespace: str = NAMESPACE
+) -> None:
+    """Writes the status the Job controller, KubeRay and KEDA report once all is up."""
+    ns = f"namespaces/{namespace}"
+    await patch(
+        api,
+        f"/apis/batch/v1/{ns}/jobs/{job}/status",
+        {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
+    )
+    deployments = {d: {"status": "HEALTHY"} for d in [*llm_deployments, "router"]}
+    app = {"status": "RUNNING", "serveDeploymentStatuses": deployments}
+    await patch(
+        api,
+        f"/apis/ray.io/v1/{ns}/rayservices/{name}/status",
+        {
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "activeServiceStatus": {"applicationStatuses": {"llmops": app}},
+            }
+        },
+    )
+    ready = {"type": "Ready", "status": "True", "reason": "ScaledObjectReady"}
+    await patch(
+        api,
+        f"/apis/keda.sh/v1alpha1/{ns}/scaledobjects/{name}/status",
+        {"status": {"conditions": [ready]}},
+    )

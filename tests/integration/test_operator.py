@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import kopf
 import pytest
 import yaml
 
+from llmops_operator.kube import KubeClient
 from tests.fakes.kube_api import KubeAPI
 from tests.integration.operator_fixtures import (
     NAMESPACE,
@@ -17,6 +20,7 @@ from tests.integration.operator_fixtures import (
     live,
     llmd_path,
     patch,
+    report_children_ready,
     running_operator,
 )
 from tests.schemas import assert_valid
@@ -89,54 +93,33 @@ async def test_apply_creates_valid_children_with_owner_references(kmock: KubeAPI
         assert condition(llmd(kmock, "llama-8b"), "ModelCached")["reason"] == "Loading"
         assert status["endpoints"]["http"] == f"http://llama-8b.{NAMESPACE}.svc:8000"
         assert status["selector"] == "llmops.dev/deployment=llama-8b"
-        # Kubernetes Events for kubectl describe.
-        await eventually(
-            lambda: "created RayService/llama-8b" in event_messages(kmock), what="an Event"
+        # Kubernetes Events for kubectl describe: one for everything a pass created.
+        created_event = await eventually(
+            lambda: next(
+                e for e in live(kmock, "v1/events").values() if e.get("reason") == "Created"
+            ),
+            what="a Created Event",
         )
+        assert created_event["message"].startswith("created ")
+        for kind in CHILD_RESOURCES:
+            assert f"{kind}/" in created_event["message"]
 
 
 async def test_status_follows_children_to_ready(kmock: KubeAPI) -> None:
     kmock.install_crds()
-    async with running_operator(kmock):
+    async with running_operator(kmock, converge_interval_s=0.5, converge_max_interval_s=60):
         await create(kmock, example("llama-8b-gpu"))
         await eventually(lambda: all(children(kmock).values()), what="children")
+        # Passes that change nothing back off (0.5, 1, 2, 4, 8 s: none is due from about 8 s to
+        # 16 s after creation); the children's watch events must bring the next pass forward.
+        await asyncio.sleep(10)
         job_name = next(iter(children(kmock)["Job"]))
-        ns = f"namespaces/{NAMESPACE}"
-        # What the Job controller, KubeRay and KEDA would report.
-        await patch(
-            kmock,
-            f"/apis/batch/v1/{ns}/jobs/{job_name}/status",
-            {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
+        await report_children_ready(kmock, "llama-8b", job_name, ["llm-llama-3-1-8b-instruct"])
+        await eventually(
+            lambda: llmd(kmock, "llama-8b")["status"]["ready"] == "True",
+            within=3,
+            what="Ready soon after the children reported",
         )
-        app = {
-            "status": "RUNNING",
-            "serveDeploymentStatuses": {
-                "llm-llama-3-1-8b-instruct": {"status": "HEALTHY"},
-                "router": {"status": "HEALTHY"},
-            },
-        }
-        await patch(
-            kmock,
-            f"/apis/ray.io/v1/{ns}/rayservices/llama-8b/status",
-            {
-                "status": {
-                    "conditions": [{"type": "Ready", "status": "True"}],
-                    "activeServiceStatus": {"applicationStatuses": {"llmops": app}},
-                }
-            },
-        )
-        await patch(
-            kmock,
-            f"/apis/keda.sh/v1alpha1/{ns}/scaledobjects/llama-8b/status",
-            {
-                "status": {
-                    "conditions": [
-                        {"type": "Ready", "status": "True", "reason": "ScaledObjectReady"}
-                    ]
-                }
-            },
-        )
-        await eventually(lambda: llmd(kmock, "llama-8b")["status"]["ready"] == "True", what="Ready")
         status = llmd(kmock, "llama-8b")["status"]
         assert status["replicas"] == 1
         assert {c["type"]: c["status"] for c in status["conditions"]} == {
@@ -290,3 +273,17 @@ async def test_missing_prerequisites_are_conditions_not_crashes(kmock: KubeAPI) 
         assert not live(kmock, "keda.sh/v1alpha1/scaledobjects")
         assert not live(kmock, "monitoring.coreos.com/v1/podmonitors")
         assert json.dumps(llmd(kmock, "tiny")["status"])  # status stays serialisable
+
+
+async def test_discovery_caches_presence_but_rechecks_absence(kmock: KubeAPI) -> None:
+    client = KubeClient(kopf.ConnectionInfo(server=str(kmock.url), insecure=True))
+    try:
+        assert not await client.api_installed("ray.io/v1", "rayservices")
+        kmock.install_crds("rayservices.ray.io")
+        assert await client.api_installed("ray.io/v1", "rayservices")  # absence not cached
+        asked = client.calls["GET"]
+        assert await client.api_installed("ray.io/v1", "rayservices")
+        assert client.calls["GET"] == asked  # presence answered from the cache
+        assert not await client.api_installed("keda.sh/v1alpha1", "scaledobjects")
+    finally:
+        await client.close()

@@ -33,3 +33,24 @@ def test_configured_logging_redacts_stdlib_records(monkeypatch: pytest.MonkeyPat
     assert line["level"] == "warning"
     assert line["header"] == "Bearer ***"
     logging.getLogger().handlers.clear()
+
+
+def test_kopf_records_keep_the_object_reference_not_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    configure_logging("json")
+    ref = {
+        "apiVersion": "llmops.dev/v1alpha1",
+        "kind": "LLMDeployment",
+        "namespace": "ml",
+        "name": "tiny",
+        "uid": "u-1",
+    }
+    extra = {"settings": object(), "k8s_skip": False, "k8s_ref": ref}
+    logging.getLogger("llmops.kopf-like").info("created Service/tiny", extra=extra)
+    line = json.loads(stream.getvalue().strip().splitlines()[-1])
+    assert line["object"] == "LLMDeployment/ml/tiny"
+    assert not {"settings", "k8s_skip", "k8s_ref"} & set(line)
+    logging.getLogger().handlers.clear()
