@@ -1,0 +1,401 @@
+"""The platform's Grafana dashboards, as code (Grafana's own grafana-foundation-sdk).
+
+    .venv/bin/python deploy/dashboards/generate.py
+
+writes one JSON file per dashboard next to this file and the same bytes into the Helm chart
+(charts/llmops/files/dashboards), which ships them as ConfigMaps for Grafana's sidecar. A test
+fails when the committed JSON differs from what this file generates.
+
+Every panel queries the Prometheus chosen in the ``datasource`` variable (no hard-coded
+datasource); ``namespace``, ``deployment`` and ``model`` variables filter the series.
+Label conventions are those of llmops_operator.queries: Ray and vLLM series carry
+``llmops_deployment`` (from the PodMonitor), DCGM series ``namespace`` and ``pod``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import dashboard, prometheus, stat, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
+
+HERE = Path(__file__).parent
+CHART_COPY = HERE.parents[1] / "charts" / "llmops" / "files" / "dashboards"
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
+NS = 'namespace=~"$namespace"'
+DEP = f'{NS}, llmops_deployment=~"$deployment"'
+LLM = f'{DEP}, model_name=~"$model"'
+GPU_PODS = f'{NS}, pod=~"($deployment)-raycluster-.*worker.*"'
+OWNED = f'{NS}, deployment=~"$deployment"'  # the operator's per-deployment gauges
+
+Panel = timeseries.Panel | stat.Panel
+
+
+def rate(metric: str, selector: str) -> str:
+    return f"rate({metric}{{{selector}}}[$__rate_interval])"
+
+
+def query(expr: str, legend: str = "") -> prometheus.Dataquery:
+    target = prometheus.Dataquery().expr(expr).datasource(DATASOURCE)
+    return target.legend_format(legend) if legend else target
+
+
+def graph(title: str, unit: str, *targets: prometheus.Dataquery, width: int = 12) -> Panel:
+    panel = timeseries.Panel().title(title).unit(unit).datasource(DATASOURCE).height(8)
+    for target in targets:
+        panel = panel.with_target(target)
+    return panel.span(width)
+
+
+def single(title: str, unit: str, target: prometheus.Dataquery, width: int = 6) -> Panel:
+    return (
+        stat.Panel()
+        .title(title)
+        .unit(unit)
+        .datasource(DATASOURCE)
+        .with_target(target)
+        .height(4)
+        .span(width)
+    )
+
+
+def quantiles(metric: str, selector: str, by: str) -> list[prometheus.Dataquery]:
+    return [
+        query(
+            f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{selector}}}"
+            "[$__rate_interval])))",
+            f"p{int(q * 100)} {{{{{by}}}}}",
+        )
+        for q in (0.5, 0.95, 0.99)
+    ]
+
+
+def variable(name: str, label: str, source: str) -> dashboard.QueryVariable:
+    return (
+        dashboard.QueryVariable(name)
+        .label(label)
+        .query(source)
+        .datasource(DATASOURCE)
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+    )
+
+
+def board(
+    uid: str, title: str, panels: list[Panel], *, models: bool = False
+) -> dashboard.Dashboard:
+    built = (
+        dashboard.Dashboard(title)
+        .uid(uid)
+        .tags(["llmops"])
+        .refresh("30s")
+        .time("now-1h", "now")
+        .with_variable(
+            dashboard.DatasourceVariable("datasource").label("Prometheus").type("prometheus")
+        )
+        .with_variable(variable("namespace", "Namespace", "label_values(up, namespace)"))
+        .with_variable(
+            variable(
+                "deployment",
+                "LLMDeployment",
+                f"label_values(ray_vllm_num_requests_running{{{NS}}}, llmops_deployment)",
+            )
+        )
+    )
+    if models:
+        built = built.with_variable(
+            variable(
+                "model",
+                "Model",
+                f"label_values(ray_vllm_num_requests_running{{{DEP}}}, model_name)",
+            )
+        )
+    for panel in panels:
+        built = built.with_panel(panel)
+    return built
+
+
+def overview() -> dashboard.Dashboard:
+    return board(
+        "llmops-overview",
+        "llmops / Platform overview",
+        [
+            single(
+                "Gateway requests/s",
+                "reqps",
+                query(f"sum(rate(llmops_gateway_requests_total{{{NS}}}[$__rate_interval]))"),
+            ),
+            single(
+                "Gateway 5xx ratio",
+                "percentunit",
+                query(
+                    "sum(" + rate("llmops_gateway_requests_total", f'{NS}, status=~"5.."') + ")"
+                    f" / sum(rate(llmops_gateway_requests_total{{{NS}}}[$__rate_interval]))"
+                ),
+            ),
+            single(
+                "Tokens/s generated",
+                "short",
+                query(f"sum(rate(ray_vllm_generation_tokens_total{{{DEP}}}[$__rate_interval]))"),
+            ),
+            single(
+                "LLMDeployments Ready",
+                "short",
+                query('sum(llmops_operator_deployments{state="Ready"})'),
+            ),
+            graph(
+                "Requests waiting in vLLM",
+                "short",
+                query(
+                    f"sum by (llmops_deployment) (ray_vllm_num_requests_waiting{{{DEP}}})",
+                    "{{llmops_deployment}}",
+                ),
+            ),
+            graph(
+                "KV-cache usage",
+                "percentunit",
+                query(
+                    f"max by (llmops_deployment) (ray_vllm_kv_cache_usage_perc{{{DEP}}})",
+                    "{{llmops_deployment}}",
+                ),
+            ),
+        ],
+    )
+
+
+def serving() -> dashboard.Dashboard:
+    return board(
+        "llmops-model-serving",
+        "llmops / Model serving",
+        [
+            graph(
+                "Time to first token",
+                "s",
+                *quantiles("ray_vllm_time_to_first_token_seconds", LLM, "model_name"),
+            ),
+            graph(
+                "Time per output token",
+                "s",
+                *quantiles("ray_vllm_time_per_output_token_seconds", LLM, "model_name"),
+            ),
+            graph(
+                "Tokens/s",
+                "short",
+                query(
+                    f"sum by (model_name) ({rate('ray_vllm_generation_tokens_total', LLM)})",
+                    "generated {{model_name}}",
+                ),
+                query(
+                    f"sum by (model_name) ({rate('ray_vllm_prompt_tokens_total', LLM)})",
+                    "prompt {{model_name}}",
+                ),
+            ),
+            graph(
+                "Requests running and waiting",
+                "short",
+                query(
+                    f"sum by (model_name) (ray_vllm_num_requests_running{{{LLM}}})",
+                    "running {{model_name}}",
+                ),
+                query(
+                    f"sum by (model_name) (ray_vllm_num_requests_waiting{{{LLM}}})",
+                    "waiting {{model_name}}",
+                ),
+            ),
+            graph(
+                "KV-cache usage",
+                "percentunit",
+                query(
+                    f"max by (model_name) (ray_vllm_kv_cache_usage_perc{{{LLM}}})", "{{model_name}}"
+                ),
+            ),
+            graph(
+                "Prefix-cache hit rate",
+                "percentunit",
+                query(
+                    f"sum by (model_name) ({rate('ray_vllm_prefix_cache_hits_total', LLM)})"
+                    f" / sum by (model_name) ({rate('ray_vllm_prefix_cache_queries_total', LLM)})",
+                    "{{model_name}}",
+                ),
+            ),
+            graph(
+                "Replicas vs desired",
+                "short",
+                query(
+                    f"sum by (deployment) (llmops_operator_ready_replicas{{{OWNED}}})",
+                    "ready {{deployment}}",
+                ),
+                query(
+                    f"sum by (deployment) (llmops_operator_desired_replicas{{{OWNED}}})",
+                    "desired {{deployment}}",
+                ),
+                width=24,
+            ),
+        ],
+        models=True,
+    )
+
+
+def gpus() -> dashboard.Dashboard:
+    def by_pod(metric: str) -> prometheus.Dataquery:
+        return query(f"max by (pod, gpu) ({metric}{{{GPU_PODS}}})", "{{pod}} GPU {{gpu}}")
+
+    return board(
+        "llmops-gpus",
+        "llmops / GPUs",
+        [
+            graph("GPU utilisation", "percent", by_pod("DCGM_FI_DEV_GPU_UTIL")),
+            graph(
+                "GPU memory used",
+                "percentunit",
+                query(
+                    f"max by (pod, gpu) (DCGM_FI_DEV_FB_USED{{{GPU_PODS}}}"
+                    f" / (DCGM_FI_DEV_FB_USED{{{GPU_PODS}}} + DCGM_FI_DEV_FB_FREE{{{GPU_PODS}}}))",
+                    "{{pod}} GPU {{gpu}}",
+                ),
+            ),
+            graph("Power", "watt", by_pod("DCGM_FI_DEV_POWER_USAGE")),
+            graph("Temperature", "celsius", by_pod("DCGM_FI_DEV_GPU_TEMP")),
+            graph("Last XID error", "none", by_pod("DCGM_FI_DEV_XID_ERRORS"), width=24),
+        ],
+    )
+
+
+def gateway() -> dashboard.Dashboard:
+    window = "[$__rate_interval]"
+    return board(
+        "llmops-gateway",
+        "llmops / Gateway and tenants",
+        [
+            graph(
+                "Requests/s by status",
+                "reqps",
+                query(
+                    f"sum by (status) (rate(llmops_gateway_requests_total{{{NS}}}{window}))",
+                    "{{status}}",
+                ),
+            ),
+            graph(
+                "Request latency",
+                "s",
+                *quantiles("llmops_gateway_request_duration_seconds", NS, "endpoint"),
+            ),
+            graph(
+                "429s by reason",
+                "reqps",
+                query(
+                    "sum by (tenant, reason) ("
+                    + rate("llmops_gateway_rate_limit_rejections_total", NS)
+                    + ")",
+                    "{{tenant}} {{reason}}",
+                ),
+            ),
+            graph(
+                "Tokens/s by tenant",
+                "short",
+                query(
+                    f"sum by (tenant, direction) ({rate('llmops_gateway_tokens_total', NS)})",
+                    "{{tenant}} {{direction}}",
+                ),
+            ),
+            graph(
+                "Token budget burn (tokens in 24 h)",
+                "short",
+                query(
+                    f"sum by (tenant) (increase(llmops_gateway_tokens_total{{{NS}}}[24h]))",
+                    "{{tenant}}",
+                ),
+            ),
+            graph(
+                "In flight",
+                "short",
+                query(f"sum(llmops_gateway_in_flight_requests{{{NS}}})", "requests"),
+                query(f"sum(llmops_gateway_open_streams{{{NS}}})", "streams"),
+            ),
+        ],
+    )
+
+
+def operator() -> dashboard.Dashboard:
+    window = "[$__rate_interval]"
+    return board(
+        "llmops-operator",
+        "llmops / Operator",
+        [
+            graph(
+                "Reconciles/s",
+                "ops",
+                query(
+                    f"sum by (trigger, result) (rate(llmops_operator_reconciles_total{window}))",
+                    "{{trigger}} {{result}}",
+                ),
+            ),
+            graph(
+                "Reconcile errors/s",
+                "ops",
+                query(
+                    f"sum by (reason) (rate(llmops_operator_reconcile_errors_total{window}))",
+                    "{{reason}}",
+                ),
+            ),
+            graph(
+                "Reconcile duration",
+                "s",
+                *quantiles("llmops_operator_reconcile_duration_seconds", "", "trigger"),
+            ),
+            graph(
+                "LLMDeployments by state",
+                "short",
+                query("sum by (state) (llmops_operator_deployments)", "{{state}}"),
+            ),
+            graph(
+                "Child changes/s",
+                "ops",
+                query(
+                    f"sum by (kind, action) (rate(llmops_operator_child_changes_total{window}))",
+                    "{{kind}} {{action}}",
+                ),
+                width=24,
+            ),
+        ],
+    )
+
+
+DASHBOARDS: dict[str, Callable[[], dashboard.Dashboard]] = {
+    "overview": overview,
+    "model-serving": serving,
+    "gpus": gpus,
+    "gateway": gateway,
+    "operator": operator,
+}
+
+
+def render() -> dict[str, str]:
+    """File name -> dashboard JSON text."""
+    encoder = JSONEncoder(sort_keys=True, indent=2)
+    files = {}
+    for name, build in DASHBOARDS.items():
+        model = json.loads(encoder.encode(build().build()))
+        for number, panel in enumerate(model.get("panels", []), start=1):
+            panel["id"] = number
+            for index, target in enumerate(panel.get("targets", [])):
+                target["refId"] = chr(ord("A") + index)
+        files[f"llmops-{name}.json"] = json.dumps(model, indent=2, sort_keys=True) + "\n"
+    return files
+
+
+def main() -> None:
+    CHART_COPY.mkdir(parents=True, exist_ok=True)
+    for name, text in render().items():
+        for folder in (HERE, CHART_COPY):
+            (folder / name).write_text(text)
+        print(f"wrote {name}")
+
+
+if __name__ == "__main__":
+    main()
