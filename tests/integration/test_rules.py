@@ -6,6 +6,7 @@ series included, and compares what fires and what the queries return with what i
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -174,3 +175,68 @@ def test_keda_query_tests_fail_on_a_wrong_value(promtool: str, tmp_path: Path) -
         check=False,
     )
     assert result.returncode != 0
+
+
+# --- GPU dashboard panels on synthetic DCGM series (no GPU here to scrape) -----------------
+
+DCGM_POD = 'namespace="ml",pod="llama-raycluster-x7k2p-gpu-worker-abcde",gpu="0"'
+DCGM_VALUES = {
+    "DCGM_FI_DEV_GPU_UTIL": 80,
+    "DCGM_FI_DEV_FB_USED": 72000,
+    "DCGM_FI_DEV_FB_FREE": 8000,
+    "DCGM_FI_DEV_POWER_USAGE": 300,
+    "DCGM_FI_DEV_GPU_TEMP": 65,
+    "DCGM_FI_DEV_XID_ERRORS": 0,
+}
+# What each GPU panel must show for that pod and GPU.
+GPU_PANELS = {
+    "GPU utilisation": 80,
+    "GPU memory used": 0.9,
+    "Power": 300,
+    "Temperature": 65,
+    "Last XID error": 0,
+}
+
+
+def grafana_to_promql(expr: str) -> str:
+    """A panel's query as Grafana sends it, variables set to the synthetic pod's."""
+    for variable, value in {
+        "$__rate_interval": "5m",
+        "$namespace": "ml",
+        "$deployment": "llama",
+        "$model": ".*",
+    }.items():
+        expr = expr.replace(variable, value)
+    return expr
+
+
+def test_gpu_dashboard_panels_return_data_on_dcgm_series(promtool: str, tmp_path: Path) -> None:
+    board = json.loads((ROOT / "deploy" / "dashboards" / "llmops-gpus.json").read_text())
+    panels = {panel["title"]: panel for panel in board["panels"]}
+    assert set(panels) == set(GPU_PANELS)
+    other_pod = 'namespace="ml",pod="other-raycluster-q1w2e-gpu-worker-zzzzz",gpu="0"'
+    series_list = [series(name, DCGM_POD, value) for name, value in DCGM_VALUES.items()]
+    series_list += [series(name, other_pod, 1) for name in DCGM_VALUES]
+    exprs = []
+    for title, value in GPU_PANELS.items():
+        (target,) = panels[title]["targets"]
+        exprs.append(
+            {
+                "expr": grafana_to_promql(target["expr"]),
+                "eval_time": "5m",
+                "exp_samples": [
+                    {
+                        "labels": '{pod="llama-raycluster-x7k2p-gpu-worker-abcde",gpu="0"}',
+                        "value": value,
+                    }
+                ],
+            }
+        )
+    document = {
+        "rule_files": ["empty.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series_list, "promql_expr_test": exprs}],
+    }
+    (tmp_path / "empty.yaml").write_text("groups: []\n")
+    (tmp_path / "gpu_test.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    run(promtool, "test", "rules", "gpu_test.yaml", cwd=tmp_path)
