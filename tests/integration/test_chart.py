@@ -21,6 +21,8 @@ import yaml
 from llmops_gateway.keys import KeyFile, KeyIndex
 from llmops_gateway.settings import GatewaySettings
 from llmops_operator.settings import OperatorSettings
+from tests.exported_metrics import exported as exported_metrics
+from tests.exported_metrics import used_in
 from tests.integration.chart_fixtures import (
     BIN,
     CHART,
@@ -609,19 +611,9 @@ def test_rules_and_dashboards_are_rendered_from_deploy() -> None:
 
 
 def test_alerts_use_the_metrics_the_platform_exports() -> None:
-    from llmops_gateway.metrics import GatewayMetrics
-    from llmops_operator.metrics import OperatorMetrics
-
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
-    exported = set()
-    for registry in (GatewayMetrics.create().registry, OperatorMetrics.create().registry):
-        for family in registry.collect():
-            exported.add(family.name)
-            exported.update(family.name + end for end in suffixes.get(family.type, []))
-    text = (ROOT / "deploy" / "rules" / "platform.yaml").read_text()
-    # Metric names, not the llmops_deployment label the PodMonitors add to Ray's series.
-    used = set(re.findall(r"\b(llmops_[a-z_]+)", text)) - {"llmops_deployment"}
+    used = used_in((ROOT / "deploy" / "rules" / "platform.yaml").read_text())
     assert used
+    exported = exported_metrics()
     assert used <= exported, f"not exported: {sorted(used - exported)}"
 
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from llmops_gateway.metrics import GatewayMetrics
-from llmops_operator.metrics import OperatorMetrics
+from tests.exported_metrics import exported, used_in
 
 ROOT = Path(__file__).parents[2]
 FOLDER = ROOT / "deploy" / "dashboards"
@@ -83,18 +81,12 @@ def test_dashboard_is_valid_and_uses_the_datasource_variable(name: str) -> None:
 
 
 def test_dashboards_query_only_metrics_the_platform_exports() -> None:
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
-    exported = set()
-    for registry in (GatewayMetrics.create().registry, OperatorMetrics.create().registry):
-        for family in registry.collect():
-            exported.add(family.name)
-            exported.update(family.name + end for end in suffixes.get(family.type, []))
     exprs = " ".join(
         target["expr"]
         for board in committed().values()
         for panel in board["panels"]
         for target in panel["targets"]
     )
-    used = set(re.findall(r"\b(llmops_[a-z_]+)\b", exprs)) - {"llmops_deployment"}
+    used = used_in(exprs)
     assert used
-    assert used <= exported, f"not exported: {sorted(used - exported)}"
+    assert used <= exported(), f"not exported: {sorted(used - exported())}"
