@@ -110,7 +110,11 @@ def stamp_transitions(
 
 
 async def converge(
-    client: KubeClient, children: list[dict[str, Any]], namespace: str, name: str
+    client: KubeClient,
+    children: list[dict[str, Any]],
+    namespace: str,
+    name: str,
+    keda_installed: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], list[str], list[str], list[str]]:
     """Creates or patches each child; deletes this deployment's children no longer rendered.
 
@@ -146,12 +150,16 @@ async def converge(
             )
             patched.append(key)
         observed[key] = current or child
-    deleted = await _prune(client, children, namespace, name)
+    deleted = await _prune(client, children, namespace, name, keda_installed)
     return observed, created, patched, deleted
 
 
 async def _prune(
-    client: KubeClient, children: list[dict[str, Any]], namespace: str, name: str
+    client: KubeClient,
+    children: list[dict[str, Any]],
+    namespace: str,
+    name: str,
+    keda_installed: bool,
 ) -> list[str]:
     """Deletes loader Jobs of older cache contents and a ScaledObject no longer wanted."""
     wanted = {_key(c) for c in children}
@@ -164,8 +172,11 @@ async def _prune(
         if key not in wanted and not job_status.get("active"):
             await client.delete("batch/v1", "Job", namespace, job["metadata"]["name"])
             deleted.append(key)
-    if f"ScaledObject/{name}" not in wanted and await client.delete(
-        "keda.sh/v1alpha1", "ScaledObject", namespace, name
+    # Without KEDA there is no ScaledObject to remove (and no API to ask).
+    if (
+        keda_installed
+        and f"ScaledObject/{name}" not in wanted
+        and await client.delete("keda.sh/v1alpha1", "ScaledObject", namespace, name)
     ):
         deleted.append(f"ScaledObject/{name}")
     return deleted
@@ -296,7 +307,7 @@ async def reconcile(
         kind for kind, present in (("ScaledObject", keda), ("PodMonitor", monitors)) if not present
     }
     applied = [c for c in children if c["kind"] not in skipped]
-    observed, created, patched, deleted = await converge(client, applied, namespace, name)
+    observed, created, patched, deleted = await converge(client, applied, namespace, name, keda)
 
     job = observed.get(f"Job/{render.loader_job_name(target)}")
     cache = _cache_condition(job, generation)
