@@ -183,8 +183,8 @@ async def run_pass(
         trigger=trigger, result="ready" if outcome.ready else "progressing"
     ).inc()
     metrics.set_state(namespace, name, "Ready" if outcome.ready else "NotReady")
-    desired = body.spec.get("replicas", 1)
-    metrics.set_replicas(namespace, name, int(desired), int(outcome.status.get("replicas", 0)))
+    ready_replicas = int(outcome.status.get("replicas", 0))
+    metrics.set_replicas(namespace, name, outcome.desired_replicas, ready_replicas)
     for action, keys in (
         ("created", outcome.created),
         ("patched", outcome.patched),

@@ -47,6 +47,7 @@ class Outcome:
 
     status: dict[str, Any]
     ready: bool
+    desired_replicas: int = 0
     created: list[str] = field(default_factory=list)
     patched: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -114,7 +115,7 @@ async def converge(
     children: list[dict[str, Any]],
     namespace: str,
     name: str,
-    keda_installed: bool = True,
+    keda_installed: bool,
 ) -> tuple[dict[str, dict[str, Any]], list[str], list[str], list[str]]:
     """Creates or patches each child; deletes this deployment's children no longer rendered.
 
@@ -300,7 +301,7 @@ async def reconcile(
             "ready": "False",
             "conditions": stamp_transitions(conditions, old_conditions),
         }
-        return Outcome(status=status, ready=False)
+        return Outcome(status=status, ready=False, desired_replicas=target.spec.replicas)
     keda = await client.api_installed(*PREREQUISITES[SCALEDOBJECT_CRD])
     monitors = await client.api_installed(*PREREQUISITES[PODMONITOR_CRD])
     skipped = {
@@ -343,7 +344,7 @@ async def reconcile(
             "PrometheusOperatorMissing",
             f"Prometheus Operator is not installed (no CRD {PODMONITOR_CRD}): no PodMonitor",
         )
-    return Outcome(status, ready, created, patched, deleted)
+    return Outcome(status, ready, target.spec.replicas, created, patched, deleted)
 
 
 def _announce(

@@ -107,7 +107,9 @@ async def test_apply_creates_valid_children_with_owner_references(kmock: KubeAPI
 
 async def test_status_follows_children_to_ready(kmock: KubeAPI) -> None:
     kmock.install_crds()
-    async with running_operator(kmock, converge_interval_s=0.5, converge_max_interval_s=60):
+    async with running_operator(
+        kmock, converge_interval_s=0.5, converge_max_interval_s=60
+    ) as operator:
         await create(kmock, example("llama-8b-gpu"))
         await eventually(lambda: all(children(kmock).values()), what="children")
         # Passes that change nothing back off (0.5, 1, 2, 4, 8 s: none is due from about 8 s to
@@ -122,6 +124,9 @@ async def test_status_follows_children_to_ready(kmock: KubeAPI) -> None:
         )
         status = llmd(kmock, "llama-8b")["status"]
         assert status["replicas"] == 1
+        labels = {"namespace": NAMESPACE, "deployment": "llama-8b"}
+        for gauge in ("llmops_operator_desired_replicas", "llmops_operator_ready_replicas"):
+            assert operator.metrics.registry.get_sample_value(gauge, labels) == 1
         assert {c["type"]: c["status"] for c in status["conditions"]} == {
             "ModelCached": "True",
             "ServingReady": "True",
