@@ -41,6 +41,8 @@ CHILDREN_WITH_STATUS = (
     ("keda.sh", "v1alpha1", "scaledobjects"),
 )
 Logger = logging.Logger | logging.LoggerAdapter[Any]
+# Seconds a per-object Kopf worker lingers after its last event (see kopf_settings).
+WORKER_IDLE_S = 0.5
 
 
 @dataclass
@@ -233,6 +235,10 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     configured.persistence.finalizer = f"{GROUP}/finalizer"
     configured.posting.level = logging.INFO
     configured.queueing.worker_limit = settings.worker_limit
+    # An idle per-object worker keeps its slot under worker_limit until it exits; at Kopf's
+    # default (5 s) a burst of changes or a restart's resume waits 5 s per slot turnover, and
+    # the whole watch stream stalls meanwhile. Release slots as soon as an object goes quiet.
+    configured.queueing.idle_timeout = WORKER_IDLE_S
     # Replicas of one Deployment share a configured priority; Kopf pauses all peers of equal
     # priority, so a random tiebreak below it picks one active replica.
     configured.peering.priority = settings.priority * 1000 + secrets.randbelow(1000)

@@ -168,6 +168,25 @@ class KubeAPI(KubernetesEmulator):
             self._by_collection.setdefault((resource, None), set()).add(key)
         self._indexed = len(store)
 
+    def alive(self, resource: str, namespace: str | None) -> dict[str, dict[str, Any]]:
+        """Objects of one resource ("group/version/plural" or "v1/plural") in one namespace
+        that exist now, by name; looked up in the index, not by scanning the store."""
+        group_version, plural = resource.rsplit("/", 1)
+        group, _, version = group_version.rpartition("/")
+        self._index()
+        store = self._objects._objects
+        found = {}
+        for (res, ns), keys in list(self._by_collection.items()):
+            if ns != namespace or res.plural != plural:
+                continue
+            if (res.group or "") != group or (res.version or "") != version:
+                continue
+            for key in list(keys):
+                obj = store.get(key)
+                if obj is not None and key[1] == namespace and not obj.deleted:
+                    found[key[2]] = obj.raw
+        return found
+
     def _get_resources(self) -> list[Any]:
         self._index()
         declared = set(k8s.KubernetesScaffold._get_resources(self))

@@ -102,19 +102,7 @@ def live(
     api: KubeAPI, resource: str, namespace: str | None = NAMESPACE
 ) -> dict[str, dict[str, Any]]:
     """Objects of one resource that exist now, by name."""
-    found = {}
-    for (res, ns, name), obj in list(api.objects.items()):
-        if _same_resource(res, resource) and ns == namespace and not obj.deleted:
-            found[name] = obj.raw
-    return found
-
-
-def _same_resource(res: Any, resource: str) -> bool:
-    group_version, plural = resource.rsplit("/", 1)
-    group, _, version = group_version.rpartition("/")
-    return bool(
-        res.plural == plural and (res.group or "") == group and (res.version or "") == version
-    )
+    return api.alive(resource, namespace)
 
 
 async def create(api: KubeAPI, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -197,6 +197,23 @@ async def test_scale_subresource_reaches_serve_replicas_without_new_cluster(
         assert after["metadata"]["uid"] == before["metadata"]["uid"]
 
 
+async def test_worker_limit_does_not_queue_objects_behind_idle_workers(kmock: KubeAPI) -> None:
+    # One worker slot, six objects: a slot must be freed as soon as its object goes quiet, or
+    # each object waits for the previous one's idle worker (Kopf's default: 5 s each).
+    kmock.install_crds()
+    names = [f"tiny-{i}" for i in range(6)]
+    for name in names:
+        manifest = example("tiny-cpu")
+        manifest["metadata"]["name"] = name
+        await create(kmock, manifest)
+    async with running_operator(kmock, worker_limit=1):
+        await eventually(
+            lambda: set(live(kmock, "ray.io/v1/rayservices")) >= set(names),
+            within=25,  # about 8 s here; 6 x 5 s with slots held by idle workers
+            what="a RayService for every object",
+        )
+
+
 async def test_delete_removes_every_child(kmock: KubeAPI) -> None:
     kmock.install_crds()
     async with running_operator(kmock):
