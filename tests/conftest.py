@@ -38,6 +38,11 @@ class RunningGraph:
     """host:port of the gateway's gRPC API."""
     process: subprocess.Popen[str]
     log: Path
+    keys_file: Path
+    prometheus_url: str
+    """The local Prometheus `llmops up --monitoring` started, scraping the gateway and Ray."""
+    prometheus_targets: Path
+    """Its file_sd folder: more scrape targets go here."""
 
 
 def free_port() -> int:
@@ -59,6 +64,7 @@ def _ready(url: str) -> bool:
 def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
     """Runs `llmops up --config tests/graph.yaml` and waits until it is ready."""
     port, graph_port, metrics_port, grpc_port = free_port(), free_port(), free_port(), free_port()
+    prometheus_port, ray_metrics_port = free_port(), free_port()
     folder = tmp_path_factory.mktemp("graph")
     log = folder / "llmops-up.log"
     url = f"http://127.0.0.1:{port}"
@@ -67,11 +73,14 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
         *(sys.executable, "-m", "llmops_cli", "up", "--config", str(TEST_GRAPH)),
         *("--port", str(port), "--graph-port", str(graph_port)),
         *("--metrics-port", str(metrics_port), "--keys-file", str(folder / "keys.json")),
-        *("--grpc-port", str(grpc_port)),
+        *("--grpc-port", str(grpc_port), "--monitoring"),
+        *("--prometheus-port", str(prometheus_port), "--ray-metrics-port", str(ray_metrics_port)),
     ]
+    # Ray pushes metrics to its agent every 10 s by default; tests read them sooner.
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "2000"}
     with log.open("w") as sink:
         process = subprocess.Popen(
-            command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
+            command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env
         )
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -84,9 +93,22 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
             if time.monotonic() > deadline:
                 pytest.fail(f"not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        key = re.search(r"API key \(tenant 'local'; shown once\): (\S+)", log.read_text())
-        assert key is not None, log.read_text()[-2000:]
-        yield RunningGraph(url, graph_url, key.group(1), f"127.0.0.1:{grpc_port}", process, log)
+        banner = log.read_text()
+        key = re.search(r"API key \(tenant 'local'; shown once\): (\S+)", banner)
+        prometheus = re.search(r"Prometheus: (\S+) \(more targets: (\S+)\)", banner)
+        assert key is not None, banner[-2000:]
+        assert prometheus is not None, banner[-2000:]
+        yield RunningGraph(
+            url,
+            graph_url,
+            key.group(1),
+            f"127.0.0.1:{grpc_port}",
+            process,
+            log,
+            folder / "keys.json",
+            prometheus.group(1),
+            Path(prometheus.group(2)),
+        )
     finally:
         # Also when start-up failed: a leaked `llmops up` keeps Ray and the engines running.
         stop_process(process, timeout_s=120)

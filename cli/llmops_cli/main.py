@@ -15,6 +15,7 @@ from rich.console import Console
 from llmops_cli import cluster
 from llmops_cli.keys import KEYS_FILE_ENV, default_keys_file
 from llmops_cli.keys import app as keys_app
+from llmops_cli.monitoring import MonitoringError, find_prometheus, run_prometheus
 from llmops_services import GraphConfig, ModelSourceError, default_graph_config
 
 app = typer.Typer(
@@ -114,11 +115,25 @@ def up(
             help=f"Gateway key file (default: ${KEYS_FILE_ENV} or the user config folder)."
         ),
     ] = None,
+    monitoring: Annotated[
+        bool,
+        typer.Option(
+            help="Also start a local Prometheus (the `prometheus` binary on PATH) scraping "
+            "the gateway and Ray (Serve, vLLM engine, router, encoder metrics) and "
+            "evaluating the platform's alert rules."
+        ),
+    ] = False,
+    prometheus_port: Annotated[
+        int, typer.Option(help="Port of the local Prometheus (with --monitoring).")
+    ] = 9090,
+    ray_metrics_port: Annotated[
+        int, typer.Option(help="Port where Ray serves the graph's Prometheus metrics.")
+    ] = 9465,
 ) -> None:
     """Start Ray, the serving graph and the gateway locally; serve until Ctrl-C.
 
     Prints the API URL, a fresh API key (keys printed by earlier runs are revoked) and
-    copy-pasteable curl and Python examples.
+    copy-pasteable curl and Python examples; with --monitoring, also the Prometheus URL.
     """
     from llmops_services.local import run_local
 
@@ -133,6 +148,12 @@ def up(
     def on_status(line: str) -> None:
         status.update(f"loading models ({line})")
 
+    if monitoring:
+        try:
+            find_prometheus()  # fail now, not after minutes of model loading
+        except MonitoringError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from exc
     status.start()
     try:
         with ExitStack() as stack:
@@ -143,6 +164,7 @@ def up(
                     graph_port if gateway else port,
                     progress=on_progress,
                     on_status=on_status,
+                    metrics_port=ray_metrics_port,
                 )
             )
             url, key = running.url, "unused"
@@ -156,6 +178,13 @@ def up(
                 url = stack.enter_context(
                     run_gateway(running.url, store.path, host, port, metrics_port, grpc_port)
                 )
+            prometheus = None
+            if monitoring:
+                status.update("starting Prometheus")
+                scrape = {"ray": f"{host}:{ray_metrics_port}"}
+                if gateway:
+                    scrape["gateway"] = f"{host}:{metrics_port}"
+                prometheus = stack.enter_context(run_prometheus(scrape, host, prometheus_port))
             status.stop()
             # Ctrl-C and SIGTERM both stop everything (also when started in the background);
             # set after ray.init, which installs handlers of its own.
@@ -167,6 +196,13 @@ def up(
                 typer.echo(f"API key (tenant 'local'; shown once): {key}")
                 typer.echo(f"gRPC: {host}:{grpc_port} (protos/llmops/v1/gateway.proto)")
                 typer.echo(f"metrics: http://{host}:{metrics_port}/metrics")
+            typer.echo(f"graph metrics (Ray): http://{host}:{ray_metrics_port}/metrics")
+            if prometheus is not None:
+                typer.echo(f"Prometheus: {prometheus.url} (more targets: {prometheus.targets_dir})")
+                typer.echo(
+                    f"  curl -s '{prometheus.url}/api/v1/query' --data-urlencode "
+                    "'query=sum(rate(ray_vllm_generation_tokens_total[1m]))'"
+                )
             typer.echo(f"Ray logs: {running.ray_logs}\n")
             typer.echo(_examples(url, graph, key))
             console.print("\nPress Ctrl-C to stop.")

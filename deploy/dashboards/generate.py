@@ -134,7 +134,9 @@ def overview() -> dashboard.Dashboard:
                 "Gateway 5xx ratio",
                 "percentunit",
                 query(
-                    "sum(" + rate("llmops_gateway_requests_total", f'{NS}, status=~"5.."') + ")"
+                    # `or vector(0)`: no 5xx at all is a ratio of 0, not "No data".
+                    "(sum(" + rate("llmops_gateway_requests_total", f'{NS}, status=~"5.."') + ")"
+                    " or vector(0))"
                     f" / sum(rate(llmops_gateway_requests_total{{{NS}}}[$__rate_interval]))"
                 ),
             ),
@@ -181,7 +183,7 @@ def serving() -> dashboard.Dashboard:
             graph(
                 "Time per output token",
                 "s",
-                *quantiles("ray_vllm_time_per_output_token_seconds", LLM, "model_name"),
+                *quantiles("ray_vllm_request_time_per_output_token_seconds", LLM, "model_name"),
             ),
             graph(
                 "Tokens/s",
@@ -221,6 +223,40 @@ def serving() -> dashboard.Dashboard:
                     f"sum by (model_name) ({rate('ray_vllm_prefix_cache_hits_total', LLM)})"
                     f" / sum by (model_name) ({rate('ray_vllm_prefix_cache_queries_total', LLM)})",
                     "{{model_name}}",
+                ),
+            ),
+            graph(
+                "Routing decisions/s",
+                "reqps",
+                query(
+                    f"sum by (policy, target) ({rate('ray_llmops_router_decisions_total', DEP)})",
+                    "{{policy}} -> {{target}}",
+                ),
+            ),
+            graph(
+                "Semantic route score (auto)",
+                "percentunit",
+                *quantiles("ray_llmops_router_semantic_similarity_ratio", DEP, "target"),
+            ),
+            graph(
+                "Encoder batch size",
+                "short",
+                *quantiles("ray_llmops_encoder_batch_texts", DEP, "llmops_deployment"),
+            ),
+            graph(
+                "Encoder tokens/s and batch time",
+                "short",
+                query(
+                    "sum by (llmops_deployment) "
+                    f"({rate('ray_llmops_encoder_input_tokens_total', DEP)})",
+                    "tokens/s {{llmops_deployment}}",
+                ),
+                query(
+                    "sum by (llmops_deployment) "
+                    f"({rate('ray_llmops_encoder_batch_duration_seconds_sum', DEP)})"
+                    " / sum by (llmops_deployment) "
+                    f"({rate('ray_llmops_encoder_batch_duration_seconds_count', DEP)})",
+                    "mean batch seconds {{llmops_deployment}}",
                 ),
             ),
             graph(

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 
 from llmops_services.config import EncoderSpec
+from llmops_services.metrics import EncoderMetrics
 from llmops_services.sources import resolve_source
 
 
@@ -91,11 +93,14 @@ class EncoderDeployment:
         self.encoder = TextEncoder(folder, self.spec.device, self.spec.max_input_tokens)
         self._embed_batch.set_max_batch_size(self.spec.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self.metrics = EncoderMetrics()
 
     # The limits here are placeholders: __init__ sets the configured ones.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # type: ignore[untyped-decorator]
     async def _embed_batch(self, texts: list[str]) -> list[tuple[list[float], int]]:
+        started = time.perf_counter()
         vectors, counts = await asyncio.to_thread(self.encoder.encode, texts)
+        self.metrics.batch(len(texts), time.perf_counter() - started, sum(counts))
         return list(zip(vectors, counts, strict=True))
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:

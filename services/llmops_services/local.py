@@ -95,6 +95,7 @@ def run_local(
     port: int = 8000,
     progress: Progress | None = None,
     on_status: StatusCallback | None = None,
+    metrics_port: int | None = None,
 ) -> Iterator[LocalGraph]:
     """Starts Ray and the graph, yields once it is ready, and shuts both down after.
 
@@ -104,6 +105,8 @@ def run_local(
         port: HTTP port of the router.
         progress: Receives a line per long model step (fetch, convert).
         on_status: Receives deployment states about once a second while replicas start.
+        metrics_port: Where Ray's metrics agent serves Prometheus metrics (Serve, vLLM engine,
+            router and encoder); None leaves Ray's choice.
     """
     # vLLM announces at import that Triton has no CPU backend: noise on a local console.
     logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
@@ -120,6 +123,7 @@ def run_local(
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
+        _metrics_export_port=metrics_port,
     )
     stop = threading.Event()
     try:

@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 
 from llmops_services.config import AUTO_MODEL, GraphConfig
 from llmops_services.errors import ServingError, model_not_found
+from llmops_services.metrics import RouterMetrics
 from llmops_services.routing import RouteDecision, prompt_text, route_by_similarity
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -189,6 +190,7 @@ class Router:
         self._route_vectors: dict[str, list[list[float]]] | None = None
         self._route_lock = asyncio.Lock()
         self._encoder_dimensions: int | None = None
+        self.metrics = RouterMetrics()
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -217,12 +219,12 @@ class Router:
             ServingError: 404 for an unknown model, 400 for an embedding model.
         """
         if not model:
-            return RouteDecision(self.config.default_llm, 0.0, fallback=True)
+            return RouteDecision(self.config.default_llm, 0.0, fallback=True, policy="default")
         if model in self.llms:
-            return RouteDecision(model, 1.0, fallback=False)
+            return RouteDecision(model, 1.0, fallback=False, policy="name")
         if model == AUTO_MODEL:
             if not self.semantic_enabled or self.encoder is None:
-                return RouteDecision(self.config.default_llm, 0.0, fallback=True)
+                return RouteDecision(self.config.default_llm, 0.0, fallback=True, policy="default")
             (vector,), _ = await self.encoder.embed.remote([prompt or " "])
             return route_by_similarity(
                 vector,
@@ -265,6 +267,7 @@ class Router:
                 prompt = body.prompt if isinstance(body.prompt, str) else ""
             _check_generation_args(body)
             decision = await self.resolve_model(body.model, prompt)
+            self.metrics.routed(decision)
             body.model = decision.model
             body.request_id = request_id
             stream = getattr(self.llms[decision.model], kind).remote(body)

@@ -21,6 +21,10 @@ class RouteDecision:
     """Best cosine similarity between the prompt and one of the model's examples."""
     fallback: bool
     """True when no route scored at least the threshold and the default model was used."""
+    policy: str = "semantic"
+    """What decided: `name` (the request named a served model), `semantic` (nearest route
+    example), `semantic_fallback` (none near enough: the default model), or `default` (no
+    model asked, or no semantic router configured)."""
 
 
 def cosine(a: Vector, b: Vector) -> float:
@@ -61,9 +65,9 @@ def route_by_similarity(
             if score > best_score:
                 best_model, best_score = model, score
     if best_score == -math.inf:
-        return RouteDecision(default_model, 0.0, fallback=True)
+        return RouteDecision(default_model, 0.0, fallback=True, policy="semantic_fallback")
     if best_score < min_similarity:
-        return RouteDecision(default_model, best_score, fallback=True)
+        return RouteDecision(default_model, best_score, fallback=True, policy="semantic_fallback")
     return RouteDecision(best_model, best_score, fallback=False)
 
 

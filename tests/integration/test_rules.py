@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from llmops_cli.monitoring import prometheus_config
 from llmops_operator import queries
 
 ROOT = Path(__file__).parents[2]
@@ -240,3 +241,20 @@ def test_gpu_dashboard_panels_return_data_on_dcgm_series(promtool: str, tmp_path
     (tmp_path / "empty.yaml").write_text("groups: []\n")
     (tmp_path / "gpu_test.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
     run(promtool, "test", "rules", "gpu_test.yaml", cwd=tmp_path)
+
+
+def test_local_prometheus_config_is_valid(promtool: str, tmp_path: Path) -> None:
+    # What `llmops up --monitoring` writes, checked by Prometheus's own validator (rules too).
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        prometheus_config({"ray": "127.0.0.1:9465", "gateway": "127.0.0.1:9464"}, tmp_path, RULES)
+    )
+    out = run(promtool, "check", "config", str(config))
+    assert "SUCCESS" in out
+    assert f"{RULES}" in out  # the platform rules were found and checked with it
+    loaded = yaml.safe_load(config.read_text())
+    jobs = {job["job_name"]: job for job in loaded["scrape_configs"]}
+    assert jobs["ray"]["static_configs"][0]["labels"] == {
+        "namespace": "local",
+        "llmops_deployment": "local",
+    }

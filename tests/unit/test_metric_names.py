@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry
 
 from llmops_gateway.metrics import GatewayMetrics
 from llmops_operator.metrics import OperatorMetrics
+from llmops_services.metrics import SPECS, MetricSpec
 
 NAME = re.compile(r"^llmops_(gateway|operator|router|encoder)_[a-z][a-z0-9]*(_[a-z0-9]+)*$")
-UNITS = ("_seconds", "_bytes", "_tokens", "_ratio")
+# Base units; a histogram of how many things counts in the thing (texts per encoder batch).
+UNITS = ("_seconds", "_bytes", "_tokens", "_ratio", "_texts")
 # Label -> where its values come from (all bounded by configuration or code).
 ALLOWED_LABELS = {
     "endpoint": "the gateway's routes",
@@ -33,6 +35,8 @@ ALLOWED_LABELS = {
     "state": "Ready | NotReady | Invalid",
     "namespace": "namespaces with LLMDeployments",
     "deployment": "LLMDeployments",
+    "policy": "routing policies (fixed in code)",
+    "target": "models in the graph config",
 }
 FORBIDDEN = re.compile(r"key|token|prompt|request_id|user|message|content|text|body|ip", re.I)
 
@@ -78,6 +82,41 @@ def test_metric_names_and_labels(component: str) -> None:
     registry = registries()[component]
     assert list(registry.collect()), "no metrics found"
     assert problems(registry) == []
+
+
+def spec_problems(spec: MetricSpec) -> list[str]:
+    """The same rules for a metric the graph's deployments record through Ray (which adds
+    ``ray_`` and, to counters, ``_total``)."""
+    found = []
+    if not NAME.match(spec.name + ("_total" if spec.kind == "counter" else "")):
+        found.append(f"{spec.name}: not llmops_<component>_<what>_<unit>")
+    if spec.kind == "counter" and spec.name.endswith("_total"):
+        found.append(f"{spec.name}: Ray adds _total to counters itself")
+    if spec.kind == "histogram" and not spec.name.endswith(UNITS):
+        found.append(f"{spec.name}: a histogram must end in a base unit {UNITS}")
+    if spec.kind == "histogram" and not spec.boundaries:
+        found.append(f"{spec.name}: a histogram needs bucket boundaries")
+    for label in spec.tags:
+        if label not in ALLOWED_LABELS or FORBIDDEN.search(label):
+            found.append(f"{spec.name}: label {label!r} is not an allowed, bounded label")
+    return found
+
+
+def test_graph_metric_names_and_labels() -> None:
+    assert {spec.name.split("_")[1] for spec in SPECS} == {"router", "encoder"}
+    assert [p for spec in SPECS for p in spec_problems(spec)] == []
+
+
+def test_the_graph_check_catches_bad_specs() -> None:
+    bad = [
+        MetricSpec("router_decisions", "counter", "no prefix"),
+        MetricSpec("llmops_router_decisions_total", "counter", "suffix twice"),
+        MetricSpec("llmops_encoder_latency", "histogram", "no unit", boundaries=(1.0,)),
+        MetricSpec("llmops_router_calls", "counter", "prompts as labels", ("prompt",)),
+    ]
+    found = "\n".join(p for spec in bad for p in spec_problems(spec))
+    for expected in ("router_decisions: not", "adds _total", "latency: a histogram", "'prompt'"):
+        assert expected in found
 
 
 def test_the_check_catches_bad_names_and_unbounded_labels() -> None:

@@ -30,6 +30,7 @@ def test_nearest_example_wins() -> None:
     decision = route_by_similarity([0.2, 0.9, 0.1], routes, default_model="geo")
     assert decision.model == "code"
     assert not decision.fallback
+    assert decision.policy == "semantic"
     assert decision.score == pytest.approx(cosine([0.2, 0.9, 0.1], [0.0, 1.0, 0.0]))
 
 
@@ -43,6 +44,7 @@ def test_threshold_falls_back_to_default() -> None:
     decision = route_by_similarity([0.0, 1.0], routes, default_model="chat", min_similarity=0.5)
     assert decision.model == "chat"
     assert decision.fallback
+    assert decision.policy == "semantic_fallback"
     assert decision.score == pytest.approx(0.0)
 
 
