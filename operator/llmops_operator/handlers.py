@@ -43,6 +43,8 @@ CHILDREN_WITH_STATUS = (
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 # Seconds a per-object Kopf worker lingers after its last event (see kopf_settings).
 WORKER_IDLE_S = 0.5
+# Seconds between checks that a deleted object's timers have exited (see kopf_settings).
+TIMER_EXIT_POLL_S = 1.0
 
 
 @dataclass
@@ -118,8 +120,11 @@ class Context:
     metrics: OperatorMetrics
     holder: ClientHolder = field(default_factory=ClientHolder)
     pacer: Pacer = field(init=False)
+    slots: asyncio.Semaphore = field(init=False)
+    """Reconcile passes running at once, over all objects (settings.worker_limit)."""
 
     def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.settings.worker_limit)
         self.pacer = Pacer(
             self.settings.converge_interval_s,
             self.settings.converge_max_interval_s,
@@ -163,7 +168,7 @@ async def run_pass(
     started = time.monotonic()
     namespace, name = body.metadata.namespace or "default", body.metadata.name or ""
     try:
-        async with memo.holder.lock(body.metadata.uid or f"{namespace}/{name}"):
+        async with memo.holder.lock(body.metadata.uid or f"{namespace}/{name}"), memo.slots:
             outcome = await reconcile(memo.holder.get(), body, memo.defaults, _say(body, logger))
     except render.RenderError as exc:
         metrics.reconciles.labels(trigger=trigger, result="invalid").inc()
@@ -234,11 +239,16 @@ def kopf_settings(settings: OperatorSettings) -> kopf.OperatorSettings:
     configured.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     configured.persistence.finalizer = f"{GROUP}/finalizer"
     configured.posting.level = logging.INFO
-    configured.queueing.worker_limit = settings.worker_limit
-    # An idle per-object worker keeps its slot under worker_limit until it exits; at Kopf's
-    # default (5 s) a burst of changes or a restart's resume waits 5 s per slot turnover, and
-    # the whole watch stream stalls meanwhile. Release slots as soon as an object goes quiet.
+    # No limit on Kopf's per-object event workers: they only track each object's latest body,
+    # which timers read. Under Kopf's limit, a flood of events left timers working on stale
+    # bodies (re-announcing conditions, re-writing status: more events). The operator's
+    # worker_limit bounds reconcile passes instead (Context.slots), timers included.
+    configured.queueing.worker_limit = None
+    # An idle event worker lingers this long after its object's last event (Kopf: 5 s).
     configured.queueing.idle_timeout = WORKER_IDLE_S
+    # A deleted object keeps its finalizer until its timers exit; a timer caught mid-pass is
+    # re-checked after this long (Kopf: 60 s, which `kubectl delete` would wait out).
+    configured.background.cancellation_polling = TIMER_EXIT_POLL_S
     # Replicas of one Deployment share a configured priority; Kopf pauses all peers of equal
     # priority, so a random tiebreak below it picks one active replica.
     configured.peering.priority = settings.priority * 1000 + secrets.randbelow(1000)

@@ -45,6 +45,7 @@ from tests.integration.chart_fixtures import (
     validation_errors,
     value_sets,
 )
+from tests.integration.operator_fixtures import DISCOVERY_NEEDS, OPERATOR_NEEDS
 
 VALUE_SETS = value_sets()
 SET_IDS = list(VALUE_SETS)
@@ -53,29 +54,6 @@ SET_IDS = list(VALUE_SETS)
 GATEWAY_CHART_DEFAULTS = {
     "host": "0.0.0.0",  # the process default 127.0.0.1 is unreachable from other pods
     "keys_file": "/etc/llmops/keys/keys.json",  # where the keys Secret is mounted
-}
-# What the operator does in each namespace it serves: (apiGroup, resource) -> verbs.
-OPERATOR_NEEDS = {
-    ("llmops.dev", "llmdeployments"): {"get", "list", "watch", "patch", "update"},
-    ("llmops.dev", "llmdeployments/status"): {"get", "patch", "update"},
-    ("llmops.dev", "llmdeployments/scale"): {"get", "patch", "update"},
-    **{
-        key: {"get", "list", "watch", "create", "patch", "update", "delete"}
-        for key in [
-            ("ray.io", "rayservices"),
-            ("keda.sh", "scaledobjects"),
-            ("monitoring.coreos.com", "podmonitors"),
-            ("", "persistentvolumeclaims"),
-            ("", "services"),
-            ("batch", "jobs"),
-        ]
-    },
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-}
-DISCOVERY_NEEDS = {
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-    ("", "namespaces"): {"get", "list", "watch"},
 }
 PEERING_VERBS = {"get", "list", "watch", "patch"}
 

@@ -10,10 +10,13 @@ import kopf
 import pytest
 import yaml
 
-from llmops_operator.kube import KubeClient
+from llmops_operator.kube import USER_AGENT, KubeClient
 from tests.fakes.kube_api import KubeAPI
 from tests.integration.operator_fixtures import (
+    DISCOVERY_NEEDS,
     NAMESPACE,
+    NEEDED_ELSEWHERE,
+    OPERATOR_NEEDS,
     create,
     eventually,
     example,
@@ -198,8 +201,8 @@ async def test_scale_subresource_reaches_serve_replicas_without_new_cluster(
 
 
 async def test_worker_limit_does_not_queue_objects_behind_idle_workers(kmock: KubeAPI) -> None:
-    # One worker slot, six objects: a slot must be freed as soon as its object goes quiet, or
-    # each object waits for the previous one's idle worker (Kopf's default: 5 s each).
+    # One reconcile slot, six objects: a slot is held for a pass, not while an object's event
+    # worker idles (Kopf's own worker limit keeps a slot 5 s after the last event of each).
     kmock.install_crds()
     names = [f"tiny-{i}" for i in range(6)]
     for name in names:
@@ -225,6 +228,36 @@ async def test_delete_removes_every_child(kmock: KubeAPI) -> None:
             lambda: not any(children(kmock).values()), what="children garbage-collected"
         )
         assert "assistants" not in live(kmock, "llmops.dev/v1alpha1/llmdeployments")
+
+
+class SlowReadsAPI(KubeAPI):
+    """Answers reads of PodMonitors after ``delay`` seconds: passes are caught mid-flight."""
+
+    delay = 0.0
+
+    async def _serve_fetch(self, request: Any) -> Any:
+        if self.delay and request.resource is not None and request.resource.plural == "podmonitors":
+            await asyncio.sleep(self.delay)
+        return await super()._serve_fetch(request)
+
+
+@pytest.mark.kmock(cls=SlowReadsAPI)
+async def test_delete_during_a_pass_is_finalized_promptly(kmock: SlowReadsAPI) -> None:
+    # Kopf keeps the finalizer until the object's timers exit; one caught mid-pass used to be
+    # re-checked only after 60 s, so `kubectl delete` hung for a minute.
+    kmock.install_crds()
+    async with running_operator(kmock, converge_interval_s=0.5):
+        await create(kmock, example("llama-8b-gpu"))
+        await eventually(lambda: all(children(kmock).values()), what="children")
+        kmock.delay = 3.0
+        await asyncio.sleep(1.5)  # a converge pass is now waiting on its PodMonitor read
+        async with kmock.delete(llmd_path("llama-8b")) as response:
+            assert response.status == 200
+        await eventually(
+            lambda: "llama-8b" not in live(kmock, "llmops.dev/v1alpha1/llmdeployments"),
+            within=15,
+            what="the finalizer released",
+        )
 
 
 async def test_restart_mid_reconcile_converges_without_duplicates(kmock: KubeAPI) -> None:
@@ -309,3 +342,77 @@ async def test_discovery_caches_presence_but_rechecks_absence(kmock: KubeAPI) ->
         assert not await client.api_installed("keda.sh/v1alpha1", "scaledobjects")
     finally:
         await client.close()
+
+
+VERBS = {"FETCH": "get", "LIST": "list", "WATCH": "watch", "CREATE": "create", "DELETE": "delete"}
+
+
+def used_verbs(api: KubeAPI) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource[/subresource]) -> RBAC verbs of the operator's requests (its own
+    client's and Kopf's, told from the test's by their User-Agent)."""
+    used: dict[tuple[str, str], set[str]] = {}
+    for request in api:
+        agent = request.headers.get("User-Agent", "")
+        if not agent.startswith((USER_AGENT, "kopf/")):
+            continue
+        if request.resource is None or request.action is None or not request.resource.plural:
+            continue  # discovery (/api, /apis/...): allowed to every authenticated user
+        verb = VERBS.get(request.action.name)
+        if request.action.name == "UPDATE":
+            verb = "update" if request.method.name == "PUT" else "patch"
+        resource = request.resource.plural + (
+            f"/{request.subresource}" if request.subresource else ""
+        )
+        used.setdefault((request.resource.group or "", resource), set()).add(str(verb))
+    return used
+
+
+async def test_rbac_grants_exactly_the_verbs_the_operator_uses(kmock: KubeAPI) -> None:
+    # A whole life: create, children ready, scale, spec and model changes, autoscaling off,
+    # an invalid spec, delete. What the chart grants (OPERATOR_NEEDS and DISCOVERY_NEEDS;
+    # test_chart.py checks the rendered Roles) must be what this traffic used, plus the
+    # verbs NEEDED_ELSEWHERE says why it keeps.
+    kmock.install_crds()
+    async with running_operator(kmock, converge_interval_s=0.5):
+        await create(kmock, example("llama-8b-gpu"))
+        await eventually(lambda: all(children(kmock).values()), what="children")
+        job = next(iter(children(kmock)["Job"]))
+        await report_children_ready(kmock, "llama-8b", job, ["llm-llama-3-1-8b-instruct"])
+        await eventually(lambda: llmd(kmock, "llama-8b")["status"]["ready"] == "True")
+        await patch(kmock, llmd_path("llama-8b") + "/scale", {"spec": {"replicas": 2}})
+        await patch(kmock, llmd_path("llama-8b"), {"spec": {"autoscaling": {"maxReplicas": 3}}})
+        await eventually(
+            lambda: (
+                live(kmock, "keda.sh/v1alpha1/scaledobjects")["llama-8b"]["spec"]["maxReplicaCount"]
+                == 3
+            ),
+            what="the ScaledObject patched",
+        )
+        old_job = job
+        models = llmd(kmock, "llama-8b")["spec"]["models"]
+        models[0]["source"] = "hf://meta-llama/Llama-3.2-1B-Instruct"  # a new cache: new Job
+        await patch(kmock, llmd_path("llama-8b"), {"spec": {"models": models}})
+        await eventually(
+            lambda: old_job not in live(kmock, "batch/v1/jobs") and live(kmock, "batch/v1/jobs"),
+            what="the old loader Job replaced",
+        )
+        await patch(kmock, llmd_path("llama-8b"), {"spec": {"autoscaling": {"enabled": False}}})
+        await eventually(
+            lambda: not live(kmock, "keda.sh/v1alpha1/scaledobjects"), what="ScaledObject pruned"
+        )
+        invalid = example("semantic-routing")
+        for model in invalid["spec"]["models"]:
+            model["routeExamples"] = []
+        await create(kmock, invalid)
+        await eventually(lambda: "invalid spec" in event_messages(kmock), what="invalid")
+        async with kmock.delete(llmd_path("llama-8b")) as response:
+            assert response.status == 200
+        await eventually(lambda: not any(children(kmock).values()), what="cleanup")
+    used = used_verbs(kmock)
+    granted = {**OPERATOR_NEEDS, **DISCOVERY_NEEDS}
+    beyond = {key: verbs - granted.get(key, set()) for key, verbs in used.items()}
+    assert {k: v for k, v in beyond.items() if v} == {}, "used but not granted"
+    unused = {key: verbs - used.get(key, set()) for key, verbs in granted.items()}
+    unused = {k: v for k, v in unused.items() if v}
+    explained = {key: verbs for key, (verbs, _why) in NEEDED_ELSEWHERE.items()}
+    assert unused == explained, "granted but unused: drop the grant or say why it is needed"
