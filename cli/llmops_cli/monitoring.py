@@ -10,10 +10,9 @@ folder it prints.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from llmops_gateway.local import stop_process
+from llmops_gateway.local import stop_process, wait_http_ready
 
 LOCAL_NAMESPACE = "local"
 LOCAL_DEPLOYMENT = "local"
@@ -103,6 +102,13 @@ def run_prometheus(
         MonitoringError: no binary, or it exited or did not get ready within ``timeout_s``.
     """
     binary = find_prometheus()
+    with socket.socket() as probe:  # another server there would answer our readiness check
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise MonitoringError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); choose another --prometheus-port"
+            ) from exc
     with tempfile.TemporaryDirectory(prefix="llmops-prometheus-") as tmp:
         folder = Path(tmp)
         targets_dir = folder / "targets"
@@ -111,7 +117,8 @@ def run_prometheus(
         config.write_text(
             prometheus_config(scrape, targets_dir, RULES if RULES.is_file() else None)
         )
-        log = (folder / "prometheus.log").open("wb")
+        log_path = folder / "prometheus.log"
+        log = log_path.open("wb")
         process = subprocess.Popen(
             [
                 binary,
@@ -125,23 +132,15 @@ def run_prometheus(
         )
         url = f"http://{host}:{port}"
         try:
-            _wait_ready(process, url, folder / "prometheus.log", timeout_s)
+            wait_http_ready(
+                process,
+                f"{url}/-/ready",
+                "prometheus",
+                timeout_s,
+                detail=lambda: ":\n" + log_path.read_text(errors="replace")[-1500:],
+                error=MonitoringError,
+            )
             yield LocalPrometheus(url=url, targets_dir=targets_dir)
         finally:
             stop_process(process, timeout_s=10)
             log.close()
-
-
-def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-1500:]
-            raise MonitoringError(f"prometheus exited with {process.returncode}:\n{tail}")
-        try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=2):  # noqa: S310
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise MonitoringError(f"prometheus did not get ready on {url}") from None
-            time.sleep(0.2)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,20 +60,36 @@ def run_gateway(
     process = subprocess.Popen([sys.executable, "-m", "llmops_gateway"], env=env)
     url = f"http://{host}:{port}"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {process.returncode}")
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2):  # noqa: S310
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the gateway did not answer on {url}") from None
-                time.sleep(0.1)
+        wait_http_ready(process, f"{url}/readyz", "the gateway", timeout_s)
         yield url
     finally:
         stop_process(process, timeout_s=60)
+
+
+def wait_http_ready(
+    process: subprocess.Popen[Any],
+    url: str,
+    what: str,
+    timeout_s: float,
+    detail: Callable[[], str] = str,
+    error: type[RuntimeError] = RuntimeError,
+) -> None:
+    """Polls ``url`` until it answers.
+
+    Raises:
+        error: ``process`` exited first (with ``detail()`` appended), or ``timeout_s`` passed.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise error(f"{what} exited with {process.returncode}{detail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise error(f"{what} did not answer on {url}") from None
+            time.sleep(0.1)
 
 
 def stop_process(process: subprocess.Popen[Any], timeout_s: float = 30) -> None:

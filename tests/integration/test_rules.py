@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from llmops_cli.monitoring import prometheus_config
+from llmops_cli.monitoring import MonitoringError, prometheus_config, run_prometheus
 from llmops_operator import queries
+from tests.conftest import free_port
 
 ROOT = Path(__file__).parents[2]
 RULES = ROOT / "deploy" / "rules" / "platform.yaml"
@@ -258,3 +259,15 @@ def test_local_prometheus_config_is_valid(promtool: str, tmp_path: Path) -> None
         "namespace": "local",
         "llmops_deployment": "local",
     }
+
+
+def test_local_prometheus_starts_and_explains_a_busy_port(promtool: str) -> None:
+    # promtool and prometheus come in the same Debian package.
+    port = free_port()
+    with run_prometheus({"self": f"127.0.0.1:{port}"}, port=port) as running:
+        assert running.targets_dir.is_dir()
+        with (
+            pytest.raises(MonitoringError, match=r"(?i)address already in use"),
+            run_prometheus({}, port=port, timeout_s=10),
+        ):
+            pass
