@@ -71,7 +71,7 @@ def wait_http_ready(
     url: str,
     what: str,
     timeout_s: float,
-    detail: Callable[[], str] = str,
+    detail: Callable[[], str] = lambda: "",
     error: type[RuntimeError] = RuntimeError,
 ) -> None:
     """Polls ``url`` until it answers.

@@ -14,8 +14,6 @@ from typing import Any
 
 from llmops_services.routing import RouteDecision
 
-# RouteDecision.policy values.
-POLICIES = ("name", "semantic", "semantic_fallback", "default")
 SCORE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 DURATION_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]

@@ -219,12 +219,12 @@ class Router:
             ServingError: 404 for an unknown model, 400 for an embedding model.
         """
         if not model:
-            return RouteDecision(self.config.default_llm, 0.0, fallback=True, policy="default")
+            return RouteDecision(self.config.default_llm, 0.0, policy="default")
         if model in self.llms:
-            return RouteDecision(model, 1.0, fallback=False, policy="name")
+            return RouteDecision(model, 1.0, policy="name")
         if model == AUTO_MODEL:
             if not self.semantic_enabled or self.encoder is None:
-                return RouteDecision(self.config.default_llm, 0.0, fallback=True, policy="default")
+                return RouteDecision(self.config.default_llm, 0.0, policy="default")
             (vector,), _ = await self.encoder.embed.remote([prompt or " "])
             return route_by_similarity(
                 vector,

@@ -8,23 +8,30 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 Vector = Sequence[float]
 
 
+# What decided a request's model: `name` (the request named a served model), `semantic` (the
+# nearest route example), `semantic_fallback` (none near enough: the default model), or
+# `default` (no model asked, or no semantic router configured).
+Policy = Literal["name", "semantic", "semantic_fallback", "default"]
+
+
 @dataclass(frozen=True)
 class RouteDecision:
-    """Where `auto` sent a prompt, and why."""
+    """Where a request goes, and why."""
 
     model: str
     score: float
     """Best cosine similarity between the prompt and one of the model's examples."""
-    fallback: bool
-    """True when no route scored at least the threshold and the default model was used."""
-    policy: str = "semantic"
-    """What decided: `name` (the request named a served model), `semantic` (nearest route
-    example), `semantic_fallback` (none near enough: the default model), or `default` (no
-    model asked, or no semantic router configured)."""
+    policy: Policy = "semantic"
+
+    @property
+    def fallback(self) -> bool:
+        """True when the default model took the request because nothing chose another."""
+        return self.policy in ("semantic_fallback", "default")
 
 
 def cosine(a: Vector, b: Vector) -> float:
@@ -65,10 +72,10 @@ def route_by_similarity(
             if score > best_score:
                 best_model, best_score = model, score
     if best_score == -math.inf:
-        return RouteDecision(default_model, 0.0, fallback=True, policy="semantic_fallback")
+        return RouteDecision(default_model, 0.0, policy="semantic_fallback")
     if best_score < min_similarity:
-        return RouteDecision(default_model, best_score, fallback=True, policy="semantic_fallback")
-    return RouteDecision(best_model, best_score, fallback=False)
+        return RouteDecision(default_model, best_score, policy="semantic_fallback")
+    return RouteDecision(best_model, best_score, policy="semantic")
 
 
 def prompt_text(messages: Sequence[Mapping[str, object]]) -> str:
