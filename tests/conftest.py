@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -45,11 +46,28 @@ class RunningGraph:
     """Its file_sd folder: more scrape targets go here."""
 
 
+# Ports for servers the tests start come from a range no process picks by itself: below the
+# kernel's ephemeral range (where Ray, vLLM and every outgoing connection take ports at will)
+# and above Ray's worker ports (10002-19999). A port picked from the ephemeral range can be
+# taken by someone else in the minutes before the server that was meant to bind it starts.
+_PORT_RANGE = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A loopback port that is free now and was not handed out before in this process."""
+    for _ in range(1000):
+        port = random.choice(_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port found in {_PORT_RANGE}")
 
 
 def _ready(url: str) -> bool:

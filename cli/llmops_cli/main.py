@@ -16,6 +16,7 @@ from llmops_cli import cluster
 from llmops_cli.keys import KEYS_FILE_ENV, default_keys_file
 from llmops_cli.keys import app as keys_app
 from llmops_cli.monitoring import MonitoringError, find_prometheus, run_prometheus
+from llmops_cli.ports import busy_ports, duplicate_ports
 from llmops_services import GraphConfig, ModelSourceError, default_graph_config
 
 app = typer.Typer(
@@ -154,6 +155,21 @@ def up(
         except MonitoringError as exc:
             console.print(f"[red]{exc}[/red]")
             raise typer.Exit(2) from exc
+    # Every port this run listens on, checked now rather than after minutes of model loading.
+    ports = {"--port": port, "--ray-metrics-port": ray_metrics_port}
+    if gateway:
+        ports |= {"--graph-port": graph_port, "--metrics-port": metrics_port}
+        ports |= {"--grpc-port": grpc_port}
+    if monitoring:
+        ports["--prometheus-port"] = prometheus_port
+    problems = duplicate_ports(ports) or busy_ports(host, ports)
+    if problems:
+        console.print(
+            f"[red]cannot listen on {host}:[/red] "
+            + "; ".join(problems)
+            + ". Stop what holds them or choose other ports (see `llmops up --help`)."
+        )
+        raise typer.Exit(2)
     status.start()
     try:
         with ExitStack() as stack:

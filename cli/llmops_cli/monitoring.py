@@ -10,7 +10,6 @@ folder it prints.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from llmops_cli.ports import busy_ports
 from llmops_gateway.local import stop_process, wait_http_ready
 
 LOCAL_NAMESPACE = "local"
@@ -102,13 +102,12 @@ def run_prometheus(
         MonitoringError: no binary, or it exited or did not get ready within ``timeout_s``.
     """
     binary = find_prometheus()
-    with socket.socket() as probe:  # another server there would answer our readiness check
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise MonitoringError(
-                f"cannot listen on {host}:{port} ({exc.strerror}); choose another --prometheus-port"
-            ) from exc
+    # Another server there would answer our readiness check.
+    busy = busy_ports(host, {"--prometheus-port": port})
+    if busy:
+        raise MonitoringError(
+            f"cannot listen on {host}: {busy[0]}; choose another --prometheus-port"
+        )
     with tempfile.TemporaryDirectory(prefix="llmops-prometheus-") as tmp:
         folder = Path(tmp)
         targets_dir = folder / "targets"
