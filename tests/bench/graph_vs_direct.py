@@ -27,6 +27,7 @@ from pathlib import Path
 import openai
 
 from llmops_services import default_graph_config, resolve_source
+from llmops_services.llm import llm_config_for
 from tests.conftest import free_port
 
 PROMPTS = [
@@ -136,6 +137,9 @@ def run_direct(args: argparse.Namespace, model: str) -> list[Result]:
         "--max-num-seqs",
         str(engine.max_concurrent_sequences),
         "--enforce-eager",
+        # The dtype the graph's LLM deployment passes (float32 on CPU for "auto").
+        "--dtype",
+        str(llm_config_for(spec).engine_kwargs["dtype"]),
     ]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(engine.cpu_kv_cache_gib))
     with open(args.logs / "direct.log", "wb") as log:
