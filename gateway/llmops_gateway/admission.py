@@ -7,28 +7,30 @@ gateway replicas) in a trailing 60-second window and in the tenant's UTC-day bud
 ``settle`` replaces the reservation with the real count when the request ends (streams and
 disconnects included), returning what was not used.
 
-Requests per minute use the ``limits`` library's moving window on the same Redis.
-`MemoryAdmission` implements the same contract in-process for a single local gateway.
+The request rate is checked in the same script, over the same window: every admitted request
+is a member of it, so requests per minute is its size. One round trip admits a request, and a
+request refused for any reason counts against no limit. `MemoryAdmission` implements the same
+contract in-process for a single local gateway.
 """
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
-
 from llmops_gateway.keys import Tenant
+from llmops_gateway.redis_pipe import PipelinedRedis, Script
 
 WINDOW_S = 60.0
 DAY_S = 86400
 STREAM_LEASE_S = 3600.0
+# Oldest window members a refusal looks at to say when to retry (bounds a refusal's cost).
+RETRY_SCAN = 256
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,9 @@ def _seconds_to_midnight(now: float) -> float:
 
 # KEYS: 1 window zset (member -> admitted time), 2 window amounts hash, 3 window total,
 #       4 day counter, 5 streams zset (member -> lease expiry)
-# ARGV: window_s, tpm, tokens, member, tpd, day_ttl, stream(0/1), max_streams, lease_s
+# ARGV: window_s, tpm, tokens, member, tpd, day_ttl, stream(0/1), max_streams, lease_s, rpm
 # Time comes from the Redis server, so gateway replicas with skewed clocks agree.
-_ADMIT = """
+_ADMIT = Script("""
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local window = tonumber(ARGV[1])
@@ -91,15 +93,25 @@ local day_ttl = tonumber(ARGV[6])
 local stream = ARGV[7] == '1'
 local max_streams = tonumber(ARGV[8])
 local lease = tonumber(ARGV[9])
+local rpm = tonumber(ARGV[10])
 
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if #expired > 0 then
+-- In batches: unpack() takes a few thousand values at most, and a window that filled at a
+-- high rate can expire tens of thousands of members at once.
+while true do
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - window, 'LIMIT', 0, 1000)
+  if #expired == 0 then break end
   local amounts = redis.call('HMGET', KEYS[2], unpack(expired))
   local freed = 0
   for _, a in ipairs(amounts) do freed = freed + (tonumber(a) or 0) end
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+  redis.call('ZREM', KEYS[1], unpack(expired))
   redis.call('HDEL', KEYS[2], unpack(expired))
   redis.call('DECRBY', KEYS[3], freed)
+end
+
+-- Every request admitted in the window is a member of it.
+if redis.call('ZCARD', KEYS[1]) >= rpm then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {'requests_per_minute', tostring(tonumber(oldest[2]) + window - now)}
 end
 
 if stream then
@@ -117,13 +129,19 @@ end
 
 local total = tonumber(redis.call('GET', KEYS[3]) or '0')
 if total + tokens > tpm then
-  -- Retry when enough of the oldest reservations have left the window.
+  -- Retry when enough of the oldest reservations have left the window. Looking at the
+  -- oldest 256 only keeps a flood of refused requests cheap; past them, retry = window.
   local need = total + tokens - tpm
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 255, 'WITHSCORES')
   local retry = window
-  for i = 1, #oldest, 2 do
-    need = need - (tonumber(redis.call('HGET', KEYS[2], oldest[i])) or 0)
-    if need <= 0 then retry = tonumber(oldest[i + 1]) + window - now break end
+  if #oldest > 0 then
+    local names = {}
+    for i = 1, #oldest, 2 do names[#names + 1] = oldest[i] end
+    local amounts = redis.call('HMGET', KEYS[2], unpack(names))
+    for i, a in ipairs(amounts) do
+      need = need - (tonumber(a) or 0)
+      if need <= 0 then retry = tonumber(oldest[2 * i]) + window - now break end
+    end
   end
   return {'tokens_per_minute', tostring(retry)}
 end
@@ -139,11 +157,11 @@ if stream then
   redis.call('EXPIRE', KEYS[5], math.ceil(lease) * 2)
 end
 return {'ok', '0'}
-"""
+""")
 
 # KEYS: 1 window zset, 2 window amounts hash, 3 window total, 4 day counter, 5 streams zset
 # ARGV: member, used tokens
-_SETTLE = """
+_SETTLE = Script("""
 local member = ARGV[1]
 local used = tonumber(ARGV[2])
 local reserved = tonumber(redis.call('HGET', KEYS[2], member) or '-1')
@@ -154,37 +172,21 @@ end
 redis.call('INCRBY', KEYS[4], used - tonumber(ARGV[3]))
 redis.call('ZREM', KEYS[5], member)
 return reserved
-"""
+""")
 
 
 class RedisAdmission:
     """Admission shared by every gateway replica through one Redis.
 
     Args:
-        url: ``redis://host:port/db``.
+        url: ``redis://`` or ``rediss://`` URL (user, password and database optional).
         prefix: Key prefix, so several gateways can share a Redis.
-        max_connections: Redis connections this process may open for admission.
+        timeout_s: Longest a Redis call may take before it counts as Redis being down.
     """
 
-    def __init__(self, url: str, prefix: str = "llmops:gw", max_connections: int = 64) -> None:
-        import redis.asyncio as aioredis
-
+    def __init__(self, url: str, prefix: str = "llmops:gw", timeout_s: float = 2.0) -> None:
         self.prefix = prefix
-        # A bounded pool that makes callers wait for a connection (up to the socket timeout)
-        # instead of failing when a burst needs more connections than Redis should get.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=2.0,
-            socket_timeout=2.0,
-            socket_connect_timeout=2.0,
-        )
-        self.redis = aioredis.Redis(connection_pool=pool)
-        self._admit = self.redis.register_script(_ADMIT)
-        self._settle = self.redis.register_script(_SETTLE)
-        self._requests = MovingWindowRateLimiter(
-            RedisStorage(f"async+{url}", implementation="redispy", key_prefix=f"{prefix}:rpm")
-        )
+        self.redis = PipelinedRedis(url, timeout_s=timeout_s)
 
     def _keys(self, tenant: str, day: int) -> list[str]:
         base = f"{self.prefix}:{{{tenant}}}"
@@ -196,18 +198,18 @@ class RedisAdmission:
         """Reserves one request and ``tokens`` tokens, or says why not.
 
         Raises:
-            redis.exceptions.RedisError: Redis is unreachable (the caller applies its
-                fail-open or fail-closed setting).
+            RedisUnavailableError: Redis is unreachable (the caller applies its fail-open or
+                fail-closed setting).
         """
-        early = await _precheck(self._requests, tenant, tokens)
-        if early is not None:
-            return early
+        if tokens > tenant.tokens_per_minute:
+            return _too_large(tenant, tokens)
         now = time.time()
         member = uuid.uuid4().hex
         day = _day(now)
-        verdict, retry = await self._admit(
-            keys=self._keys(tenant.name, day),
-            args=[
+        verdict, retry = await self.redis.evalsha(
+            _ADMIT,
+            self._keys(tenant.name, day),
+            [
                 WINDOW_S,
                 tenant.tokens_per_minute,
                 tokens,
@@ -217,6 +219,7 @@ class RedisAdmission:
                 int(stream),
                 tenant.max_concurrent_streams,
                 STREAM_LEASE_S,
+                tenant.requests_per_minute,
             ],
         )
         reason = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
@@ -226,36 +229,25 @@ class RedisAdmission:
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
         """Replaces the reservation with the real usage."""
-        await self._settle(
-            keys=self._keys(reservation.tenant, reservation.day),
-            args=[reservation.id, used_tokens, reservation.tokens],
+        await self.redis.evalsha(
+            _SETTLE,
+            self._keys(reservation.tenant, reservation.day),
+            [reservation.id, used_tokens, reservation.tokens],
         )
 
     async def close(self) -> None:
-        """Closes the Redis connections."""
-        await self.redis.aclose()
+        """Closes the Redis connection."""
+        await self.redis.close()
 
 
-async def _precheck(
-    requests: MovingWindowRateLimiter, tenant: Tenant, tokens: int
-) -> Rejection | None:
-    """The checks both backends make first: request size, then the request rate."""
-    if tokens > tenant.tokens_per_minute:
-        return Rejection(
-            "request_too_large",
-            f"this request may use {tokens} tokens (prompt + max_tokens), more than the "
-            f"tenant's {tenant.tokens_per_minute} tokens per minute: lower max_tokens",
-            0.0,
-        )
-    rpm = RateLimitItemPerMinute(tenant.requests_per_minute)
-    if not await requests.hit(rpm, tenant.name):
-        stats = await requests.get_window_stats(rpm, tenant.name)
-        return Rejection(
-            "requests_per_minute",
-            f"tenant {tenant.name} is over {tenant.requests_per_minute} requests per minute",
-            max(stats.reset_time - time.time(), 0.001),
-        )
-    return None
+def _too_large(tenant: Tenant, tokens: int) -> Rejection:
+    """A request that could not fit the tenant's token rate even alone."""
+    return Rejection(
+        "request_too_large",
+        f"this request may use {tokens} tokens (prompt + max_tokens), more than the "
+        f"tenant's {tenant.tokens_per_minute} tokens per minute: lower max_tokens",
+        0.0,
+    )
 
 
 def _rejection(reason: str, tenant: Tenant, retry_after_s: float) -> Rejection:
@@ -266,61 +258,81 @@ def _rejection(reason: str, tenant: Tenant, retry_after_s: float) -> Rejection:
         "for today (UTC)",
         "concurrent_streams": f"tenant {tenant.name} already has "
         f"{tenant.max_concurrent_streams} streams open",
+        "requests_per_minute": f"tenant {tenant.name} is over {tenant.requests_per_minute} "
+        "requests per minute",
     }
     return Rejection(reason, messages[reason], max(retry_after_s, 0.001))
 
 
+@dataclass
+class _Window:
+    """One tenant's trailing window in memory: admitted requests in admission order."""
+
+    members: OrderedDict[str, tuple[float, int]] = field(default_factory=OrderedDict)
+    total: int = 0
+    streams: set[str] = field(default_factory=set)
+
+    def expire(self, now: float) -> None:
+        while self.members:
+            member, (at, amount) = next(iter(self.members.items()))
+            if at > now - WINDOW_S:
+                return
+            del self.members[member]
+            self.total -= amount
+
+
 class MemoryAdmission:
-    """The same contract in one process, for `llmops up` without Redis."""
+    """The same contract in one process, for `llmops up` without Redis.
+
+    Each step between awaits runs alone on the event loop, so no lock is needed; expiring
+    old members and summing the window cost O(1) per request, whatever the rate.
+    """
 
     def __init__(self) -> None:
-        self._lock = asyncio.Lock()
-        self._requests = MovingWindowRateLimiter(MemoryStorage())
-        self._window: dict[str, dict[str, tuple[float, int]]] = {}
+        self._windows: dict[str, _Window] = {}
         self._days: dict[tuple[str, int], int] = {}
-        self._streams: dict[str, set[str]] = {}
 
     async def admit(
         self, tenant: Tenant, tokens: int, *, stream: bool = False
     ) -> Reservation | Rejection:
         """Reserves one request and ``tokens`` tokens, or says why not."""
-        early = await _precheck(self._requests, tenant, tokens)
-        if early is not None:
-            return early
-        async with self._lock:
-            now = time.time()
-            window = self._window.setdefault(tenant.name, {})
-            for member in [m for m, (at, _) in window.items() if at <= now - WINDOW_S]:
-                del window[member]
-            streams = self._streams.setdefault(tenant.name, set())
-            if stream and len(streams) >= tenant.max_concurrent_streams:
-                return _rejection("concurrent_streams", tenant, 1.0)
-            day = _day(now)
-            if self._days.get((tenant.name, day), 0) + tokens > tenant.tokens_per_day:
-                return _rejection("tokens_per_day", tenant, _seconds_to_midnight(now))
-            total = sum(amount for _, amount in window.values())
-            if total + tokens > tenant.tokens_per_minute:
-                need, retry = total + tokens - tenant.tokens_per_minute, WINDOW_S
-                for at, amount in sorted(window.values()):
-                    need -= amount
-                    if need <= 0:
-                        retry = at + WINDOW_S - now
-                        break
-                return _rejection("tokens_per_minute", tenant, retry)
-            member = uuid.uuid4().hex
-            window[member] = (now, tokens)
-            self._days[(tenant.name, day)] = self._days.get((tenant.name, day), 0) + tokens
-            if stream:
-                streams.add(member)
-            return Reservation(member, tenant.name, tokens, day, stream)
+        if tokens > tenant.tokens_per_minute:
+            return _too_large(tenant, tokens)
+        now = time.time()
+        window = self._windows.setdefault(tenant.name, _Window())
+        window.expire(now)
+        if len(window.members) >= tenant.requests_per_minute:
+            oldest, _ = next(iter(window.members.values()))
+            return _rejection("requests_per_minute", tenant, oldest + WINDOW_S - now)
+        if stream and len(window.streams) >= tenant.max_concurrent_streams:
+            return _rejection("concurrent_streams", tenant, 1.0)
+        day = _day(now)
+        if self._days.get((tenant.name, day), 0) + tokens > tenant.tokens_per_day:
+            return _rejection("tokens_per_day", tenant, _seconds_to_midnight(now))
+        if window.total + tokens > tenant.tokens_per_minute:
+            need, retry = window.total + tokens - tenant.tokens_per_minute, WINDOW_S
+            for at, amount in itertools.islice(window.members.values(), RETRY_SCAN):
+                need -= amount
+                if need <= 0:
+                    retry = at + WINDOW_S - now
+                    break
+            return _rejection("tokens_per_minute", tenant, retry)
+        member = uuid.uuid4().hex
+        window.members[member] = (now, tokens)
+        window.total += tokens
+        self._days[(tenant.name, day)] = self._days.get((tenant.name, day), 0) + tokens
+        if stream:
+            window.streams.add(member)
+        return Reservation(member, tenant.name, tokens, day, stream)
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
         """Replaces the reservation with the real usage."""
-        async with self._lock:
-            window = self._window.get(reservation.tenant, {})
-            if reservation.id in window:
-                at, _ = window[reservation.id]
-                window[reservation.id] = (at, used_tokens)
-            key = (reservation.tenant, reservation.day)
-            self._days[key] = self._days.get(key, 0) + used_tokens - reservation.tokens
-            self._streams.get(reservation.tenant, set()).discard(reservation.id)
+        window = self._windows.get(reservation.tenant)
+        if window is not None:
+            if reservation.id in window.members:
+                at, reserved = window.members[reservation.id]
+                window.members[reservation.id] = (at, used_tokens)
+                window.total += used_tokens - reserved
+            window.streams.discard(reservation.id)
+        key = (reservation.tenant, reservation.day)
+        self._days[key] = self._days.get(key, 0) + used_tokens - reservation.tokens

@@ -372,8 +372,19 @@ class GatewayCore:
         # Failed requests generated nothing; a success without usage is charged the estimate.
         usage = (data.get("usage") or {}) if status == 200 else {}
         prompt = int(usage.get("prompt_tokens", admitted.prompt_estimate if status == 200 else 0))
-        await self.settle(admitted, prompt, int(usage.get("completion_tokens", 0)))
+        # Off the response path: until it lands, the reservation (an upper bound) still holds.
+        self.spawn(self.settle(admitted, prompt, int(usage.get("completion_tokens", 0))))
         return status, payload, data
+
+
+USAGE_MARK = b'"usage":{'
+CONTENT_MARKS = (b'"content":"', b'"text":"')
+
+
+def _split_complete(buffer: bytes) -> int:
+    """Where the last complete SSE event in ``buffer`` ends (0: none yet)."""
+    lf, crlf = buffer.rfind(b"\n\n"), buffer.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 async def relay_sse(
@@ -381,35 +392,49 @@ async def relay_sse(
     admitted: Admitted,
     response: aiohttp.ClientResponse,
     client_wants_usage: bool,
+    request_id: str = "",
 ) -> AsyncIterator[bytes]:
-    """Relays an upstream SSE stream event by event, settling usage however it ends.
+    """Relays an upstream SSE stream as it arrives, settling usage however it ends.
 
-    Usage comes from the final usage chunk (always requested upstream); when the client did
-    not ask for it, that chunk is dropped. A client that disconnects is charged for the
-    content chunks relayed so far; a stream that fails upstream ends with an error event.
+    Yields whole events, as many as each read from upstream completed (never waiting for
+    more), so a fast stream costs one write per read rather than one per line. Usage comes
+    from the final usage chunk (always requested upstream); when the client did not ask for
+    it, that chunk is dropped. A client that disconnects is charged for the content chunks
+    relayed so far; a stream that fails upstream ends with an error event.
     """
     prompt_tokens, completion_tokens, counted = admitted.prompt_estimate, 0, 0
     usage_seen = False
-    first = True
+    buffer = b""
     core.metrics.streams.inc()
     try:
-        async for line in response.content:
-            if line.startswith(b"data: {"):
-                if b'"usage":{' in line:
-                    usage = json.loads(line[6:]).get("usage") or {}
-                    prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
-                    completion_tokens = int(usage.get("completion_tokens", counted))
-                    usage_seen = True
-                    if not client_wants_usage and b'"choices":[]' in line:
-                        continue
-                elif b'"content":"' in line or b'"text":"' in line:
-                    counted += 1
-                    if first:
-                        core.metrics.ttft.labels(model=admitted.model).observe(
-                            time.monotonic() - admitted.started
-                        )
-                        first = False
-            yield line
+        async for data in response.content.iter_any():
+            buffer += data
+            end = _split_complete(buffer)
+            if not end:
+                continue
+            events, buffer = buffer[:end], buffer[end:]
+            if USAGE_MARK in events:
+                kept = []
+                for event in events.splitlines(keepends=True):
+                    if event.startswith(b"data: {") and USAGE_MARK in event:
+                        usage = json.loads(event[6:]).get("usage") or {}
+                        prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
+                        completion_tokens = int(usage.get("completion_tokens", counted))
+                        usage_seen = True
+                        if not client_wants_usage and b'"choices":[]' in event:
+                            continue
+                    kept.append(event)
+                events = b"".join(kept)
+            contents = sum(events.count(mark) for mark in CONTENT_MARKS)
+            if contents and not counted:
+                core.metrics.ttft.labels(model=admitted.model).observe(
+                    time.monotonic() - admitted.started
+                )
+            counted += contents
+            if events.strip():
+                yield events
+        if buffer:
+            yield buffer
     except (aiohttp.ClientError, TimeoutError) as exc:
         failure = errors.GatewayError(
             f"the stream failed upstream: {type(exc).__name__}",
@@ -417,7 +442,7 @@ async def relay_sse(
             grpc_code="UNAVAILABLE",
             type="server_error",
         )
-        yield f"data: {json.dumps(failure.body(''))}\n\ndata: [DONE]\n\n".encode()
+        yield f"data: {json.dumps(failure.body(request_id))}\n\ndata: [DONE]\n\n".encode()
     finally:
         core.metrics.streams.dec()
         response.close()

@@ -149,14 +149,15 @@ class GatewayService(pb_grpc.GatewayServicer):
         except GatewayError as error:
             await _abort(context, error)
             return
-        async for line in relay_sse(self.core, admitted, response, client_wants_usage=True):
-            if not line.startswith(b"data: {"):
-                continue
-            chunk: dict[str, Any] = json.loads(line[6:])
-            if "error" in chunk:
-                failure = chunk["error"]
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(failure.get("message")))
-            yield chunk
+        async for block in relay_sse(self.core, admitted, response, True, request_id):
+            for line in block.splitlines():
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk: dict[str, Any] = json.loads(line[6:])
+                if "error" in chunk:
+                    failure = chunk["error"]
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(failure.get("message")))
+                yield chunk
 
     # -- RPCs ------------------------------------------------------------------------------
 

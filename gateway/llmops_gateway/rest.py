@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,7 +13,10 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
+from llmops_gateway import errors
 from llmops_gateway.core import (
     REQUEST_ID_HEADER,
     Admitted,
@@ -25,6 +29,11 @@ from llmops_gateway.core import (
     relay_sse,
 )
 from llmops_gateway.errors import GatewayError
+
+logger = logging.getLogger("llmops.gateway")
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
 
 
 class ErrorDetail(BaseModel):
@@ -75,6 +84,15 @@ def _error(error: GatewayError, request_id: str) -> JSONResponse:
     return JSONResponse(error.body(request_id), status_code=error.status, headers=headers)
 
 
+def _internal_error(request_id: str) -> JSONResponse:
+    """500 for a bug: logged with its traceback, answered OpenAI-shaped."""
+    logger.exception("unhandled error")
+    error = GatewayError(
+        "internal error in the gateway", status=500, grpc_code="INTERNAL", type="server_error"
+    )
+    return _error(error, request_id)
+
+
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return {
         "requestBody": {
@@ -84,7 +102,64 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-def create_app(core: GatewayCore) -> FastAPI:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes.
+
+    A declared Content-Length over the limit is refused before anything is read, and a body
+    sent without one is never buffered past the limit.
+
+    Raises:
+        GatewayError: 413.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.too_large(f"request body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.too_large(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class GatewayApp:
+    """The gateway's ASGI application.
+
+    The OpenAI POST endpoints go straight to their handlers: on the hot path, Starlette's
+    middleware stack and FastAPI's routing and dependency solving cost about a third of the
+    gateway's own CPU per request. Everything else (model listing, health, the OpenAPI spec,
+    lifespan) is the FastAPI app, which declares the same endpoints with the same handlers,
+    so the spec it serves describes what answers.
+
+    Args:
+        api: The FastAPI app.
+        endpoints: Path -> handler of the POST endpoints to serve directly.
+    """
+
+    def __init__(self, api: FastAPI, endpoints: dict[str, Endpoint]) -> None:
+        self.api = api
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.endpoints.get(scope["path"])
+            if endpoint is not None:
+                try:
+                    response = await endpoint(Request(scope, receive))
+                except ClientDisconnect:
+                    return
+                await response(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+
+def create_app(core: GatewayCore) -> GatewayApp:
     """Builds the REST app around a core (started and closed by the app's lifespan)."""
 
     @asynccontextmanager
@@ -111,6 +186,8 @@ def create_app(core: GatewayCore) -> FastAPI:
         lifespan=lifespan,
     )
 
+    limit = core.settings.max_body_bytes
+
     async def generate(request: Request, endpoint: str, path: str, kind: type[Any]) -> Response:
         started = time.monotonic()
         request_id = _request_id(request)
@@ -119,7 +196,7 @@ def create_app(core: GatewayCore) -> FastAPI:
         try:
             caller = core.authenticate(request.headers.get("authorization"))
             tenant = caller.tenant.name
-            data, body = parse_body(await request.body(), kind, core.settings.max_body_bytes)
+            data, body = parse_body(await read_body(request, limit), kind, limit)
             prompt = data.get("messages") if "messages" in data else data.get("prompt")
             max_tokens = body.max_tokens or body.max_completion_tokens
             if max_tokens is None:
@@ -140,29 +217,34 @@ def create_app(core: GatewayCore) -> FastAPI:
         except GatewayError as error:
             core.metrics.record(endpoint, model, tenant, error.status, started)
             return _error(error, request_id)
+        except ClientDisconnect:
+            raise
+        except Exception:
+            core.metrics.record(endpoint, model, tenant, 500, started)
+            return _internal_error(request_id)
         finally:
             core.metrics.in_flight.dec()
 
     @app.post(
-        "/v1/chat/completions",
+        CHAT_PATH,
         openapi_extra=_body_schema(ChatRequest),
         responses=GENERATION_ERRORS,
     )
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
-        return await generate(request, "chat", "/v1/chat/completions", ChatRequest)
+        return await generate(request, "chat", CHAT_PATH, ChatRequest)
 
     @app.post(
-        "/v1/completions",
+        COMPLETIONS_PATH,
         openapi_extra=_body_schema(CompletionRequest),
         responses=GENERATION_ERRORS,
     )
     async def completions(request: Request) -> Response:
         """OpenAI text completions, streaming (SSE) or not."""
-        return await generate(request, "completions", "/v1/completions", CompletionRequest)
+        return await generate(request, "completions", COMPLETIONS_PATH, CompletionRequest)
 
     @app.post(
-        "/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest), responses=GENERATION_ERRORS
+        EMBEDDINGS_PATH, openapi_extra=_body_schema(EmbeddingRequest), responses=GENERATION_ERRORS
     )
     async def embeddings(request: Request) -> Response:
         """OpenAI embeddings."""
@@ -172,14 +254,18 @@ def create_app(core: GatewayCore) -> FastAPI:
         try:
             caller = core.authenticate(request.headers.get("authorization"))
             tenant = caller.tenant.name
-            data, body = parse_body(
-                await request.body(), EmbeddingRequest, core.settings.max_body_bytes
-            )
+            raw = await read_body(request, limit)
+            data, body = parse_body(raw, EmbeddingRequest, limit)
             admitted = await core.admit(caller, body.model, estimate_tokens(body.input), 0, False)
-            return await _unary(core, admitted, "/v1/embeddings", data, request_id, "embeddings")
+            return await _unary(core, admitted, EMBEDDINGS_PATH, data, request_id, "embeddings")
         except GatewayError as error:
             core.metrics.record("embeddings", model, tenant, error.status, started)
             return _error(error, request_id)
+        except ClientDisconnect:
+            raise
+        except Exception:
+            core.metrics.record("embeddings", model, tenant, 500, started)
+            return _internal_error(request_id)
 
     @app.get("/v1/models", responses=_responses(401))
     async def models(request: Request) -> Response:
@@ -211,7 +297,10 @@ def create_app(core: GatewayCore) -> FastAPI:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    return app
+    return GatewayApp(
+        app,
+        {CHAT_PATH: chat_completions, COMPLETIONS_PATH: completions, EMBEDDINGS_PATH: embeddings},
+    )
 
 
 async def _unary(
@@ -259,7 +348,7 @@ async def _stream(
             headers={REQUEST_ID_HEADER: request_id},
         )
     return StreamingResponse(
-        relay_sse(core, admitted, response, wants_usage),
+        relay_sse(core, admitted, response, wants_usage, request_id),
         media_type="text/event-stream",
         headers={REQUEST_ID_HEADER: request_id, "Cache-Control": "no-cache"},
     )

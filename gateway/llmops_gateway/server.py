@@ -6,11 +6,11 @@ requests and streams in flight may finish for up to ``drain_timeout_s``; then it
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from types import FrameType
 
 import uvicorn
+import uvloop
 from prometheus_client import start_http_server
 
 from llmops_gateway.admission import Admission, MemoryAdmission, RedisAdmission
@@ -62,12 +62,12 @@ def serve(settings: GatewaySettings) -> None:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-        loop="asyncio",
+        loop="uvloop",
     )
     # Start-up garbage is long-lived; freezing it keeps collections off the hot path.
     gc.collect()
     gc.freeze()
-    asyncio.run(_DrainingServer(config, core).serve())
+    uvloop.run(_DrainingServer(config, core).serve())
 
 
 def main() -> None:

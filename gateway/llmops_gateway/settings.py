@@ -33,7 +33,9 @@ class GatewaySettings(BaseSettings):
     )
     keys_file: Path | None = Field(default=None, description="Key file (tenants and hashes).")
     redis_url: str | None = Field(
-        default=None, description="Redis for limits shared by replicas; None keeps them in memory."
+        default=None,
+        description="Redis for limits shared by replicas: redis:// or rediss:// (TLS), with "
+        "optional user, password and database number; None keeps them in memory.",
     )
     redis_failure_mode: Literal["open", "closed"] = Field(
         default="closed",

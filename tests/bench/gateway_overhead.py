@@ -1,11 +1,14 @@
 """Benchmark: latency the gateway adds (auth + Redis limits + relay) over calling the upstream.
 
-Starts the stub upstream (tests/fakes/openai_stub.py), a real redis-server and one gateway, then
-sends open-loop load (requests leave on a fixed schedule, whether or not earlier ones finished)
-at each rate to the stub directly and through the gateway, same run, and prints latency
-percentiles and the difference. A last phase relays streams to count SSE events per second.
+Starts the stub upstream (tests/fakes/openai_stub.py), a real redis-server and one gateway (and,
+with --litellm, LiteLLM's proxy on the same stub), then sends open-loop load (requests leave on
+a fixed schedule, whether or not earlier ones finished) at each rate to the stub directly and
+through each proxy, same run, and prints latency percentiles and the differences. Then it looks
+for each one's highest rate with p99 under 100 ms and no errors, and relays streams to count SSE
+events per second (the stub writing 64 events at a time, then one at a time as vLLM does).
 
-    .venv/bin/python -m tests.bench.gateway_overhead [--rates 200,500] [--seconds 10]
+    .venv/bin/python -m tests.bench.gateway_overhead [--rates 25,200,500] [--seconds 10]
+        [--sweep-seconds 5] [--litellm /path/to/venv/bin/litellm]
 
 Not a test: results go to docs/benchmarks.md by hand, with date and machine.
 """
@@ -15,11 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -27,9 +33,10 @@ import aiohttp
 from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.local import stop_process
 from tests.conftest import free_port
-from tests.integration.gateway_fixtures import gateway, stub_upstream
+from tests.integration.gateway_fixtures import gateway, stub_upstream, wait_http
 
 BODY = {"model": "stub-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+LITELLM_KEY = "sk-bench"
 
 
 async def open_loop(
@@ -75,28 +82,104 @@ async def open_loop(
     }
 
 
-async def sse_rate(url: str, headers: dict[str, str], streams: int, tokens: int) -> float:
-    """Relays ``streams`` concurrent streams of ``tokens`` events; returns events per second."""
-    body = {**BODY, "stream": True, "max_tokens": tokens, "ignore_eos": True}
+async def sse_rate(
+    url: str, headers: dict[str, str], streams: int, tokens: int, burst: int
+) -> float:
+    """Relays ``streams`` concurrent streams of ``tokens`` events; returns events per second.
+
+    ``burst``: events the stub writes at once (1: one write per event, as vLLM streams).
+    """
+    body = {**BODY, "stream": True, "max_tokens": tokens, "ignore_eos": True, "stub_burst": burst}
     async with aiohttp.ClientSession() as session:
 
         async def one() -> int:
-            count = 0
+            # Counted per read, not per line, so the client is not what limits the rate.
+            count, tail, mark = 0, b"", b"\ndata: {"
             async with session.post(url, json=body, headers=headers) as response:
-                async for line in response.content:
-                    if line.startswith(b"data: {"):
-                        count += 1
-            return count
+                async for data in response.content.iter_any():
+                    data = tail + data
+                    count += data.count(mark)
+                    tail = data[-(len(mark) - 1) :]
+            return count + 1  # the first event has no newline before it
 
         started = time.perf_counter()
         counts = await asyncio.gather(*(one() for _ in range(streams)))
-        return sum(counts) / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        assert counts == [tokens] * streams, f"events lost: {counts}"
+        return sum(counts) / elapsed
+
+
+SWEEP_RATES = (25, 50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000)
+
+
+def highest_rate(url: str, headers: dict[str, str], seconds: float) -> dict[str, object]:
+    """The highest of SWEEP_RATES served with p99 under 100 ms and no errors (stops at the
+    first rate that fails), and how that first failing rate went."""
+    best: dict[str, object] = {"rate": 0}
+    for rate in SWEEP_RATES:
+        result = asyncio.run(open_loop(url, headers, rate, seconds))
+        if result["errors"] or result["p99"] >= 100:
+            best["first_failing"] = {"rate": rate, **result}
+            break
+        best = {"rate": rate, "p99": round(result["p99"], 2)}
+    return best
+
+
+@contextmanager
+def litellm_proxy(binary: str, upstream: str, folder: Path) -> Iterator[str]:
+    """LiteLLM's proxy (one worker, no database) in front of the same stub; yields its URL."""
+    port = free_port()
+    config = folder / "litellm.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "model_list": [
+                    {
+                        "model_name": BODY["model"],
+                        "litellm_params": {
+                            "model": f"openai/{BODY['model']}",
+                            "api_base": f"{upstream}/v1",
+                            "api_key": "unused",
+                        },
+                    }
+                ],
+                "general_settings": {"master_key": LITELLM_KEY},
+            }
+        )
+    )
+    log = (folder / "litellm.log").open("wb")
+    process = subprocess.Popen(
+        [binary, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "LITELLM_LOG": "ERROR"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health/liveliness", timeout_s=180)
+        yield url
+    finally:
+        stop_process(process, timeout_s=10)
+        log.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", default="200,500", help="requests per second, comma-separated")
+    parser.add_argument("--rates", default="25,200,500", help="requests/s, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each phase")
+    parser.add_argument(
+        "--sweep-seconds",
+        type=float,
+        default=5.0,
+        help="duration of each rate while looking for the highest rate with p99 < 100 ms "
+        "(0 skips the search)",
+    )
+    parser.add_argument(
+        "--litellm",
+        default=None,
+        help="path to the `litellm` command (PyPI litellm[proxy], in a separate venv): also "
+        "measure LiteLLM's proxy on the same stub",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
     store = FileKeyStore(folder / "keys.json")
@@ -118,33 +201,49 @@ def main() -> None:
     results: dict[str, object] = {}
     try:
         time.sleep(0.5)
-        with (
-            stub_upstream() as upstream,
-            gateway(
-                folder,
-                default_backend=upstream,
-                keys_file=store.path,
-                redis_url=f"redis://127.0.0.1:{redis_port}/0",
-                log_format="json",
-            ) as gw,
-        ):
-            auth = {"authorization": f"Bearer {key}"}
-            for rate in (int(r) for r in args.rates.split(",")):
-                direct = asyncio.run(
-                    open_loop(f"{upstream}/v1/chat/completions", {}, rate, args.seconds)
+        with ExitStack() as stack:
+            upstream = stack.enter_context(stub_upstream())
+            gw = stack.enter_context(
+                gateway(
+                    folder,
+                    default_backend=upstream,
+                    keys_file=store.path,
+                    redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                    log_format="json",
                 )
-                through = asyncio.run(
-                    open_loop(f"{gw.url}/v1/chat/completions", auth, rate, args.seconds)
-                )
-                results[f"{rate}rps"] = {
-                    "direct": direct,
-                    "gateway": through,
-                    "added_p50_ms": round(through["p50"] - direct["p50"], 2),
-                    "added_p99_ms": round(through["p99"] - direct["p99"], 2),
-                }
-            results["sse_events_per_s_10_streams"] = round(
-                asyncio.run(sse_rate(f"{gw.url}/v1/chat/completions", auth, 10, 20_000))
             )
+            chat = "/v1/chat/completions"
+            targets = {"gateway": (f"{gw.url}{chat}", {"authorization": f"Bearer {key}"})}
+            if args.litellm:
+                litellm = stack.enter_context(litellm_proxy(args.litellm, upstream, folder))
+                auth_litellm = {"authorization": f"Bearer {LITELLM_KEY}"}
+                targets["litellm"] = (f"{litellm}{chat}", auth_litellm)
+            for rate in (int(r) for r in args.rates.split(",")):
+                direct = asyncio.run(open_loop(f"{upstream}{chat}", {}, rate, args.seconds))
+                phase: dict[str, object] = {"direct": direct}
+                for name, (url, headers) in targets.items():
+                    through = asyncio.run(open_loop(url, headers, rate, args.seconds))
+                    phase[name] = through
+                    phase[f"{name}_added_p50_ms"] = round(through["p50"] - direct["p50"], 2)
+                    phase[f"{name}_added_p99_ms"] = round(through["p99"] - direct["p99"], 2)
+                results[f"{rate}rps"] = phase
+            if args.sweep_seconds:
+                sweep = {"direct": (f"{upstream}{chat}", {}), **targets}
+                results["highest_rate_p99_under_100ms"] = {
+                    name: highest_rate(url, headers, args.sweep_seconds)
+                    for name, (url, headers) in sweep.items()
+                }
+            auth = targets["gateway"][1]
+            chat = "/v1/chat/completions"
+            for burst in (64, 1):
+                results[f"sse_events_per_s_10_streams_burst_{burst}"] = {
+                    "direct": round(
+                        asyncio.run(sse_rate(f"{upstream}{chat}", {}, 10, 20_000, burst))
+                    ),
+                    "gateway": round(
+                        asyncio.run(sse_rate(f"{gw.url}{chat}", auth, 10, 20_000, burst))
+                    ),
+                }
     finally:
         stop_process(redis, timeout_s=5)
     print(json.dumps(results, indent=2))

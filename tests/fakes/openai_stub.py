@@ -20,6 +20,9 @@ from aiohttp import web
 
 EMBEDDING_DIM = 8
 NATURAL_LENGTH = 12
+BURST = 64
+"""Events written at once by a stream without a token delay (the request's ``stub_burst``
+field changes it; 1 writes each event on its own, as vLLM does)."""
 """Tokens after which the stub "stops" like a model at end-of-sequence (unless ignore_eos)."""
 
 
@@ -94,27 +97,36 @@ def make_app(models: list[str], token_delay: float) -> web.Application:
             )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+
+        def event(last: bool) -> bytes:
+            delta: dict[str, Any] = (
+                {"index": 0, "delta": {"content": "tok "}, "finish_reason": None}
+                if chat
+                else {"index": 0, "text": "tok ", "finish_reason": None}
+            )
+            if last:
+                delta["finish_reason"] = "length"
+            chunk = {
+                "id": "stub-1",
+                "object": f"{kind}.chunk",
+                "created": created,
+                "model": model,
+                "choices": [delta],
+            }
+            return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+
         try:
-            for i in range(n_tokens):
-                if token_delay:
+            if token_delay:
+                for i in range(n_tokens):
                     await asyncio.sleep(token_delay)
-                delta: dict[str, Any] = (
-                    {"index": 0, "delta": {"content": "tok "}, "finish_reason": None}
-                    if chat
-                    else {"index": 0, "text": "tok ", "finish_reason": None}
-                )
-                if i == n_tokens - 1:
-                    delta["finish_reason"] = "length"
-                chunk = {
-                    "id": "stub-1",
-                    "object": f"{kind}.chunk",
-                    "created": created,
-                    "model": model,
-                    "choices": [delta],
-                }
-                await response.write(
-                    f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
-                )
+                    await response.write(event(i == n_tokens - 1))
+            else:
+                # As fast as the connection takes them, so relays (not the stub) are measured:
+                # the same event, BURST at a time.
+                middle, burst = event(False), max(1, int(body.get("stub_burst", BURST)))
+                for start in range(0, n_tokens - 1, burst):
+                    await response.write(middle * min(burst, n_tokens - 1 - start))
+                await response.write(event(True))
             if (body.get("stream_options") or {}).get("include_usage"):
                 chunk = {
                     "id": "stub-1",

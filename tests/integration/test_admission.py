@@ -16,6 +16,7 @@ from llmops_gateway.admission import (
     Reservation,
 )
 from llmops_gateway.keys import Tenant
+from llmops_gateway.redis_pipe import RedisUnavailableError
 
 
 def _tenant(**limits: int) -> Tenant:
@@ -130,9 +131,27 @@ async def test_a_request_bigger_than_the_limit_is_refused_outright(
 
 
 async def test_unreachable_redis_raises_for_the_caller_to_decide() -> None:
-    import redis.exceptions
-
     admission = RedisAdmission("redis://127.0.0.1:9/0")
-    with pytest.raises(redis.exceptions.ConnectionError):
+    with pytest.raises(RedisUnavailableError, match=r"cannot use Redis at 127\.0\.0\.1:9"):
         await admission.admit(_tenant(), 10)
     await admission.close()
+
+
+async def test_a_full_window_expires_at_once(redis_url: str) -> None:
+    """Tens of thousands of members leaving the window in one call (after a busy minute)."""
+    admission = RedisAdmission(redis_url, prefix=f"test:{uuid.uuid4().hex[:8]}")
+    tenant = _tenant(requests_per_minute=100_000, tokens_per_minute=10**9)
+    keys = admission._keys(tenant.name, 0)
+    long_ago = 1.0  # seconds since the epoch: far outside any window
+    members = {f"m{i}": long_ago for i in range(20_000)}
+    scores = [part for member in members for part in (long_ago, member)]
+    await admission.redis.call("ZADD", keys[0], *scores)
+    await admission.redis.call("HSET", keys[1], *[part for m in members for part in (m, 5)])
+    await admission.redis.call("SET", keys[2], 5 * len(members))
+    try:
+        reservation = await admission.admit(tenant, 7)
+        assert isinstance(reservation, Reservation)
+        assert await admission.redis.call("ZCARD", keys[0]) == 1
+        assert int(await admission.redis.call("GET", keys[2])) == 7
+    finally:
+        await admission.close()
