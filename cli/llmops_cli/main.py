@@ -241,8 +241,10 @@ def gateway_command() -> None:
     """Run the gateway alone; settings come from LLMOPS_GATEWAY_* environment variables.
 
     The main ones: LLMOPS_GATEWAY_DEFAULT_BACKEND (graph URL), LLMOPS_GATEWAY_BACKENDS (JSON
-    model -> URL), LLMOPS_GATEWAY_KEYS_FILE, LLMOPS_GATEWAY_REDIS_URL (limits shared by
-    replicas; unset keeps them in memory), LLMOPS_GATEWAY_REDIS_FAILURE_MODE (open|closed),
+    model -> URL), LLMOPS_GATEWAY_DISCOVER_BACKENDS (true: route to the graphs LLMDeployments
+    report, read from the Kubernetes API), LLMOPS_GATEWAY_KEYS_FILE, LLMOPS_GATEWAY_REDIS_URL
+    (limits shared by replicas; unset keeps them in memory), LLMOPS_GATEWAY_REDIS_FAILURE_MODE
+    (open|closed),
     LLMOPS_GATEWAY_PORT, LLMOPS_GATEWAY_METRICS_PORT, LLMOPS_GATEWAY_DRAIN_TIMEOUT_S.
     """
     from llmops_gateway.server import main as gateway_main

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmops_gateway import errors
 from llmops_gateway.admission import Admission, Rejection, Reservation
+from llmops_gateway.discovery import ClusterBackends, KubeAccess
 from llmops_gateway.keys import KeyIndex, KeyRejectedError, KeyStore, Tenant
 from llmops_gateway.metrics import GatewayMetrics
 from llmops_gateway.settings import GatewaySettings
@@ -27,6 +28,7 @@ logger = logging.getLogger("llmops.gateway")
 
 REQUEST_ID_HEADER = "x-request-id"
 MODELS_TTL_S = 10.0
+NOT_READY_RETRY_S = 10.0
 
 
 class GenerationRequest(BaseModel):
@@ -159,6 +161,7 @@ class GatewayCore:
         self._default_models: list[str] = []
         self._models_loaded = -math.inf
         self.draining = False
+        self.cluster: ClusterBackends | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -175,11 +178,22 @@ class GatewayCore:
         self.session = aiohttp.ClientSession(
             timeout=timeout, connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         )
+        if self.settings.discover_backends:
+            access = KubeAccess.configure(self.settings.kube_api_url)
+            self.cluster = ClusterBackends(access, self.settings.discover_namespaces)
+            await self.cluster.start()
+
+    @property
+    def ready(self) -> bool:
+        """Whether to take requests: not draining, and the cluster's models listed once."""
+        return not self.draining and (self.cluster is None or self.cluster.synced.is_set())
 
     async def close(self) -> None:
         """Waits for pending settlements and closes the pool."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.session is not None:
             await self.session.close()
 
@@ -218,8 +232,16 @@ class GatewayCore:
     # -- routing ---------------------------------------------------------------------------
 
     async def served_models(self) -> dict[str, str]:
-        """Model name -> backend URL for every model the gateway can reach."""
+        """Model name -> backend URL for every model the gateway can reach now.
+
+        Explicit ``backends`` first, then models the cluster's LLMDeployments report ready,
+        then the models the default backend lists.
+        """
         table = dict(self.settings.backends)
+        if self.cluster is not None:
+            for name, backend in self.cluster.table.items():
+                if backend.ready:
+                    table.setdefault(name, backend.url)
         default = self.settings.default_backend
         if default is not None:
             if time.monotonic() - self._models_loaded > MODELS_TTL_S:
@@ -253,6 +275,13 @@ class GatewayCore:
         """
         table = await self.served_models()
         if model not in table:
+            pending = self.cluster.table.get(model) if self.cluster is not None else None
+            if pending is not None and caller.tenant.may_use(model):
+                raise errors.unavailable(
+                    f"model {model!r} is not ready yet ({pending.state} in "
+                    f"{pending.deployment}); retry shortly",
+                    retry_after_s=NOT_READY_RETRY_S,
+                )
             allowed = [name for name in table if caller.tenant.may_use(name)]
             raise errors.not_found(
                 f"The model {model!r} does not exist. Available models: {', '.join(allowed)}."

@@ -292,9 +292,12 @@ def create_app(core: GatewayCore) -> GatewayApp:
 
     @app.get("/readyz", responses={503: {"description": "Draining: send no new requests."}})
     async def readyz() -> Response:
-        """Readiness: false while draining, so load balancers stop sending."""
+        """Readiness: false while draining (so load balancers stop sending), and with
+        backend discovery on, until the cluster's LLMDeployments have been listed."""
         if core.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not core.ready:
+            return JSONResponse({"status": "discovering backends"}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     return GatewayApp(

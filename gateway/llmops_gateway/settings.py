@@ -31,6 +31,21 @@ class GatewaySettings(BaseSettings):
         description="Base URL for models not in `backends`; their names are asked from its "
         "/v1/models.",
     )
+    discover_backends: bool = Field(
+        default=False,
+        description="Also route each model to the graph its LLMDeployment reports in "
+        "status.endpoints.http (read-only list/watch); `backends` entries win.",
+    )
+    discover_namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces whose LLMDeployments are discovered; empty: all of them "
+        "(needs cluster-wide list/watch).",
+    )
+    kube_api_url: str | None = Field(
+        default=None,
+        description="Kubernetes API URL needing no credentials (e.g. `kubectl proxy`) for "
+        "discovery; None: the pod's service account.",
+    )
     keys_file: Path | None = Field(default=None, description="Key file (tenants and hashes).")
     redis_url: str | None = Field(
         default=None,

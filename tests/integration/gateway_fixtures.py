@@ -40,18 +40,15 @@ def wait_http(url: str, timeout_s: float = 30.0) -> None:
 
 
 @contextmanager
-def stub_upstream(token_delay: float = 0.0) -> Iterator[str]:
-    """Runs tests.fakes.openai_stub; yields its base URL."""
+def stub_upstream(
+    token_delay: float = 0.0, models: tuple[str, ...] = ("stub-chat", "stub-embed")
+) -> Iterator[str]:
+    """Runs tests.fakes.openai_stub serving ``models``; yields its base URL."""
     port = free_port()
     process = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "tests.fakes.openai_stub",
-            "--port",
-            str(port),
-            "--token-delay",
-            str(token_delay),
+            *(sys.executable, "-m", "tests.fakes.openai_stub", "--port", str(port)),
+            *("--token-delay", str(token_delay), "--models", ",".join(models)),
         ],
     )
     try:

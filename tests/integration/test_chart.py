@@ -54,6 +54,7 @@ SET_IDS = list(VALUE_SETS)
 GATEWAY_CHART_DEFAULTS = {
     "host": "0.0.0.0",  # the process default 127.0.0.1 is unreachable from other pods
     "keys_file": "/etc/llmops/keys/keys.json",  # where the keys Secret is mounted
+    "discover_backends": True,  # in a cluster, route to the LLMDeployments there
 }
 PEERING_VERBS = {"get", "list", "watch", "patch"}
 
@@ -123,8 +124,8 @@ def test_default_install_has_every_component() -> None:
         "PodDisruptionBudget": 2,
         "PodMonitor": 2,
         "PrometheusRule": len(list((ROOT / "deploy" / "rules").glob("*.yaml"))),
-        "ClusterRole": 1,
-        "ClusterRoleBinding": 1,
+        "ClusterRole": 2,  # the operator's and the gateway's (read-only discovery)
+        "ClusterRoleBinding": 2,
         "CustomResourceDefinition": 2,
         "ClusterKopfPeering": 1,
         "NetworkPolicy": 4,
@@ -430,7 +431,7 @@ def test_rbac_has_no_wildcards_and_no_secrets(value_set: str) -> None:
 
 
 def test_rbac_check_catches_wildcards_and_secrets() -> None:
-    (role,) = by_kind(render(), "ClusterRole")
+    role = named(render(), "ClusterRole", "-operator")
     role["rules"] += [
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
         {"apiGroups": ["ray.io"], "resources": ["*"], "verbs": ["get"]},
@@ -444,7 +445,7 @@ def test_rbac_check_catches_wildcards_and_secrets() -> None:
 
 def test_cluster_wide_rbac_covers_the_operator() -> None:
     objs = render()
-    (role,) = by_kind(objs, "ClusterRole")
+    role = named(objs, "ClusterRole", "-operator")
     granted = _granted(role["rules"])
     needs = {
         **OPERATOR_NEEDS,
@@ -453,7 +454,7 @@ def test_cluster_wide_rbac_covers_the_operator() -> None:
     }
     assert not _missing(needs, granted)
     assert set(granted) == set(needs), "grants beyond what the operator needs"
-    (binding,) = by_kind(objs, "ClusterRoleBinding")
+    binding = named(objs, "ClusterRoleBinding", "-operator")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     account = named(objs, "ServiceAccount", "-operator")["metadata"]["name"]
     assert binding["subjects"] == [
@@ -462,17 +463,25 @@ def test_cluster_wide_rbac_covers_the_operator() -> None:
     assert not by_kind(objs, "Role")
 
 
+def _component(objs: list[dict[str, Any]], kind: str, component: str) -> list[dict[str, Any]]:
+    return [
+        obj
+        for obj in by_kind(objs, kind)
+        if obj["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+
+
 def test_namespaced_mode_grants_per_namespace() -> None:
     objs = render(VALUE_SETS["namespaced"])
     namespaces = ["llmops-demo", "team-a"]
-    roles = by_kind(objs, "Role")
+    roles = _component(objs, "Role", "operator")
     assert sorted(role["metadata"]["namespace"] for role in roles) == namespaces
     for role in roles:
         granted = _granted(role["rules"])
         needs = {**OPERATOR_NEEDS, ("kopf.dev", "kopfpeerings"): PEERING_VERBS}
         assert not _missing(needs, granted)
         assert set(granted) == set(needs)
-    bindings = by_kind(objs, "RoleBinding")
+    bindings = _component(objs, "RoleBinding", "operator")
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == namespaces
     # Cluster-wide: read-only discovery, nothing else.
     (cluster_role,) = by_kind(objs, "ClusterRole")
@@ -483,6 +492,40 @@ def test_namespaced_mode_grants_per_namespace() -> None:
     strict = render(VALUE_SETS["namespaced"], ("operator.rbac.clusterDiscovery=false",))
     assert not by_kind(strict, "ClusterRole")
     assert not by_kind(strict, "ClusterRoleBinding")
+
+
+GATEWAY_NEEDS = {("llmops.dev", "llmdeployments"): {"list", "watch"}}
+
+
+def test_gateway_reads_llmdeployments_and_nothing_else() -> None:
+    objs = render()
+    role = named(objs, "ClusterRole", "-gateway")
+    assert _granted(role["rules"]) == GATEWAY_NEEDS
+    binding = named(objs, "ClusterRoleBinding", "-gateway")
+    account = named(objs, "ServiceAccount", "-gateway")["metadata"]["name"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+    ]
+    pod = named(objs, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+
+
+def test_gateway_discovery_per_namespace_or_off() -> None:
+    namespaced = render(VALUE_SETS["namespaced"])
+    assert not _component(namespaced, "ClusterRole", "gateway")
+    roles = _component(namespaced, "Role", "gateway")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["llmops-demo", "team-a"]
+    assert all(_granted(r["rules"]) == GATEWAY_NEEDS for r in roles)
+    bindings = _component(namespaced, "RoleBinding", "gateway")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["llmops-demo", "team-a"]
+
+    off = render(sets=("gateway.config.discoverBackends=false",))
+    for kind in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"):
+        assert not _component(off, kind, "gateway"), kind
+    pod = named(off, "Deployment", "-gateway")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert _egress_ports(named(off, "NetworkPolicy", "-gateway")) == {53, 6379, 8000}
 
 
 # --- peering -----------------------------------------------------------------------------------
@@ -525,7 +568,8 @@ def test_network_policies_allow_only_what_each_component_needs() -> None:
     assert sorted(expression["values"]) == ["gateway", "operator", "redis"]
 
     gateway = named(objs, "NetworkPolicy", "-gateway")
-    assert _egress_ports(gateway) == {53, 6379, 8000}
+    # DNS, Redis, the graphs, and the API server for the watch on LLMDeployments.
+    assert _egress_ports(gateway) == {53, 6379, 8000, 443, 6443}
     api_rule, metrics_rule = gateway["spec"]["ingress"]
     assert {p["port"] for p in api_rule["ports"]} == {8080, 50051}
     assert "from" not in api_rule

@@ -203,3 +203,19 @@ distributions).
     - port: 53
       protocol: TCP
 {{- end }}
+
+{{/*
+Egress to the Kubernetes API server (networkPolicy.apiServer: its CIDRs and ports).
+*/}}
+{{- define "llmops.networkPolicy.apiServerEgress" -}}
+- ports:
+    {{- range .Values.networkPolicy.apiServer.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  to:
+    {{- range .Values.networkPolicy.apiServer.cidrs }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+{{- end }}

@@ -41,3 +41,13 @@ Cluster-scoped reads Kopf uses to discover CRDs and namespaces.
   resources: ["namespaces"]
   verbs: ["list", "watch"]
 {{- end }}
+
+{{/*
+What the gateway reads for config.discoverBackends: LLMDeployments, their status included
+(list once, then watch). Nothing else.
+*/}}
+{{- define "llmops.gateway.rules" -}}
+- apiGroups: ["llmops.dev"]
+  resources: ["llmdeployments"]
+  verbs: ["list", "watch"]
+{{- end }}
