@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -11,13 +13,21 @@ import platformdirs
 import typer
 from pydantic import ValidationError
 
-from llmops_gateway.keys import FileKeyStore, Tenant
+from llmops_cli.secret_store import (
+    KUBECTL_ENV,
+    SecretKeyStore,
+    SecretStoreError,
+    parse_secret_ref,
+)
+from llmops_gateway.keys import EditableKeyStore, FileKeyStore, Tenant
 
 KEYS_FILE_ENV = "LLMOPS_KEYS_FILE"
+SECRET_DATA_KEY = "keys.json"  # noqa: S105 (the name of a data key, not a credential)
 
 app = typer.Typer(
-    help="Manage gateway API keys and tenants in a key file (`llmops up` reads the same file; "
-    "on Kubernetes the chart keeps the same document in a Secret).",
+    help="Manage gateway API keys and tenants: in a key file (what `llmops up` reads), or with "
+    "--secret in the Kubernetes Secret the chart's gateways read (edited with kubectl; "
+    f"${KUBECTL_ENV} names another binary).",
     no_args_is_help=True,
 )
 
@@ -36,10 +46,45 @@ StoreOption = Annotated[
         "--store", help=f"Key file (default: ${KEYS_FILE_ENV} or the user config folder)."
     ),
 ]
+SecretOption = Annotated[
+    str | None,
+    typer.Option(
+        "--secret",
+        metavar="NAMESPACE/NAME",
+        help="Keep the keys in this Kubernetes Secret instead of a file, e.g. "
+        "llmops/llmops-gateway-keys (the chart's gateway.keys.existingSecret).",
+    ),
+]
+SecretKeyOption = Annotated[
+    str, typer.Option(help="With --secret: the data key holding the key file.")
+]
+ContextOption = Annotated[
+    str | None, typer.Option(help="With --secret: the kubectl context (default: the current).")
+]
 
 
-def _store(path: Path | None) -> FileKeyStore:
-    return FileKeyStore(path or default_keys_file())
+def _store(
+    path: Path | None, secret: str | None, secret_key: str, context: str | None
+) -> EditableKeyStore:
+    if secret is None:
+        return FileKeyStore(path or default_keys_file())
+    if path is not None:
+        raise typer.BadParameter("use --store or --secret, not both", param_hint="--secret")
+    try:
+        namespace, name = parse_secret_ref(secret)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--secret") from exc
+    return SecretKeyStore(namespace, name, secret_key, context)
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """A failing kubectl or API server ends the command with its message, not a traceback."""
+    try:
+        yield
+    except SecretStoreError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
 
 
 def _when(timestamp: float | None) -> str:
@@ -62,6 +107,9 @@ def create(
     tokens_per_day: Annotated[int, typer.Option(help="Daily token budget.")] = 5_000_000,
     description: Annotated[str, typer.Option(help="Free text shown by `list`.")] = "",
     store: StoreOption = None,
+    secret: SecretOption = None,
+    secret_key: SecretKeyOption = SECRET_DATA_KEY,
+    context: ContextOption = None,
 ) -> None:
     """Create a key and print it once: it is stored only as a hash."""
     try:
@@ -76,20 +124,27 @@ def create(
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise typer.BadParameter(problems) from exc
-    key_store = _store(store)
-    record, key = key_store.create(spec, description)
+    key_store = _store(store, secret, secret_key, context)
+    with _store_errors():
+        record, key = key_store.create(spec, description)
     typer.echo(key)
     typer.echo(
-        f"created key {record.id} for tenant {spec.name} in {key_store.path}; "
+        f"created key {record.id} for tenant {spec.name} in {key_store}; "
         "this is the only time the key is shown",
         err=True,
     )
 
 
 @app.command("list")
-def list_keys(store: StoreOption = None) -> None:
+def list_keys(
+    store: StoreOption = None,
+    secret: SecretOption = None,
+    secret_key: SecretKeyOption = SECRET_DATA_KEY,
+    context: ContextOption = None,
+) -> None:
     """List keys (ids, tenants, state); never the keys themselves."""
-    document = _store(store).load()
+    with _store_errors():
+        document = _store(store, secret, secret_key, context).load()
     typer.echo(f"{'ID':<14}{'TENANT':<20}{'CREATED':<22}{'REVOKED':<22}DESCRIPTION")
     for record in document.keys:
         typer.echo(
@@ -102,10 +157,14 @@ def list_keys(store: StoreOption = None) -> None:
 def revoke(
     key_id: Annotated[str, typer.Argument(help="The key id that `list` shows.")],
     store: StoreOption = None,
+    secret: SecretOption = None,
+    secret_key: SecretKeyOption = SECRET_DATA_KEY,
+    context: ContextOption = None,
 ) -> None:
     """Revoke a key by id; requests with it are refused from then on."""
     try:
-        record = _store(store).revoke(key_id)
+        with _store_errors():
+            record = _store(store, secret, secret_key, context).revoke(key_id)
     except KeyError:
         typer.echo(f"no key with id {key_id!r}; `llmops keys list` shows the ids", err=True)
         raise typer.Exit(1) from None

@@ -15,10 +15,9 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +26,7 @@ KEY_PREFIX = "llmops"
 ID_BYTES = 6
 SECRET_BYTES = 32
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+T = TypeVar("T")
 
 
 class KeyRejectedError(Exception):
@@ -117,45 +117,20 @@ class KeyStore(Protocol):
         ...
 
 
-class FileKeyStore:
-    """A JSON file of tenants and hashed keys, for `llmops up` and single machines.
+class EditableKeyStore:
+    """Creating and revoking keys, for stores that can apply a change to the whole document.
 
-    Writes are atomic (temporary file + rename) under a file lock, so concurrent
-    `llmops keys` commands never lose an update.
-
-    Args:
-        path: The JSON file; created on first write.
+    Subclasses implement `update`: read the document, apply the change, write it back, without
+    losing a concurrent change (a lock, or a retry on conflict).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def version(self) -> object:
-        """The file's modification time and size; None while it does not exist."""
-        try:
-            info = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (info.st_mtime_ns, info.st_size, info.st_ino)
-
     def load(self) -> KeyFile:
-        """Reads the file; a missing file is an empty store."""
-        if not self.path.exists():
-            return KeyFile()
-        return KeyFile.model_validate_json(self.path.read_text())
+        """Reads the current document."""
+        raise NotImplementedError
 
-    @contextmanager
-    def edit(self) -> Iterator[KeyFile]:
-        """Yields the document for changes and writes it back atomically."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.path) + ".lock"):
-            document = self.load()
-            yield document
-            handle, staging = tempfile.mkstemp(dir=self.path.parent, prefix=".keys.")
-            with os.fdopen(handle, "w") as out:
-                out.write(json.dumps(document.model_dump(mode="json"), indent=2) + "\n")
-            os.chmod(staging, 0o600)
-            os.replace(staging, self.path)
+    def update(self, change: Callable[[KeyFile], T]) -> T:
+        """Applies ``change`` to the stored document and writes it back."""
+        raise NotImplementedError
 
     def create(self, tenant: Tenant, description: str = "") -> tuple[KeyRecord, str]:
         """Creates a key for ``tenant`` (adding or updating the tenant).
@@ -171,9 +146,12 @@ class FileKeyStore:
             description=description,
             created_at=time.time(),
         )
-        with self.edit() as document:
+
+        def add(document: KeyFile) -> None:
             document.tenants[tenant.name] = tenant
             document.keys.append(record)
+
+        self.update(add)
         return record, key
 
     def revoke(self, key_id: str) -> KeyRecord:
@@ -182,14 +160,66 @@ class FileKeyStore:
         Raises:
             KeyError: no such key.
         """
-        with self.edit() as document:
+
+        def mark(document: KeyFile) -> KeyRecord:
             for i, record in enumerate(document.keys):
                 if record.id == key_id:
                     if record.active:
                         record = record.model_copy(update={"revoked_at": time.time()})
                         document.keys[i] = record
                     return record
-        raise KeyError(key_id)
+            raise KeyError(key_id)
+
+        return self.update(mark)
+
+
+def dump_document(document: KeyFile) -> str:
+    """The key file's text."""
+    return json.dumps(document.model_dump(mode="json"), indent=2) + "\n"
+
+
+class FileKeyStore(EditableKeyStore):
+    """A JSON file of tenants and hashed keys, for `llmops up` and single machines.
+
+    Writes are atomic (temporary file + rename) under a file lock, so concurrent
+    `llmops keys` commands never lose an update.
+
+    Args:
+        path: The JSON file; created on first write.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def version(self) -> object:
+        """The file's modification time and size; None while it does not exist."""
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino)
+
+    def load(self) -> KeyFile:
+        """Reads the file; a missing file is an empty store."""
+        if not self.path.exists():
+            return KeyFile()
+        return KeyFile.model_validate_json(self.path.read_text())
+
+    def update(self, change: Callable[[KeyFile], T]) -> T:
+        """Applies ``change`` under the file lock and writes the file back atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.path) + ".lock"):
+            document = self.load()
+            result = change(document)
+            handle, staging = tempfile.mkstemp(dir=self.path.parent, prefix=".keys.")
+            with os.fdopen(handle, "w") as out:
+                out.write(dump_document(document))
+            os.chmod(staging, 0o600)
+            os.replace(staging, self.path)
+        return result
 
 
 class KeyIndex:

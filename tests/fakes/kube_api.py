@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import re
 import uuid
 from typing import Any
 
@@ -32,6 +33,27 @@ class UnprocessableError(k8s.KubernetesError):
     message: str = "the patch could not be applied"
 
 
+@attrs.frozen
+class ConflictError(k8s.KubernetesError):
+    """HTTP 409, as the API server answers a write of an outdated resourceVersion."""
+
+    status: int = 409
+    reason: str = "Conflict"
+    message: str = "the object has been modified; apply your changes to the latest version"
+
+
+@attrs.frozen
+class NotFoundError(k8s.KubernetesError):
+    """HTTP 404 for a missing object, with the reason a real API server gives."""
+
+    status: int = 404
+    reason: str = "NotFound"
+    message: str = "not found"
+
+
+# GET of one namespace: the stock emulator reads the name as a namespace prefix.
+NAMESPACE_PATH = re.compile(r"/api/v1/namespaces/([a-z0-9-]+)")
+
 LLMDEPLOYMENTS = "llmops.dev/v1alpha1/llmdeployments"
 
 # Every resource the operator reads or writes, as discovery reports it.
@@ -49,6 +71,13 @@ RESOURCES: dict[str, dict[str, Any]] = {
     },
     "v1/namespaces": {"kind": "Namespace", "namespaced": False, "verbs": ["get", "list", "watch"]},
     "v1/events": {"kind": "Event", "namespaced": True, "verbs": ["create"]},
+    # What `llmops keys --secret` edits with kubectl (the operator never reads Secrets).
+    "v1/secrets": {
+        "kind": "Secret",
+        "singular": "secret",
+        "namespaced": True,
+        "verbs": ["get", "list", "create", "update"],
+    },
     "v1/persistentvolumeclaims": {
         "kind": "PersistentVolumeClaim",
         "namespaced": True,
@@ -136,7 +165,8 @@ class KubeAPI(KubernetesEmulator):
         async with self._lock:
             obj = self._stored(request)
         if obj is None or obj.deleted:
-            raise k8s.KubernetesObjectNotFoundError()
+            plural = request.resource.plural if request.resource else "object"
+            raise NotFoundError(message=f'{plural} "{request.name}" not found')
         return obj.raw
 
     async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
@@ -214,7 +244,49 @@ class KubeAPI(KubernetesEmulator):
             ]
         return {"metadata": {"resourceVersion": str(next(self._versions))}, "items": items}
 
+    async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
+        # The core group's list names its groupVersion "v1" (kubectl maps kinds by it).
+        payload = await super()._serve_version(request)
+        if isinstance(payload, dict) and payload.get("groupVersion", "").startswith("/"):
+            payload["groupVersion"] = payload["groupVersion"][1:]
+        return payload
+
+    async def _replace(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        """PUT of a whole object (`kubectl replace`): only over the version it was read at."""
+        data: dict[str, Any] = request.data
+        async with self._lock:
+            obj = self._stored(request)
+            if obj is None or obj.deleted:
+                raise k8s.KubernetesObjectNotFoundError()
+            current = obj.raw.get("metadata", {})
+            sent = data.get("metadata", {}).get("resourceVersion")
+            if sent is not None and sent != current.get("resourceVersion"):
+                raise ConflictError()
+            meta = data.setdefault("metadata", {})
+            for kept in ("uid", "creationTimestamp", "generation"):
+                if kept in current:
+                    meta[kept] = current[kept]
+            meta["resourceVersion"] = str(next(self._versions))
+            obj.create(data)  # a new whole version, not a merge into the last one
+        assert request.resource is not None
+        await self._buses[request.resource].put({"type": "MODIFIED", "object": data})
+        return aiohttp.web.json_response(data)
+
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        namespace = NAMESPACE_PATH.fullmatch(request.url.path)
+        if namespace and request.method == enums.method.GET:
+            # Every namespace exists here (objects may be stored in any of them).
+            name = namespace.group(1)
+            return aiohttp.web.json_response(
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+            )
+        if (
+            request.method == enums.method.PUT
+            and request.resource is not None
+            and request.name is not None
+            and isinstance(request.data, dict)
+        ):
+            return await self._replace(request)
         if request.resource is not None and isinstance(request.data, dict):
             self._apply_server_semantics(request)
         elif request.resource is not None and isinstance(request.data, list):

