@@ -173,3 +173,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     process.terminate()
     process.wait(timeout=10)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Prints what happened to the requests of every fault and abuse case that ran."""
+    from tests import reliability
+
+    if not reliability.OUTCOMES:
+        return
+    terminalreporter.section("reliability: requests per fault and abuse case")
+    for line in reliability.summary():
+        terminalreporter.write_line(line)
+    path = reliability.write_report()
+    if path is not None:
+        terminalreporter.write_line(f"written to {path}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -343,13 +344,90 @@ async def _abort(context: grpc.aio.ServicerContext, error: GatewayError) -> None
     await context.abort(_CODES[error.grpc_code], error.message)
 
 
-async def start_grpc(core: GatewayCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+@dataclass(frozen=True)
+class _Malformed:
+    """What a request that does not parse as its message type becomes."""
+
+    reason: str
+
+
+class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers a request that does not parse with INVALID_ARGUMENT.
+
+    grpcio itself answers UNKNOWN ("Exception deserializing request!"), which tells a client
+    nothing about whose fault it was. The request is parsed by a deserializer that cannot
+    fail; the method then refuses a request that did not parse, saying why.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:  # any parse failure is the client's malformed message
+                return _Malformed(f"the request is not a valid {details.method} message: {exc}")
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def checked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                checked_unary, tolerant, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            streaming = handler.unary_stream
+
+            async def checked_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                async for item in streaming(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                checked_stream, tolerant, handler.response_serializer
+            )
+        return handler
+
+
+@dataclass(frozen=True)
+class RunningGrpc:
+    """The started gRPC server."""
+
+    server: grpc.aio.Server
+    port: int
+    """The port it bound (useful with port 0)."""
+    health: health.aio.HealthServicer
+
+    async def drain(self, grace_s: float) -> None:
+        """Health turns NOT_SERVING, then calls in flight get up to ``grace_s`` to finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=grace_s)
+
+
+async def start_grpc(core: GatewayCore, host: str, port: int) -> RunningGrpc:
     """Starts the gRPC server with the Gateway service, health and reflection.
 
-    Returns:
-        The server and the port it bound (useful with port 0).
+    Messages over the REST body limit (``max_body_bytes``) are refused with RESOURCE_EXHAUSTED
+    before they are parsed, as REST refuses them with 413; messages that do not parse get
+    INVALID_ARGUMENT, as malformed JSON gets 400.
     """
-    server = grpc.aio.server()
+    limit = core.settings.max_body_bytes
+    server = grpc.aio.server(
+        interceptors=[RejectMalformed()],
+        options=[("grpc.max_receive_message_length", limit)],
+    )
     pb_grpc.add_GatewayServicer_to_server(GatewayService(core), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -360,4 +438,4 @@ async def start_grpc(core: GatewayCore, host: str, port: int) -> tuple[grpc.aio.
     )
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    return server, bound
+    return RunningGrpc(server, bound, health_servicer)

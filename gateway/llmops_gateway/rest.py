@@ -169,13 +169,13 @@ def create_app(core: GatewayCore) -> GatewayApp:
         await core.start()
         grpc_server = None
         if core.settings.grpc_port is not None:
-            grpc_server, _port = await start_grpc(core, core.settings.host, core.settings.grpc_port)
+            grpc_server = await start_grpc(core, core.settings.host, core.settings.grpc_port)
         try:
             yield
         finally:
             core.draining = True
             if grpc_server is not None:
-                await grpc_server.stop(grace=core.settings.drain_timeout_s)
+                await grpc_server.drain(core.settings.drain_timeout_s)
             await core.close()
 
     app = FastAPI(
