@@ -44,6 +44,10 @@ class RunningGraph:
     """The local Prometheus `llmops up --monitoring` started, scraping the gateway and Ray."""
     prometheus_targets: Path
     """Its file_sd folder: more scrape targets go here."""
+    graph_metrics_url: str
+    """Where Ray serves the graph's metrics (Serve, vLLM engines, router, encoder)."""
+    ray_logs: Path
+    """Ray's log folder for this run (one worker-<id>-<job>-<pid>.out per worker process)."""
 
 
 # Ports for servers the tests start come from a range no process picks by itself: below the
@@ -114,8 +118,10 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
         banner = log.read_text()
         key = re.search(r"API key \(tenant 'local'; shown once\): (\S+)", banner)
         prometheus = re.search(r"Prometheus: (\S+) \(more targets: (\S+)\)", banner)
+        ray_logs = re.search(r"Ray logs: (\S+)", banner)
         assert key is not None, banner[-2000:]
         assert prometheus is not None, banner[-2000:]
+        assert ray_logs is not None, banner[-2000:]
         yield RunningGraph(
             url,
             graph_url,
@@ -126,6 +132,8 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
             folder / "keys.json",
             prometheus.group(1),
             Path(prometheus.group(2)),
+            f"http://127.0.0.1:{ray_metrics_port}/metrics",
+            Path(ray_logs.group(1)),
         )
     finally:
         # Also when start-up failed: a leaked `llmops up` keeps Ray and the engines running.

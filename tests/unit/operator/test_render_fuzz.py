@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from llmops_operator.render import RenderDefaults, RenderError, render
+from tests.reliability import Outcome, outcome
 from tests.schemas import schema_errors
 
 EXAMPLES = sorted((Path(__file__).parents[3] / "deploy" / "examples").glob("*.yaml"))
@@ -88,8 +89,10 @@ def test_examples_render_valid(example: Path) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutants())
 def test_mutated_manifests_are_rejected_or_render_valid_objects(manifest: dict[str, Any]) -> None:
+    result = _counted()
     if schema_errors(manifest):
         event("rejected by the CRD schema")
+        result.error("rejected by the CRD schema")
         return  # the API server refuses it before the operator sees it
     rendered: list[dict[str, Any]] = []
     rejection: str | None = None
@@ -99,8 +102,20 @@ def test_mutated_manifests_are_rejected_or_render_valid_objects(manifest: dict[s
         rejection = str(exc)
     if rejection is not None:
         event("rejected by the renderer")
+        result.error("rejected by the renderer (Ready=False)")
         assert rejection.strip(), "a rejection needs a message for the Ready condition"
         return
     event("rendered")
     errors = [e for obj in rendered for e in schema_errors(obj)]
     assert errors == [], yaml.safe_dump(manifest)
+    result.ok()
+
+
+_FUZZED: list[Outcome] = []
+
+
+def _counted() -> Outcome:
+    """The one outcome of the fuzz test, made on its first example."""
+    if not _FUZZED:
+        _FUZZED.append(outcome("hypothesis-mutated LLMDeployment manifests through the renderer"))
+    return _FUZZED[0]
