@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 REPORT_ENV = "LLMOPS_RELIABILITY_REPORT"
 
 
@@ -58,6 +60,60 @@ class Outcome:
             "lost": self.lost,
             **({"measured": self.measured} if self.measured else {}),
         }
+
+    def record(self, kind: str) -> None:
+        """Counts a request by what `send` says happened to it."""
+        if kind == "200":
+            self.ok()
+        elif kind == "lost":
+            self.lose()
+        else:
+            self.error(kind)
+
+
+async def send(
+    client: httpx.AsyncClient,
+    path: str,
+    *,
+    json: dict[str, Any] | None = None,
+    content: bytes | None = None,
+    key: str | None = None,
+) -> str:
+    """Sends one POST and says what happened to it.
+
+    Returns:
+        The HTTP status ("200", "429", ...); "SSE error event" for a stream that ended with
+        one; "refused" when the connection was refused (nothing was sent: explicit and safe
+        to retry); "lost" for no answer, a cut connection, or a stream that ended without
+        [DONE].
+    """
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if content is not None:
+        headers["content-type"] = "application/json"
+    try:
+        if json is not None and json.get("stream"):
+            async with client.stream("POST", path, json=json, headers=headers) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    return str(response.status_code)
+                lines = [line async for line in response.aiter_lines() if line]
+            if any(line.startswith('data: {"error"') for line in lines):
+                return "SSE error event"
+            return "200" if lines[-1:] == ["data: [DONE]"] else "lost"
+        response = await client.post(path, json=json, content=content, headers=headers)
+        return str(response.status_code)
+    except httpx.ConnectError:
+        return "refused"
+    except httpx.HTTPError:
+        return "lost"
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 OUTCOMES: list[Outcome] = []

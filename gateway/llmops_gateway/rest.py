@@ -68,6 +68,26 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 GENERATION_ERRORS = _responses(400, 401, 403, 404, 413, 429, 502, 503, 504)
+# Chat and text completions answer JSON, or with "stream": true server-sent events.
+STREAMING_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": 'The completion; with "stream": true, server-sent events of chunks '
+        "(each line `data: {chunk}`, then `data: [DONE]`).",
+        "content": {
+            "application/json": {},
+            "text/event-stream": {
+                "schema": {
+                    "description": "One server-sent event: data is a JSON chunk, an error "
+                    "object that ends a failed stream, or [DONE].",
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                    "required": ["data"],
+                }
+            },
+        },
+    },
+    **GENERATION_ERRORS,
+}
 
 
 def _request_id(request: Request) -> str:
@@ -228,7 +248,7 @@ def create_app(core: GatewayCore) -> GatewayApp:
     @app.post(
         CHAT_PATH,
         openapi_extra=_body_schema(ChatRequest),
-        responses=GENERATION_ERRORS,
+        responses=STREAMING_RESPONSES,
     )
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
@@ -237,7 +257,7 @@ def create_app(core: GatewayCore) -> GatewayApp:
     @app.post(
         COMPLETIONS_PATH,
         openapi_extra=_body_schema(CompletionRequest),
-        responses=GENERATION_ERRORS,
+        responses=STREAMING_RESPONSES,
     )
     async def completions(request: Request) -> Response:
         """OpenAI text completions, streaming (SSE) or not."""

@@ -66,6 +66,11 @@ def test_no_server_errors_and_no_schema_violations(served: tuple[Gateway, str]) 
         )
         def fuzz(case: schemathesis.Case) -> None:
             ran[case.operation.label] = ran.get(case.operation.label, 0) + 1
+            # Random model names all stop at routing (404); two cases in three name a model
+            # the stub serves, so the rest of the body reaches validation, admission, relay.
+            if isinstance(case.body, dict) and ran[case.operation.label] % 3:
+                embeddings = case.operation.label.endswith("/v1/embeddings")
+                case.body["model"] = "stub-embed" if embeddings else "stub-chat"
             response = case.call_and_validate(
                 base_url=running.url, headers={"authorization": f"Bearer {key}"}, checks=CHECKS
             )

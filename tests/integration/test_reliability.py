@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +31,10 @@ from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.local import stop_process
 from tests.conftest import free_port
 from tests.integration.gateway_fixtures import Gateway, gateway, stub_upstream
-from tests.reliability import Outcome, outcome
+from tests.reliability import outcome, rss_mib, send
 
 CHAT = "/v1/chat/completions"
+MALFORMED = b'{"model": "stub-chat", "messages": ['
 
 
 def chat_body(max_tokens: int = 4, **extra: object) -> dict[str, object]:
@@ -45,37 +46,6 @@ def chat_body(max_tokens: int = 4, **extra: object) -> dict[str, object]:
     }
 
 
-async def send(client: httpx.AsyncClient, key: str, body: dict[str, object]) -> str:
-    """One request; what happened, as a kind: "200", "503", "refused", or "lost"."""
-    try:
-        if body.get("stream"):
-            async with client.stream(
-                "POST", CHAT, json=body, headers={"authorization": f"Bearer {key}"}
-            ) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    return str(response.status_code)
-                lines = [line async for line in response.aiter_lines() if line]
-            if any(line.startswith('data: {"error"') for line in lines):
-                return "SSE error event"
-            return "200" if lines and lines[-1] == "data: [DONE]" else "lost"
-        response = await client.post(CHAT, json=body, headers={"authorization": f"Bearer {key}"})
-        return str(response.status_code)
-    except httpx.ConnectError:
-        return "refused"  # nothing was sent: an explicit, retry-safe failure
-    except httpx.HTTPError:
-        return "lost"
-
-
-def count(result: Outcome, kind: str) -> None:
-    if kind == "200":
-        result.ok()
-    elif kind == "lost":
-        result.lose()
-    else:
-        result.error(kind)
-
-
 async def steady(
     url: str, key: str, rate: float, seconds: float, body: dict[str, object]
 ) -> list[tuple[float, str]]:
@@ -85,7 +55,7 @@ async def steady(
         start = time.monotonic()
 
         async def one(at: float) -> None:
-            results.append((at, await send(client, key, body)))
+            results.append((at, await send(client, CHAT, json=body, key=key)))
 
         tasks = []
         for i in range(int(rate * seconds)):
@@ -103,13 +73,6 @@ def metric(gw: Gateway, pattern: str) -> float:
         text = response.read().decode()
     found = re.search(rf"^{pattern} ([0-9.e+]+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 @dataclass
@@ -210,7 +173,7 @@ def test_redis_outage_under_load_follows_the_failure_mode(
         results, stopped, restarted = asyncio.run(scenario())
         down, up = stopped - started, restarted - started
         for _, kind in results:
-            count(result, kind)
+            result.record(kind)
         before = [kind for at, kind in results if at < down - 0.1]
         during = [kind for at, kind in results if down + 0.5 < at < up - 0.2]
         after = [kind for at, kind in results if at > up + 1.0]
@@ -246,19 +209,21 @@ def test_sigterm_finishes_every_stream_and_refuses_new_requests(
 
         async def scenario() -> tuple[list[str], list[str], float]:
             async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
-                streams = [asyncio.create_task(send(client, key, body)) for _ in range(10)]
+                streams = [
+                    asyncio.create_task(send(client, CHAT, json=body, key=key)) for _ in range(10)
+                ]
                 await asyncio.sleep(0.5)
                 signalled = time.monotonic()
                 gw.process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.3)
-                late = [await send(client, key, chat_body()) for _ in range(20)]
+                late = [await send(client, CHAT, json=chat_body(), key=key) for _ in range(20)]
                 finished = await asyncio.gather(*streams)
                 await asyncio.to_thread(gw.process.wait, 30)
                 return list(finished), late, time.monotonic() - signalled
 
         finished, late, drained_s = asyncio.run(scenario())
     for kind in finished + late:
-        count(result, kind)
+        result.record(kind)
     assert finished == ["200"] * 10
     assert set(late) == {"refused"}
     assert drained_s < 20
@@ -284,7 +249,7 @@ def test_hanging_backend_gets_504_and_deadline_exceeded(
                 f"{gw.url}{CHAT}", json=body, headers={"authorization": f"Bearer {key}"}, timeout=10
             )
             elapsed.append(time.monotonic() - started)
-            count(result, str(response.status_code))
+            result.record(str(response.status_code))
             assert response.json()["error"]["type"] == "timeout_error"
         with grpc.insecure_channel(gw.grpc_target) as channel:
             stub = pb_grpc.GatewayStub(channel)
@@ -298,7 +263,7 @@ def test_hanging_backend_gets_504_and_deadline_exceeded(
                         request, metadata=[("authorization", f"Bearer {key}")], timeout=10
                     )
                 elapsed.append(time.monotonic() - started)
-                count(result, caught.value.code().name)
+                result.record(caught.value.code().name)
     assert result.failed == {"504": 5, "DEADLINE_EXCEEDED": 5}
     assert all(1.4 < s < 4 for s in elapsed), elapsed
     result.measured = {"answered after s": f"{min(elapsed):.2f}-{max(elapsed):.2f}"}
@@ -335,7 +300,7 @@ def test_malformed_and_oversized_grpc_messages_are_refused(
         for payload in malformed:
             with pytest.raises(grpc.RpcError) as caught:
                 raw(payload, metadata=metadata, timeout=10)
-            count(result, caught.value.code().name)
+            result.record(caught.value.code().name)
         huge = pb.ChatCompletionRequest(
             model="stub-chat", messages=[pb.Message(role="user", content="x" * (2 << 20))]
         )
@@ -343,7 +308,7 @@ def test_malformed_and_oversized_grpc_messages_are_refused(
         for _ in range(5):
             with pytest.raises(grpc.RpcError) as caught:
                 stub.CreateChatCompletion(huge, metadata=metadata, timeout=10)
-            count(result, caught.value.code().name)
+            result.record(caught.value.code().name)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         reply = stub.CreateChatCompletion(
             pb.ChatCompletionRequest(
@@ -384,7 +349,7 @@ def test_huge_requests_get_4xx_and_idle_connections_stay_cheap(
                     response = client.post(CHAT, json=body)
                     assert response.status_code == 400, (name, response.text)
                     assert "max_tokens" in response.json()["error"]["message"]
-                    count(result, "400")
+                    result.record("400")
             oversized = (
                 b'{"model": "stub-chat", "messages": [], "pad": "' + b"x" * (2 << 20) + b'"}'
             )
@@ -393,7 +358,7 @@ def test_huge_requests_get_4xx_and_idle_connections_stay_cheap(
                     CHAT, content=oversized, headers={"content-type": "application/json"}
                 )
                 assert response.status_code == 413
-                count(result, "413")
+                result.record("413")
 
             before = rss_mib(gw.process.pid)
             idle = []
@@ -405,7 +370,7 @@ def test_huge_requests_get_4xx_and_idle_connections_stay_cheap(
             # Real requests keep being served meanwhile.
             for _ in range(20):
                 kind = str(client.post(CHAT, json=chat_body()).status_code)
-                count(result, kind)
+                result.record(kind)
                 assert kind == "200"
             for conn in idle:
                 conn.close()
@@ -443,7 +408,7 @@ def test_tenants_are_isolated_and_keys_never_leak(tmp_path: Path, store: FileKey
         denied = call(key_a, "/v1/embeddings", {"model": "stub-embed", "input": "x"})
         assert denied.status_code == 403
         assert "tenant-a may not use model 'stub-embed'" in denied.json()["error"]["message"]
-        count(result, "403")
+        result.record("403")
         assert call(key_a, CHAT, chat_body()).status_code == 200
         result.ok()
         secret_a = key_a.rsplit("_", 1)[1]
@@ -451,7 +416,7 @@ def test_tenants_are_isolated_and_keys_never_leak(tmp_path: Path, store: FileKey
         for bad in (forged, key_b + "x", "llmops_nonsense", secret_a):
             response = call(bad, CHAT, chat_body())
             assert response.status_code == 401
-            count(result, "401")
+            result.record("401")
             assert secret_a not in response.text
             assert bad not in response.text
         # The API port serves no metrics; the metrics port no API (whatever the path, it
@@ -496,19 +461,15 @@ def test_soak_mixed_traffic_keeps_memory_flat(tmp_path: Path, store: FileKeyStor
             tmp_path, default_backend=upstream, keys_file=store.path, redis_url=redis.url
         ) as gw,
     ):
-        mix: list[tuple[str, Callable[[httpx.AsyncClient], Awaitable[str]]]] = [
-            ("chat", lambda c: send(c, key, chat_body(8))),
-            ("stream", lambda c: send(c, key, chat_body(16, stream=True))),
-            (
-                "stream with usage",
-                lambda c: send(
-                    c, key, chat_body(16, stream=True, stream_options={"include_usage": True})
-                ),
-            ),
-            ("completion", lambda c: _completion(c, key)),
-            ("embedding", lambda c: _embedding(c, key)),
-            ("malformed JSON", lambda c: _malformed(c, key)),
-            ("over the rate limit", lambda c: send(c, limited, chat_body(2))),
+        usage = chat_body(16, stream=True, stream_options={"include_usage": True})
+        mix: list[tuple[str, str, str, dict[str, object] | None]] = [
+            ("chat", CHAT, key, chat_body(8)),
+            ("stream", CHAT, key, chat_body(16, stream=True)),
+            ("stream with usage", CHAT, key, usage),
+            ("completion", "/v1/completions", key, {"model": "stub-chat", "prompt": "hi"}),
+            ("embedding", "/v1/embeddings", key, {"model": "stub-embed", "input": ["a", "b"]}),
+            ("malformed JSON", CHAT, key, None),
+            ("over the rate limit", CHAT, limited, chat_body(2)),
         ]
         weights = [10, 4, 2, 2, 2, 1, 1]
         schedule = [entry for entry, w in zip(mix, weights, strict=True) for _ in range(w)]
@@ -523,10 +484,13 @@ def test_soak_mixed_traffic_keeps_memory_flat(tmp_path: Path, store: FileKeyStor
                 tasks: set[asyncio.Task[None]] = set()
 
                 async def one(
-                    name: str, call: Callable[[httpx.AsyncClient], Awaitable[str]]
+                    name: str, path: str, caller: str, body: dict[str, object] | None
                 ) -> None:
-                    kind = await call(client)
-                    count(result, kind)
+                    if body is None:
+                        kind = await send(client, path, content=MALFORMED, key=caller)
+                    else:
+                        kind = await send(client, path, json=body, key=caller)
+                    result.record(kind)
                     if kind not in expected.get(name, {"200"}):
                         unexpected.append((name, kind))
 
@@ -536,8 +500,7 @@ def test_soak_mixed_traffic_keeps_memory_flat(tmp_path: Path, store: FileKeyStor
                     if now >= next_sample:
                         samples.append((now, rss_mib(gw.process.pid)))
                         next_sample += 10
-                    name, call = schedule[i % len(schedule)]
-                    task = asyncio.create_task(one(name, call))
+                    task = asyncio.create_task(one(*schedule[i % len(schedule)]))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     i += 1
@@ -556,37 +519,3 @@ def test_soak_mixed_traffic_keeps_memory_flat(tmp_path: Path, store: FileKeyStor
     assert result.lost == 0
     assert not [kind for kind in result.failed if kind.startswith("5")]
     assert growth < 0.10, result.measured
-
-
-async def _completion(client: httpx.AsyncClient, key: str) -> str:
-    body = {"model": "stub-chat", "prompt": "hello", "max_tokens": 8}
-    try:
-        response = await client.post(
-            "/v1/completions", json=body, headers={"authorization": f"Bearer {key}"}
-        )
-    except httpx.HTTPError:
-        return "lost"
-    return str(response.status_code)
-
-
-async def _embedding(client: httpx.AsyncClient, key: str) -> str:
-    body = {"model": "stub-embed", "input": ["a", "b"]}
-    try:
-        response = await client.post(
-            "/v1/embeddings", json=body, headers={"authorization": f"Bearer {key}"}
-        )
-    except httpx.HTTPError:
-        return "lost"
-    return str(response.status_code)
-
-
-async def _malformed(client: httpx.AsyncClient, key: str) -> str:
-    try:
-        response = await client.post(
-            CHAT,
-            content=b'{"model": "stub-chat", "messages": [',
-            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
-        )
-    except httpx.HTTPError:
-        return "lost"
-    return str(response.status_code)

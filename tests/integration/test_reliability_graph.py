@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import RunningGraph
-from tests.reliability import outcome
+from tests.reliability import outcome, rss_mib, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -102,13 +102,7 @@ def test_a_replica_killed_mid_stream_ends_it_with_an_error_and_others_serve(
 ) -> None:
     result = outcome("an LLM replica killed (SIGKILL) during a stream; 8 requests meanwhile")
     _until(lambda: len(_replicas()) == 2, "two running replicas of smollm2-coding", 300)
-    body = {
-        "model": MODEL,
-        "max_tokens": 400,
-        "ignore_eos": True,
-        "stream": True,
-        "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}],
-    }
+    body = _long_stream(400)
     headers = {"authorization": f"Bearer {graph.key}"}
 
     async def scenario() -> tuple[list[tuple[float, str]], float, list[int]]:
@@ -178,13 +172,7 @@ def test_a_client_that_leaves_stops_the_generation_and_pays_for_what_it_got(
 ) -> None:
     result = outcome("a client disconnects after 10 of 1,000 streamed tokens")
     tokens_before = _ray_metric(graph, "ray_vllm_generation_tokens_total", MODEL)
-    body = {
-        "model": MODEL,
-        "max_tokens": 1000,
-        "ignore_eos": True,
-        "stream": True,
-        "messages": [{"role": "user", "content": "Write a very long story."}],
-    }
+    body = _long_stream(1000)
     received = 0
     with httpx.stream(
         "POST",
@@ -230,32 +218,14 @@ def test_soak_through_the_gateway_to_the_real_graph(graph: RunningGraph) -> None
         async with httpx.AsyncClient(base_url=graph.url, headers=headers, timeout=120) as client:
 
             async def one(path: str, body: dict[str, object]) -> None:
-                try:
-                    if body.get("stream"):
-                        async with client.stream("POST", path, json=body) as response:
-                            lines = [line async for line in response.aiter_lines() if line]
-                        status = str(response.status_code)
-                        if status == "200" and any('"error"' in line for line in lines):
-                            status = "SSE error event"
-                        elif status == "200" and lines[-1:] != ["data: [DONE]"]:
-                            status = "lost"  # cut without an error event
-                    else:
-                        status = str((await client.post(path, json=body)).status_code)
-                except httpx.HTTPError:
-                    status = "lost"
-                if status == "200":
-                    result.ok()
-                elif status == "lost":
-                    result.lose()
-                else:
-                    result.error(status)
+                result.record(await send(client, path, json=body))
 
             start = time.monotonic()
             tasks = []
             i = 0
             while (now := time.monotonic() - start) < GRAPH_SOAK_S:
                 if len(samples) <= now // 10:
-                    samples.append((now, _rss_mib(gateway_pid)))
+                    samples.append((now, rss_mib(gateway_pid)))
                 path, body = bodies[i % len(bodies)]
                 tasks.append(asyncio.create_task(one(path, body)))
                 i += 1
@@ -275,6 +245,17 @@ def test_soak_through_the_gateway_to_the_real_graph(graph: RunningGraph) -> None
     assert growth < 0.10, result.measured
 
 
+def _long_stream(tokens: int) -> dict[str, object]:
+    """A streamed chat that generates exactly ``tokens`` tokens unless stopped."""
+    return {
+        "model": MODEL,
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "messages": [_ask("Write a long story about a lighthouse.")],
+    }
+
+
 def _ask(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 
@@ -285,10 +266,3 @@ def _gateway_pid(graph: RunningGraph) -> int:
         if parent == graph.process.pid and "llmops_gateway" in command:
             return pid
     raise AssertionError("no gateway process under llmops up")
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
