@@ -46,6 +46,8 @@ class RunningGraph:
     """Its file_sd folder: more scrape targets go here."""
     graph_metrics_url: str
     """Where Ray serves the graph's metrics (Serve, vLLM engines, router, encoder)."""
+    gateway_metrics_url: str
+    """The gateway's Prometheus metrics."""
     ray_logs: Path
     """Ray's log folder for this run (one worker-<id>-<job>-<pid>.out per worker process)."""
 
@@ -133,6 +135,7 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
             prometheus.group(1),
             Path(prometheus.group(2)),
             f"http://127.0.0.1:{ray_metrics_port}/metrics",
+            f"http://127.0.0.1:{metrics_port}/metrics",
             Path(ray_logs.group(1)),
         )
     finally:

@@ -408,6 +408,18 @@ class GatewayCore:
 
 USAGE_MARK = b'"usage":{'
 CONTENT_MARKS = (b'"content":"', b'"text":"')
+EMPTY_MARKS = (b'"content":""', b'"text":""')
+
+
+def content_chunks(events: bytes) -> int:
+    """How many chunks in ``events`` carry generated text.
+
+    The first chat chunk carries only the role (``"content":""``): it is no token, so it is
+    neither charged nor taken as the first token.
+    """
+    return sum(events.count(mark) for mark in CONTENT_MARKS) - sum(
+        events.count(mark) for mark in EMPTY_MARKS
+    )
 
 
 def _split_complete(buffer: bytes) -> int:
@@ -454,7 +466,7 @@ async def relay_sse(
                             continue
                     kept.append(event)
                 events = b"".join(kept)
-            contents = sum(events.count(mark) for mark in CONTENT_MARKS)
+            contents = content_chunks(events)
             if contents and not counted:
                 core.metrics.ttft.labels(model=admitted.model).observe(
                     time.monotonic() - admitted.started

@@ -82,11 +82,22 @@ def _streaming_replica(graph: RunningGraph) -> int:
     raise AssertionError("no single replica of smollm2-coding reported a running request")
 
 
+def _metric(url: str, name: str, labels: str) -> float:
+    """Sum of a metric over the series whose labels match ``labels`` (a regex)."""
+    text = httpx.get(url, timeout=10).text
+    pattern = rf"^{name}\{{[^}}]*{labels}[^}}]*\}} ([0-9.e+]+)$"
+    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+
+
 def _ray_metric(graph: RunningGraph, name: str, model: str) -> float:
     """Sum of a vLLM metric over every replica of ``model``, as Ray exports it."""
-    text = httpx.get(graph.graph_metrics_url, timeout=10).text
-    pattern = rf'^{name}\{{[^}}]*model_name="{model}"[^}}]*\}} ([0-9.e+]+)$'
-    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
+    return _metric(graph.graph_metrics_url, name, f'model_name="{model}"')
+
+
+def _charged(graph: RunningGraph) -> float:
+    """Completion tokens the gateway has settled for the local tenant on MODEL."""
+    labels = f'direction="completion",model="{MODEL}",tenant="local"'
+    return _metric(graph.gateway_metrics_url, "llmops_gateway_tokens_total", labels)
 
 
 def _until(check: Callable[[], bool], what: str, timeout_s: float) -> None:
@@ -172,6 +183,7 @@ def test_a_client_that_leaves_stops_the_generation_and_pays_for_what_it_got(
 ) -> None:
     result = outcome("a client disconnects after 10 of 1,000 streamed tokens")
     tokens_before = _ray_metric(graph, "ray_vllm_generation_tokens_total", MODEL)
+    charged_before = _charged(graph)
     body = _long_stream(1000)
     received = 0
     with httpx.stream(
@@ -182,7 +194,8 @@ def test_a_client_that_leaves_stops_the_generation_and_pays_for_what_it_got(
         timeout=60,
     ) as response:
         for line in response.iter_lines():
-            if line.startswith("data: {") and '"content"' in line:
+            # Tokens: chunks with text (the first chunk holds only the role).
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
                 received += 1
             if received >= 10:
                 break
@@ -198,7 +211,15 @@ def test_a_client_that_leaves_stops_the_generation_and_pays_for_what_it_got(
     _until(settled, "vLLM's generated tokens stop growing", 60)
     generated = seen[-1] - tokens_before
     assert generated < 100, f"vLLM generated {generated:.0f} tokens for a client that left at 10"
-    result.measured = {"tokens vLLM generated": int(generated), "tokens relayed": received}
+    # Usage is settled: the tenant pays for what was relayed, not for the 1,000 reserved.
+    _until(lambda: _charged(graph) > charged_before, "the stream's usage settled", 30)
+    charged = _charged(graph) - charged_before
+    assert received <= charged <= generated, (received, charged, generated)
+    result.measured = {
+        "tokens vLLM generated": int(generated),
+        "tokens the client read": received,
+        "tokens charged": int(charged),
+    }
 
 
 @pytest.mark.timeout(GRAPH_SOAK_S + 300)
