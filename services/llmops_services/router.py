@@ -141,19 +141,26 @@ def _as_error(item: Any) -> ServingError | None:
 
 
 async def _sse(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[str]:
-    """Relays Serve LLM stream batches as SSE; a failure becomes an error event."""
+    """Relays Serve LLM stream batches as SSE; a failure becomes an error event.
+
+    Each batch the LLM deployment sends leaves as one body chunk: one message to the HTTP
+    proxy per batch, not per token.
+    """
     done = False
     try:
         batch: Any = first
         while True:
+            texts = []
             for item in batch if isinstance(batch, list) else [batch]:
                 error = _as_error(item)
                 if error is not None:
-                    yield f"data: {json.dumps(error.body())}\n\n"
+                    texts.append(f"data: {json.dumps(error.body())}\n\n")
                     continue
                 text = item if isinstance(item, str) else f"data: {item.model_dump_json()}\n\n"
                 done = done or text.rstrip().endswith("[DONE]")
-                yield text
+                texts.append(text)
+            if texts:
+                yield "".join(texts)
             batch = await rest.__anext__()
     except StopAsyncIteration:
         pass

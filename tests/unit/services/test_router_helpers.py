@@ -71,9 +71,9 @@ async def _gen(*items: Any, fail: Exception | None = None) -> AsyncIterator[Any]
         raise fail
 
 
-async def test_sse_relays_batches_in_order_and_ends_with_done() -> None:
-    chunks = await _collect(["data: 1\n\n", "data: 2\n\n"], _gen(["data: 3\n\n"]))
-    assert chunks == ["data: 1\n\n", "data: 2\n\n", "data: 3\n\n", "data: [DONE]\n\n"]
+async def test_sse_relays_batches_in_order_one_body_chunk_each_and_ends_with_done() -> None:
+    chunks = await _collect(["data: 1\n\n", "data: 2\n\n"], _gen(["data: 3\n\n"], []))
+    assert chunks == ["data: 1\n\ndata: 2\n\n", "data: 3\n\n", "data: [DONE]\n\n"]
 
 
 async def test_sse_does_not_repeat_done() -> None:
