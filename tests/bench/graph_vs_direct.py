@@ -3,6 +3,7 @@
 Starts vLLM's own OpenAI server on the embedded SmolLM2 weights, measures it, stops it, then
 starts `llmops up` (same weights, same engine arguments), measures it, and prints both, with
 ratios. Same prompts, streaming, fixed output length (ignore_eos), concurrency 1 and 8.
+Also reports the CPU each kind of process used per 1,000 tokens (read from /proc).
 
     .venv/bin/python -m tests.bench.graph_vs_direct [--rounds 3] [--max-tokens 64]
 
@@ -15,13 +16,14 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
@@ -49,6 +51,53 @@ class Result:
     ttft_p50_ms: float
     ttft_p95_ms: float
     requests: int
+    tokens: int = 0
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds each kind of process used during the measurement."""
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_kind(pid: str) -> str:
+    """A process's kind: its Ray title without the method it runs now, or its program."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    args = [a.decode(errors="replace") for a in argv if a]
+    if args and args[0].startswith("ray::"):
+        # "ray::ServeReplica:llmops:Router.handle_request" -> "ray::ServeReplica:llmops:Router"
+        # Replica ids ("#dbkkacdd") dropped: the replicas of one deployment add up.
+        return re.sub(r"#[0-9a-z]{8}", "", args[0].split(" ")[0].split(".")[0])
+    if "-m" in args[:-1]:
+        return f"{Path(args[0]).name} -m {args[args.index('-m') + 1]}"
+    script = next((a for a in args[1:] if not a.startswith("-")), "")
+    return f"{Path(args[0]).name} {Path(script).name[:40]}".strip() if args else "?"
+
+
+def _cpu_ticks() -> dict[str, tuple[str, int]]:
+    """pid -> (kind, utime + stime in ticks) for every process on the machine."""
+    ticks = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks[pid] = (_process_kind(pid), int(fields[11]) + int(fields[12]))
+        except (OSError, IndexError):
+            continue
+    return ticks
+
+
+def _cpu_used(before: dict[str, tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds used since ``before``, summed by process kind, largest first."""
+    used: dict[str, float] = {}
+    for pid, (kind, ticks) in _cpu_ticks().items():
+        delta = ticks - before.get(pid, (kind, 0))[1]
+        if delta > 0:
+            used[kind] = used.get(kind, 0.0) + delta / TICKS
+    ranked = sorted(used.items(), key=lambda item: -item[1])
+    return {kind: round(seconds, 2) for kind, seconds in ranked if seconds >= 0.05}
 
 
 def _wait(url: str, path: str, timeout_s: float = 900) -> None:
@@ -92,6 +141,7 @@ async def measure(url: str, model: str, concurrency: int, rounds: int, max_token
     await _one(client, model, "warm up", 8)
     ttfts: list[float] = []
     tokens = 0
+    cpu_before = _cpu_ticks()
     started = time.perf_counter()
     for r in range(rounds):
         batch = [PROMPTS[(r * concurrency + i) % len(PROMPTS)] for i in range(concurrency)]
@@ -99,12 +149,21 @@ async def measure(url: str, model: str, concurrency: int, rounds: int, max_token
         ttfts += [t for t, _ in results]
         tokens += sum(n for _, n in results)
     elapsed = time.perf_counter() - started
+    cpu_s = _cpu_used(cpu_before)
     q = (
         statistics.quantiles([t * 1000 for t in ttfts], n=20)
         if len(ttfts) > 1
         else [ttfts[0] * 1000] * 19
     )
-    return Result(concurrency, tokens / elapsed, statistics.median(ttfts) * 1000, q[18], len(ttfts))
+    return Result(
+        concurrency,
+        tokens / elapsed,
+        statistics.median(ttfts) * 1000,
+        q[18],
+        len(ttfts),
+        tokens,
+        cpu_s,
+    )
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -165,6 +224,11 @@ def run_graph(args: argparse.Namespace, model: str) -> list[Result]:
         _stop(process)
 
 
+def _per_1k(result: Result) -> dict[str, float]:
+    scale = 1000 / max(result.tokens, 1)
+    return {kind: round(seconds * scale, 2) for kind, seconds in result.cpu_s.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level")
@@ -189,6 +253,9 @@ def main() -> None:
                 "direct_ttft_p95_ms": round(d.ttft_p95_ms, 1),
                 "graph_ttft_p95_ms": round(g.ttft_p95_ms, 1),
                 "requests": d.requests,
+                # CPU seconds per 1,000 tokens, by process kind, in each setting.
+                "direct_cpu_s_per_1k_tokens": _per_1k(d),
+                "graph_cpu_s_per_1k_tokens": _per_1k(g),
             }
         )
     print(json.dumps(rows, indent=2))
