@@ -117,6 +117,9 @@ def run_local(
     # CPU the proxy, router and LLM replica spend per streamed token by about 30%
     # (docs/benchmarks.md). "0" turns it off.
     os.environ.setdefault(THROUGHPUT_OPTIMIZED_ENV, "1")
+    # Its ingress replicas stay up 30 s after they are told to stop, for a load balancer to
+    # deregister them; one machine has none, and Ctrl-C would wait that long.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     import ray
     from ray import serve
 
