@@ -108,6 +108,37 @@ async def send(
         return "lost"
 
 
+@dataclass(frozen=True)
+class Process:
+    """One process, as /proc shows it."""
+
+    argv: list[str]
+    parent: int
+    cpu_ticks: int
+    """User + system CPU time, in clock ticks (os.sysconf("SC_CLK_TCK") a second)."""
+
+    @property
+    def command(self) -> str:
+        return " ".join(self.argv).strip()
+
+
+def processes() -> dict[int, Process]:
+    """Every process on the machine, by pid (those that exit while being read are left out)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(entry.name)] = Process(
+            [a for a in argv if a], int(fields[1]), int(fields[11]) + int(fields[12])
+        )
+    return found
+
+
 def rss_mib(pid: int) -> float:
     """A process's resident memory."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -114,7 +114,7 @@ def run_local(
     # Ray Serve's throughput mode (gRPC between replicas, user code on the replica's own event
     # loop, one HTTP proxy, garbage collection frozen after start-up; replica logs to files
     # only): read when ray.serve is first imported, inherited by every Ray process. It cut the
-    # CPU the proxy, router and LLM replica spend per streamed token by about 30%
+    # CPU the proxy, router and LLM replica spend per streamed token by 23-30%
     # (docs/benchmarks.md). "0" turns it off.
     os.environ.setdefault(THROUGHPUT_OPTIMIZED_ENV, "1")
     # Its ingress replicas stay up 30 s after they are told to stop, for a load balancer to

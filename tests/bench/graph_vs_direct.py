@@ -31,6 +31,7 @@ import openai
 from llmops_services import default_graph_config, resolve_source
 from llmops_services.llm import llm_config_for
 from tests.conftest import free_port
+from tests.reliability import processes
 
 PROMPTS = [
     "Explain what a hash table is.",
@@ -59,37 +60,24 @@ class Result:
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _process_kind(pid: str) -> str:
+def _process_kind(argv: list[str]) -> str:
     """A process's kind: its Ray title without the method it runs now, or its program."""
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        argv = f.read().split(b"\0")
-    args = [a.decode(errors="replace") for a in argv if a]
-    if args and args[0].startswith("ray::"):
-        # "ray::ServeReplica:llmops:Router.handle_request" -> "ray::ServeReplica:llmops:Router"
-        # Replica ids ("#dbkkacdd") dropped: the replicas of one deployment add up.
-        return re.sub(r"#[0-9a-z]{8}", "", args[0].split(" ")[0].split(".")[0])
-    if "-m" in args[:-1]:
-        return f"{Path(args[0]).name} -m {args[args.index('-m') + 1]}"
-    script = next((a for a in args[1:] if not a.startswith("-")), "")
-    return f"{Path(args[0]).name} {Path(script).name[:40]}".strip() if args else "?"
+    if argv and argv[0].startswith("ray::"):
+        # "ray::ServeReplica:llmops:Router.handle_request" -> "ray::ServeReplica:llmops:Router";
+        # replica ids ("#dbkkacdd") dropped: the replicas of one deployment add up.
+        return re.sub(r"#[0-9a-z]{8}", "", argv[0].split(" ")[0].split(".")[0])
+    if "-m" in argv[:-1]:
+        return f"{Path(argv[0]).name} -m {argv[argv.index('-m') + 1]}"
+    script = next((a for a in argv[1:] if not a.startswith("-")), "")
+    return f"{Path(argv[0]).name} {Path(script).name[:40]}".strip() if argv else "?"
 
 
-def _cpu_ticks() -> dict[str, tuple[str, int]]:
-    """pid -> (kind, utime + stime in ticks) for every process on the machine."""
-    ticks = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            ticks[pid] = (_process_kind(pid), int(fields[11]) + int(fields[12]))
-        except (OSError, IndexError):
-            continue
-    return ticks
+def _cpu_ticks() -> dict[int, tuple[str, int]]:
+    """pid -> (kind, CPU ticks used so far) for every process on the machine."""
+    return {pid: (_process_kind(p.argv), p.cpu_ticks) for pid, p in processes().items()}
 
 
-def _cpu_used(before: dict[str, tuple[str, int]]) -> dict[str, float]:
+def _cpu_used(before: dict[int, tuple[str, int]]) -> dict[str, float]:
     """CPU seconds used since ``before``, summed by process kind, largest first."""
     used: dict[str, float] = {}
     for pid, (kind, ticks) in _cpu_ticks().items():

@@ -12,13 +12,12 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import RunningGraph
-from tests.reliability import outcome, rss_mib, send
+from tests.reliability import outcome, processes, rss_mib, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -26,21 +25,9 @@ MODEL = "smollm2-coding"
 REPLICA_TITLE = f"ray::ServeReplica:llmops:llm-{MODEL}"
 CHAT = "/v1/chat/completions"
 GRAPH_SOAK_S = float(os.environ.get("LLMOPS_GRAPH_SOAK_SECONDS", "120"))
-
-
-def _processes() -> dict[int, tuple[str, int]]:
-    """pid -> (command line, parent pid) of every process."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        found[int(entry.name)] = (command, int(stat.rsplit(")", 1)[1].split()[1]))
-    return found
+# Memory is sampled SAMPLE_S apart; growth is measured from the first sample after WARM_UP_S.
+WARM_UP_S = min(30.0, GRAPH_SOAK_S / 4)
+SAMPLE_S = min(10.0, GRAPH_SOAK_S / 12)
 
 
 def _replicas() -> list[int]:
@@ -51,9 +38,9 @@ def _replicas() -> list[int]:
     """
     return [
         pid
-        for pid, (command, _) in _processes().items()
-        if (command == REPLICA_TITLE or command.startswith(f"{REPLICA_TITLE}."))
-        and "initialize" not in command
+        for pid, process in processes().items()
+        if (process.command == REPLICA_TITLE or process.command.startswith(f"{REPLICA_TITLE}."))
+        and "initialize" not in process.command
     ]
 
 
@@ -245,7 +232,7 @@ def test_soak_through_the_gateway_to_the_real_graph(graph: RunningGraph) -> None
             tasks = []
             i = 0
             while (now := time.monotonic() - start) < GRAPH_SOAK_S:
-                if len(samples) <= now // 10:
+                if len(samples) <= now // SAMPLE_S:
                     samples.append((now, rss_mib(gateway_pid)))
                 path, body = bodies[i % len(bodies)]
                 tasks.append(asyncio.create_task(one(path, body)))
@@ -254,7 +241,7 @@ def test_soak_through_the_gateway_to_the_real_graph(graph: RunningGraph) -> None
             await asyncio.gather(*tasks)
 
     asyncio.run(soak())
-    warm = [rss for at, rss in samples if at >= 30]
+    warm = [rss for at, rss in samples if at >= WARM_UP_S]
     growth = (max(warm) - warm[0]) / warm[0]
     result.measured = {
         "gateway RSS after warm-up": f"{warm[0]:.1f} MiB",
@@ -283,7 +270,7 @@ def _ask(text: str) -> dict[str, str]:
 
 def _gateway_pid(graph: RunningGraph) -> int:
     """The gateway process `llmops up` started (its child running llmops_gateway)."""
-    for pid, (command, parent) in _processes().items():
-        if parent == graph.process.pid and "llmops_gateway" in command:
+    for pid, process in processes().items():
+        if process.parent == graph.process.pid and "llmops_gateway" in process.command:
             return pid
     raise AssertionError("no gateway process under llmops up")
