@@ -4,7 +4,10 @@ The chart mounts this Secret into the gateway pods, which re-read the file when 
 refreshes it. kubectl does the talking, so whatever reaches the cluster for the user (contexts,
 exec credential plugins, proxies) works here too. Every change is a read, an edit and a
 `kubectl replace` of the version that was read: a concurrent change makes the API server refuse
-the write (409 Conflict), and the edit is redone on the new version, so nothing is lost.
+the write (409 Conflict), and the edit is redone on the new version, so nothing is lost. Writers
+that keep colliding back off for a random, growing time (as client-go's RetryOnConflict does), so
+that a burst of them spreads out instead of colliding in lockstep; they give up only after
+``RETRY_SECONDS``.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import base64
 import binascii
 import json
 import os
+import random
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from llmops_gateway.keys import EditableKeyStore, KeyFile, dump_document
 
 KUBECTL_ENV = "LLMOPS_KUBECTL"
-ATTEMPTS = 5
+RETRY_SECONDS = 60.0
+BACKOFF_SECONDS = (0.05, 2.0)  # first and largest wait between two attempts
 T = TypeVar("T")
 
 
@@ -103,7 +109,9 @@ class SecretKeyStore(EditableKeyStore):
 
     def update(self, change: Callable[[KeyFile], T]) -> T:
         """Applies ``change`` and writes the Secret back, redoing it after a conflict."""
-        for _ in range(ATTEMPTS):
+        deadline = time.monotonic() + RETRY_SECONDS
+        wait, longest = BACKOFF_SECONDS
+        while True:
             secret = self._read()
             document = self._document(secret)
             result = change(document)
@@ -129,4 +137,9 @@ class SecretKeyStore(EditableKeyStore):
                 return result
             if "Conflict" not in written.stderr and "AlreadyExists" not in written.stderr:
                 raise SecretStoreError(f"cannot write {self}: {written.stderr.strip()}")
-        raise SecretStoreError(f"{self} kept changing under us; try again")
+            if time.monotonic() + wait > deadline:
+                raise SecretStoreError(
+                    f"{self} kept changing under us for {RETRY_SECONDS:.0f} s; try again"
+                )
+            time.sleep(random.uniform(0, wait))  # noqa: S311 - jitter, not a secret
+            wait = min(2 * wait, longest)

@@ -100,8 +100,9 @@ async def test_concurrent_creates_lose_nothing(kmock: KubeAPI, tmp_path: Path) -
     assert len(replaces) >= 6  # every create after the first replaces the Secret
 
 
+@pytest.mark.parametrize("collisions", [1, 8])
 async def test_a_change_made_meanwhile_is_kept_and_ours_is_redone(
-    kmock: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kmock: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, collisions: int
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig(kmock, tmp_path)))
     monkeypatch.setenv("LLMOPS_KUBECTL", str(KUBECTL))
@@ -112,13 +113,14 @@ async def test_a_change_made_meanwhile_is_kept_and_ours_is_redone(
     def change(document: KeyFile) -> None:
         nonlocal calls
         calls += 1
-        if calls == 1:  # someone else writes between our read and our write
-            theirs.create(Tenant(name="theirs"))
+        if calls <= collisions:  # someone else writes between our read and our write
+            theirs.create(Tenant(name=f"theirs{calls}"))
         document.tenants["ours"] = Tenant(name="ours")
 
     await asyncio.to_thread(ours.update, change)
-    assert calls == 2  # the first write was refused (409) and the change redone
-    assert sorted(stored(kmock).tenants) == ["first", "ours", "theirs"]
+    assert calls == collisions + 1  # each write over a stale version was refused (409), redone
+    theirs_names = [f"theirs{i}" for i in range(1, collisions + 1)]
+    assert sorted(stored(kmock).tenants) == sorted(["first", "ours", *theirs_names])
 
 
 async def test_missing_kubectl_and_bad_names_are_explained(kmock: KubeAPI, tmp_path: Path) -> None:
