@@ -410,7 +410,7 @@ def test_tenants_are_isolated_and_keys_never_leak(tmp_path: Path, store: FileKey
         result.record("403")
         assert call(key_a, CHAT, chat_body()).status_code == 200
         result.ok()
-        secret_a = key_a.rsplit("_", 1)[1]
+        secret_a = key_a.split("_", 2)[2]  # the secret may itself contain "_"
         forged = key_a[: -len(secret_a)] + "x" * len(secret_a)
         for bad in (forged, key_b + "x", "llmops_nonsense", secret_a):
             response = call(bad, CHAT, chat_body())
@@ -433,7 +433,7 @@ def test_tenants_are_isolated_and_keys_never_leak(tmp_path: Path, store: FileKey
     log_text = gw.log.read_text()
     stored = store.path.read_text()
     for key in (key_a, key_b):
-        secret = key.rsplit("_", 1)[1]
+        secret = key.split("_", 2)[2]
         assert secret not in log_text
         assert secret not in metrics_text
         assert secret not in stored  # hashed at rest
