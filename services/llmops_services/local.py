@@ -121,8 +121,8 @@ def run_local(
     # deregister them; one machine has none, and Ctrl-C would wait that long.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     # The Serve controller checks every deployment ten times a second by default, and with
-    # GCS that was a quarter of what an idle local graph costs; a local graph has fixed
-    # replica counts, and twice a second cut that part by 60% (docs/benchmarks.md).
+    # GCS that was a third of what an idle local graph costs; a local graph has fixed replica
+    # counts, and twice a second cut that part by 60% (docs/benchmarks.md).
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     import ray
     from ray import serve
