@@ -3,9 +3,17 @@
 Starts vLLM's own OpenAI server on the embedded SmolLM2 weights, measures it, stops it, then
 starts `llmops up` (same weights, same engine arguments), measures it, and prints both, with
 ratios. Same prompts, streaming, fixed output length (ignore_eos), concurrency 1 and 8.
-Also reports the CPU each kind of process used per 1,000 tokens (read from /proc).
+Also reports the CPU each kind of process used per 1,000 tokens (read from /proc), and the
+"worker share": the fraction of the time vLLM's compute worker ran, which, unlike tokens/s, does
+not move with the machine's speed.
 
-    .venv/bin/python -m tests.bench.graph_vs_direct [--rounds 3] [--max-tokens 64]
+A machine's speed drifts by tens of percent over minutes, so with ``--cycles N`` the pair is
+measured N times, in the order direct, graph and graph, direct alternately, and the summary
+gives the median over cycles of each cycle's ratio. ``--variant KEY=VALUE`` (repeatable)
+measures a second graph in every cycle with that environment added, e.g. a setting before a
+change, so that its effect is seen in the same run.
+
+    .venv/bin/python -m tests.bench.graph_vs_direct [--rounds 3] [--cycles 1] [--max-tokens 64]
 
 Not a test: results go to docs/benchmarks.md by hand, with date and machine.
 """
@@ -199,11 +207,13 @@ def run_direct(args: argparse.Namespace, model: str) -> list[Result]:
         _stop(process)
 
 
-def run_graph(args: argparse.Namespace, model: str) -> list[Result]:
+def run_graph(args: argparse.Namespace, model: str, env: dict[str, str]) -> list[Result]:
     port = free_port()
     command = [sys.executable, "-m", "llmops_cli", "up", "--no-gateway", "--port", str(port)]
     with open(args.logs / "graph.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **env)
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait(url, "/readyz")
@@ -217,36 +227,107 @@ def _per_1k(result: Result) -> dict[str, float]:
     return {kind: round(seconds * scale, 2) for kind, seconds in result.cpu_s.items()}
 
 
+def _worker_share(result: Result) -> float:
+    """Fraction of the wall time vLLM's compute worker was on a CPU.
+
+    Its CPU time per token depends on how fast the machine is at the moment, this fraction
+    does not: where it is lower than direct, something kept the worker off its core.
+    """
+    elapsed = result.tokens / result.tokens_per_s if result.tokens_per_s else 0.0
+    return round(result.cpu_s.get("VLLM::Worker", 0.0) / elapsed, 3) if elapsed else 0.0
+
+
+def _against(name: str, direct: Result, graph: Result) -> dict[str, object]:
+    return {
+        f"{name}_tok_s": round(graph.tokens_per_s, 2),
+        f"{name}_throughput_ratio": round(graph.tokens_per_s / direct.tokens_per_s, 3),
+        f"{name}_ttft_p50_ms": round(graph.ttft_p50_ms, 1),
+        f"{name}_added_ttft_p50_ms": round(graph.ttft_p50_ms - direct.ttft_p50_ms, 1),
+        f"{name}_ttft_p95_ms": round(graph.ttft_p95_ms, 1),
+        f"{name}_worker_share": _worker_share(graph),
+        # CPU seconds per 1,000 tokens, by process kind.
+        f"{name}_cpu_s_per_1k_tokens": _per_1k(graph),
+    }
+
+
+def run_cycle(args: argparse.Namespace, model: str, cycle: int) -> list[dict[str, object]]:
+    """One measurement of each setting; odd cycles run them in reverse order."""
+    settings: list[tuple[str, dict[str, str] | None]] = [("direct", None), ("graph", {})]
+    if args.variant:
+        settings.append(("variant", dict(args.variant)))
+    if cycle % 2:
+        settings.reverse()
+    results = {
+        name: run_direct(args, model) if env is None else run_graph(args, model, env)
+        for name, env in settings
+    }
+    rows = []
+    for i, direct in enumerate(results["direct"]):
+        row: dict[str, object] = {
+            "cycle": cycle,
+            "concurrency": direct.concurrency,
+            "requests": direct.requests,
+            "direct_tok_s": round(direct.tokens_per_s, 2),
+            "direct_ttft_p50_ms": round(direct.ttft_p50_ms, 1),
+            "direct_ttft_p95_ms": round(direct.ttft_p95_ms, 1),
+            "direct_worker_share": _worker_share(direct),
+            "direct_cpu_s_per_1k_tokens": _per_1k(direct),
+        }
+        for name in results.keys() - {"direct"}:
+            row.update(_against(name, direct, results[name][i]))
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Per concurrency and setting: the median, lowest and highest over the cycles."""
+    summary = []
+    for concurrency in sorted({int(str(row["concurrency"])) for row in rows}):
+        mine = [row for row in rows if row["concurrency"] == concurrency]
+        entry: dict[str, object] = {"concurrency": concurrency, "cycles": len(mine)}
+        for name in ("direct", "graph", "variant"):
+            for measure in ("throughput_ratio", "added_ttft_p50_ms", "worker_share"):
+                key = f"{name}_{measure}"
+                values = [float(str(row[key])) for row in mine if key in row]
+                if values:
+                    entry[key] = {
+                        "median": round(statistics.median(values), 3),
+                        "min": min(values),
+                        "max": max(values),
+                    }
+        summary.append(entry)
+    return summary
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per concurrency level")
+    parser.add_argument("--cycles", type=int, default=1, help="times to measure each setting")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per response")
+    parser.add_argument(
+        "--variant",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of a second graph measured in each cycle (repeatable)",
+    )
     parser.add_argument("--logs", type=Path, default=Path("/tmp/llmops-bench"))
     args = parser.parse_args()
     args.logs.mkdir(parents=True, exist_ok=True)
     model = default_graph_config().llms[0].name
-    direct = run_direct(args, model)
-    graph = run_graph(args, model)
     rows = []
-    for d, g in zip(direct, graph, strict=True):
-        rows.append(
-            {
-                "concurrency": d.concurrency,
-                "direct_tok_s": round(d.tokens_per_s, 2),
-                "graph_tok_s": round(g.tokens_per_s, 2),
-                "throughput_ratio": round(g.tokens_per_s / d.tokens_per_s, 3),
-                "direct_ttft_p50_ms": round(d.ttft_p50_ms, 1),
-                "graph_ttft_p50_ms": round(g.ttft_p50_ms, 1),
-                "added_ttft_p50_ms": round(g.ttft_p50_ms - d.ttft_p50_ms, 1),
-                "direct_ttft_p95_ms": round(d.ttft_p95_ms, 1),
-                "graph_ttft_p95_ms": round(g.ttft_p95_ms, 1),
-                "requests": d.requests,
-                # CPU seconds per 1,000 tokens, by process kind, in each setting.
-                "direct_cpu_s_per_1k_tokens": _per_1k(d),
-                "graph_cpu_s_per_1k_tokens": _per_1k(g),
-            }
-        )
-    print(json.dumps(rows, indent=2))
+    for cycle in range(args.cycles):
+        rows += run_cycle(args, model, cycle)
+        print(json.dumps(rows[-2:], indent=2), file=sys.stderr, flush=True)
+    print(json.dumps({"cycles": rows, "summary": summarise(rows)}, indent=2))
 
 
 if __name__ == "__main__":
