@@ -9,7 +9,7 @@ again every few seconds (a replaced replica is new):
 
 - moves every process of the graph except vLLM's compute workers off the CPUs those workers are
   bound to (when that leaves any CPU at all: engines that bind nothing, as on GPUs, change
-  nothing), and
+  nothing; replicas still starting wait until they serve), and
 - runs Ray's housekeeping processes, which no request waits for, some steps of niceness below
   the graph.
 """
@@ -44,6 +44,9 @@ ENGINE_WORKER_TITLE = "VLLM::Worker"
 # bind its own.
 RAYLET_PROGRAM = "raylet"
 IDLE_WORKER_TITLE = "ray::IDLE"
+# A replica still starting (loading its model, starting its engine) keeps every CPU, and so do
+# its children, until it serves: a replaced replica comes back as fast as the first one did.
+STARTING_METHOD = ".initialize_and_get_metadata"
 logger = logging.getLogger(__name__)
 
 
@@ -104,6 +107,27 @@ def _may_move(argv: list[str]) -> bool:
     return Path(argv[0]).name != RAYLET_PROGRAM
 
 
+def _starting_trees(processes: list[tuple[Any, list[str]]]) -> set[int]:
+    """Pids of replicas still starting and of everything they started."""
+    import psutil
+
+    parents: dict[int, int] = {}
+    for process, _ in processes:
+        try:
+            parents[process.pid] = process.ppid()
+        except psutil.Error:
+            continue
+    roots = {p.pid for p, argv in processes if argv and STARTING_METHOD in argv[0]}
+    starting = set()
+    for pid in parents:
+        ancestor: int | None = pid
+        while ancestor is not None and ancestor not in roots:
+            ancestor = parents.get(ancestor)
+        if ancestor is not None:
+            starting.add(pid)
+    return starting
+
+
 def _threads(pid: int) -> list[int]:
     try:
         return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
@@ -151,7 +175,9 @@ def place_processes(
                     placement.engine_cpus |= os.sched_getaffinity(process.pid)
                 except OSError:
                     continue
-    rest = cpus - placement.engine_cpus
+    # No engine bound to some CPUs (or not asked to): every affinity stays as it is.
+    rest = cpus - placement.engine_cpus if placement.engine_cpus else set()
+    starting = _starting_trees(processes)
     target = min(me.nice() + nice_steps, 19)
     for process, argv in processes:
         try:
@@ -160,7 +186,7 @@ def place_processes(
                 placement.lowered.append(process.pid)
         except psutil.Error:
             pass
-        if not rest or not _may_move(argv):
+        if not rest or not _may_move(argv) or process.pid in starting:
             continue
         moved = False
         for tid in _threads(process.pid):

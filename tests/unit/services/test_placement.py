@@ -168,9 +168,45 @@ def test_engines_bound_to_no_cpu_in_particular_move_nothing(tree: Tree) -> None:
 
 
 @needs_two_cpus
+def test_a_replica_still_starting_keeps_every_cpu_with_its_children() -> None:
+    """A replaced LLM replica loads its model and starts its engine on every CPU."""
+    cpus = os.sched_getaffinity(0)
+    script = (
+        "(exec -a VLLM::Worker sleep 60) & "
+        "(exec -a ray::ServeReplica:app:llm.initialize_and_get_metadata "
+        "bash -c '(exec -a VLLM::EngineCore sleep 60) & wait') & "
+        "(exec -a ray::ServeReplica:app:router sleep 60) & wait"
+    )
+    shell = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    try:
+        wanted = ("VLLM::Worker", "ray::ServeReplica", "VLLM::EngineCore")
+        deadline = time.monotonic() + 10
+        while True:
+            found = {
+                child.cmdline()[0]: child.pid
+                for child in psutil.Process(shell.pid).children(recursive=True)
+            }
+            if len([t for t in found if t.startswith(wanted)]) == 4:
+                break
+            assert time.monotonic() < deadline, f"children did not start: {found}"
+            time.sleep(0.05)
+        os.sched_setaffinity(found["VLLM::Worker"], {min(cpus)})
+        place_processes(0, reserve=True, cpus=cpus, root=shell.pid)
+        starting = found["ray::ServeReplica:app:llm.initialize_and_get_metadata"]
+        assert os.sched_getaffinity(starting) == cpus
+        assert os.sched_getaffinity(found["VLLM::EngineCore"]) == cpus
+        assert os.sched_getaffinity(found["ray::ServeReplica:app:router"]) == cpus - {min(cpus)}
+    finally:
+        os.killpg(shell.pid, 9)
+        shell.wait()
+
+
+@needs_two_cpus
 def test_turned_off_it_moves_nothing(tree: Tree) -> None:
     cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(tree.pids["worker"], {min(cpus)})
+    os.sched_setaffinity(tree.pids["replica"], {max(cpus)})  # set by someone else: kept
     placement = place_processes(0, reserve=False, cpus=cpus, root=tree.root)
     assert (placement.moved, placement.lowered) == ([], [])
-    assert tree.affinity()["replica"] == cpus
+    assert tree.affinity()["replica"] == {max(cpus)}
+    assert tree.affinity()["controller"] == cpus
