@@ -9,7 +9,7 @@ again every few seconds (a replaced replica is new):
 
 - moves every process of the graph except vLLM's compute workers off the CPUs those workers are
   bound to (when that leaves any CPU at all: engines that bind nothing, as on GPUs, change
-  nothing; replicas still starting wait until they serve), and
+  nothing; an LLM replica and its engine core wait until the engine's worker is bound), and
 - runs Ray's housekeeping processes, which no request waits for, some steps of niceness below
   the graph.
 """
@@ -44,9 +44,12 @@ ENGINE_WORKER_TITLE = "VLLM::Worker"
 # bind its own.
 RAYLET_PROGRAM = "raylet"
 IDLE_WORKER_TITLE = "ray::IDLE"
-# A replica still starting (loading its model, starting its engine) keeps every CPU, and so do
-# its children, until it serves: a replaced replica comes back as fast as the first one did.
-STARTING_METHOD = ".initialize_and_get_metadata"
+# An LLM replica (deployments named "llm-...") and its engine core are moved only once the
+# engine's worker exists and is bound: until then a new engine would inherit the reserved CPUs
+# and bind its worker there.
+LLM_REPLICA_PREFIX = "ray::ServeReplica:"
+LLM_DEPLOYMENT_PREFIX = "llm-"
+ENGINE_CORE_TITLE = "VLLM::EngineCore"
 logger = logging.getLogger(__name__)
 
 
@@ -107,8 +110,18 @@ def _may_move(argv: list[str]) -> bool:
     return Path(argv[0]).name != RAYLET_PROGRAM
 
 
-def _starting_trees(processes: list[tuple[Any, list[str]]]) -> set[int]:
-    """Pids of replicas still starting and of everything they started."""
+def _may_start_engine(argv: list[str]) -> bool:
+    """True for an LLM replica or an engine core: what starts a vLLM engine and its worker."""
+    title = _title(argv)
+    if title == ENGINE_CORE_TITLE:
+        return True
+    # "ray::ServeReplica:<app>:<deployment>"
+    deployment = title.rsplit(":", 1)[-1] if title.startswith(LLM_REPLICA_PREFIX) else ""
+    return deployment.startswith(LLM_DEPLOYMENT_PREFIX)
+
+
+def _with_engine_worker(processes: list[tuple[Any, list[str]]]) -> set[int]:
+    """Pids that have one of vLLM's compute workers among their descendants."""
     import psutil
 
     parents: dict[int, int] = {}
@@ -117,15 +130,14 @@ def _starting_trees(processes: list[tuple[Any, list[str]]]) -> set[int]:
             parents[process.pid] = process.ppid()
         except psutil.Error:
             continue
-    roots = {p.pid for p, argv in processes if argv and STARTING_METHOD in argv[0]}
-    starting = set()
-    for pid in parents:
-        ancestor: int | None = pid
-        while ancestor is not None and ancestor not in roots:
-            ancestor = parents.get(ancestor)
-        if ancestor is not None:
-            starting.add(pid)
-    return starting
+    found: set[int] = set()
+    for process, argv in processes:
+        if is_engine_worker(argv):
+            ancestor = parents.get(process.pid)
+            while ancestor is not None and ancestor not in found:
+                found.add(ancestor)
+                ancestor = parents.get(ancestor)
+    return found
 
 
 def _threads(pid: int) -> list[int]:
@@ -177,7 +189,7 @@ def place_processes(
                     continue
     # No engine bound to some CPUs (or not asked to): every affinity stays as it is.
     rest = cpus - placement.engine_cpus if placement.engine_cpus else set()
-    starting = _starting_trees(processes)
+    settled = _with_engine_worker(processes)
     target = min(me.nice() + nice_steps, 19)
     for process, argv in processes:
         try:
@@ -186,7 +198,9 @@ def place_processes(
                 placement.lowered.append(process.pid)
         except psutil.Error:
             pass
-        if not rest or not _may_move(argv) or process.pid in starting:
+        if not rest or not _may_move(argv):
+            continue
+        if _may_start_engine(argv) and process.pid not in settled:
             continue
         moved = False
         for tid in _threads(process.pid):

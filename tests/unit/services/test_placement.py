@@ -74,9 +74,17 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
             reserve_engine_cpus()
 
 
-TITLES = {
-    "worker": "VLLM::Worker",
+# An LLM replica that started its engine: replica -> engine core -> compute worker.
+LLM = (
+    "(exec -a ray::ServeReplica:app:llm-chat bash -c "
+    "\"(exec -a VLLM::EngineCore bash -c '(exec -a VLLM::Worker sleep 60) & wait') & wait\") &"
+)
+NESTED = {
+    "llm": "ray::ServeReplica:app:llm-chat",
     "engine_core": "VLLM::EngineCore",
+    "worker": "VLLM::Worker",
+}
+TITLES = {
     "controller": "ray::ServeController",
     "replica": "ray::ServeReplica:app:router",
     "gcs": "/opt/ray/gcs/gcs_server",
@@ -100,19 +108,22 @@ class Tree:
 @pytest.fixture
 def tree() -> Iterator[Tree]:
     """A shell whose children are titled like a local graph's processes."""
-    script = " ".join(f"(exec -a {title} sleep 60) &" for title in TITLES.values()) + " wait"
-    shell = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    script = " ".join(f"(exec -a {title} sleep 60) &" for title in TITLES.values())
+    shell = subprocess.Popen(["bash", "-c", f"{script} {LLM} wait"], start_new_session=True)
+    titles = {**TITLES, **NESTED}
     try:
         deadline = time.monotonic() + 10
         while True:
             found = {
-                child.cmdline()[0]: child.pid for child in psutil.Process(shell.pid).children()
+                child.cmdline()[0]: child.pid
+                for child in psutil.Process(shell.pid).children(recursive=True)
+                if child.cmdline()
             }
-            if set(TITLES.values()) <= found.keys():
+            if set(titles.values()) <= found.keys():
                 break
             assert time.monotonic() < deadline, f"children did not start: {found}"
             time.sleep(0.05)
-        yield Tree(shell.pid, {name: found[title] for name, title in TITLES.items()})
+        yield Tree(shell.pid, {name: found[title] for name, title in titles.items()})
     finally:
         os.killpg(shell.pid, 9)
         shell.wait()
@@ -137,6 +148,7 @@ def test_the_graph_leaves_the_engine_its_cpus_and_housekeeping_runs_below(tree: 
     assert tree.affinity() == {
         "worker": engine,
         "engine_core": rest,
+        "llm": rest,
         "controller": rest,
         "replica": rest,
         "gcs": rest,
@@ -147,6 +159,7 @@ def test_the_graph_leaves_the_engine_its_cpus_and_housekeeping_runs_below(tree: 
     assert tree.nice() == {
         "worker": base,
         "engine_core": base,
+        "llm": base,
         "controller": min(base + 7, 19),
         "replica": base,
         "gcs": min(base + 7, 19),
@@ -168,12 +181,12 @@ def test_engines_bound_to_no_cpu_in_particular_move_nothing(tree: Tree) -> None:
 
 
 @needs_two_cpus
-def test_a_replica_still_starting_keeps_every_cpu_with_its_children() -> None:
-    """A replaced LLM replica loads its model and starts its engine on every CPU."""
+def test_an_llm_replica_whose_engine_has_no_worker_yet_keeps_every_cpu() -> None:
+    """A replaced LLM replica starts its engine on every CPU, so that vLLM binds it as before."""
     cpus = os.sched_getaffinity(0)
     script = (
         "(exec -a VLLM::Worker sleep 60) & "
-        "(exec -a ray::ServeReplica:app:llm.initialize_and_get_metadata "
+        "(exec -a ray::ServeReplica:app:llm-chat.initialize_and_get_metadata "
         "bash -c '(exec -a VLLM::EngineCore sleep 60) & wait') & "
         "(exec -a ray::ServeReplica:app:router sleep 60) & wait"
     )
@@ -192,7 +205,7 @@ def test_a_replica_still_starting_keeps_every_cpu_with_its_children() -> None:
             time.sleep(0.05)
         os.sched_setaffinity(found["VLLM::Worker"], {min(cpus)})
         place_processes(0, reserve=True, cpus=cpus, root=shell.pid)
-        starting = found["ray::ServeReplica:app:llm.initialize_and_get_metadata"]
+        starting = found["ray::ServeReplica:app:llm-chat.initialize_and_get_metadata"]
         assert os.sched_getaffinity(starting) == cpus
         assert os.sched_getaffinity(found["VLLM::EngineCore"]) == cpus
         assert os.sched_getaffinity(found["ray::ServeReplica:app:router"]) == cpus - {min(cpus)}
