@@ -147,12 +147,29 @@ def _threads(pid: int) -> list[int]:
         return []
 
 
+def _lower(pid: int, nice: int) -> bool:
+    """Sets every thread of a process below ``nice`` to it; True if any changed.
+
+    Linux keeps a niceness per thread (setpriority on a pid changes its main thread only),
+    and GCS or the Serve controller do their work in threads they started long before.
+    """
+    lowered = False
+    for tid in _threads(pid):
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+                lowered = True
+        except OSError:
+            continue
+    return lowered
+
+
 @dataclass
 class Placement:
     """What one pass changed."""
 
     lowered: list[int] = field(default_factory=list)
-    """Pids now below the graph's priority."""
+    """Pids with at least one thread lowered below the graph's priority."""
     moved: list[int] = field(default_factory=list)
     """Pids with at least one thread moved off the engines' CPUs."""
     engine_cpus: set[int] = field(default_factory=set)
@@ -192,12 +209,8 @@ def place_processes(
     settled = _with_engine_worker(processes)
     target = min(me.nice() + nice_steps, 19)
     for process, argv in processes:
-        try:
-            if nice_steps and is_housekeeping(argv) and process.nice() < target:
-                process.nice(target)
-                placement.lowered.append(process.pid)
-        except psutil.Error:
-            pass
+        if nice_steps and is_housekeeping(argv) and _lower(process.pid, target):
+            placement.lowered.append(process.pid)
         if not rest or not _may_move(argv):
             continue
         if _may_start_engine(argv) and process.pid not in settled:

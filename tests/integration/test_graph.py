@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -221,7 +222,14 @@ def _placement(graph: RunningGraph) -> tuple[int, dict[str, set[int]], set[int],
         except (psutil.Error, OSError):
             continue
         if is_housekeeping(argv):
-            niceness.setdefault("housekeeping", set()).add(nice)
+            # Niceness is per thread: every thread of GCS and the agents must be lowered.
+            threads: list[str] = []
+            with contextlib.suppress(OSError):
+                threads = os.listdir(f"/proc/{child.pid}/task")
+            for tid in threads:
+                with contextlib.suppress(OSError):
+                    nice = os.getpriority(os.PRIO_PROCESS, int(tid))
+                    niceness.setdefault("housekeeping", set()).add(nice)
         elif argv and argv[0].startswith(("VLLM::", "ray::ServeReplica")):
             # "ray::ServeReplica:llmops:router.handle_request" -> "ray::ServeReplica:llmops:router"
             niceness.setdefault(argv[0].split(".")[0], set()).add(nice)

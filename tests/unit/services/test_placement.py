@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,6 +86,15 @@ NESTED = {
     "engine_core": "VLLM::EngineCore",
     "worker": "VLLM::Worker",
 }
+# Housekeeping that started threads before the pass, as GCS and Ray's agents have: niceness is
+# per thread on Linux.
+AGENT_THREADS = 3
+THREADED = "ray::DashboardAgent"
+THREADED_CODE = (
+    "import threading, time; "
+    f"[threading.Thread(target=time.sleep, args=(60,)).start() for _ in range({AGENT_THREADS})]"
+)
+AGENT = f"(exec -a {THREADED} {shlex.quote(sys.executable)} -c {shlex.quote(THREADED_CODE)}) &"
 TITLES = {
     "controller": "ray::ServeController",
     "replica": "ray::ServeReplica:app:router",
@@ -102,15 +113,23 @@ class Tree:
         return {name: os.sched_getaffinity(pid) for name, pid in self.pids.items()}
 
     def nice(self) -> dict[str, int]:
-        return {name: psutil.Process(pid).nice() for name, pid in self.pids.items()}
+        """Each process's niceness; every one of its threads must have that niceness."""
+        found = {}
+        for name, pid in self.pids.items():
+            niceness = {
+                os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")
+            }
+            assert len(niceness) == 1, f"{name}'s threads run at {sorted(niceness)}"
+            found[name] = niceness.pop()
+        return found
 
 
 @pytest.fixture
 def tree() -> Iterator[Tree]:
     """A shell whose children are titled like a local graph's processes."""
     script = " ".join(f"(exec -a {title} sleep 60) &" for title in TITLES.values())
-    shell = subprocess.Popen(["bash", "-c", f"{script} {LLM} wait"], start_new_session=True)
-    titles = {**TITLES, **NESTED}
+    shell = subprocess.Popen(["bash", "-c", f"{script} {LLM} {AGENT} wait"], start_new_session=True)
+    titles = {**TITLES, **NESTED, "agent": THREADED}
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -119,7 +138,9 @@ def tree() -> Iterator[Tree]:
                 for child in psutil.Process(shell.pid).children(recursive=True)
                 if child.cmdline()
             }
-            if set(titles.values()) <= found.keys():
+            if set(titles.values()) <= found.keys() and (
+                len(os.listdir(f"/proc/{found[THREADED]}/task")) > AGENT_THREADS
+            ):
                 break
             assert time.monotonic() < deadline, f"children did not start: {found}"
             time.sleep(0.05)
@@ -154,6 +175,7 @@ def test_the_graph_leaves_the_engine_its_cpus_and_housekeeping_runs_below(tree: 
         "gcs": rest,
         "raylet": cpus,  # workers it starts later inherit its CPUs
         "idle": cpus,  # it may become an LLM replica and start an engine
+        "agent": rest,
     }
     assert os.sched_getaffinity(tree.root) == rest
     assert tree.nice() == {
@@ -165,8 +187,10 @@ def test_the_graph_leaves_the_engine_its_cpus_and_housekeeping_runs_below(tree: 
         "gcs": min(base + 7, 19),
         "raylet": base,
         "idle": base,
+        "agent": min(base + 7, 19),  # all its threads, not only the first
     }
-    assert sorted(placement.lowered) == sorted([tree.pids["controller"], tree.pids["gcs"]])
+    housekeeping = [tree.pids[name] for name in ("controller", "gcs", "agent")]
+    assert sorted(placement.lowered) == sorted(housekeeping)
     # The next pass finds everything in place.
     again = place_processes(7, reserve=True, cpus=cpus, root=tree.root)
     assert (again.moved, again.lowered) == ([], [])
