@@ -42,10 +42,15 @@ HOOK_DIR = Path(__file__).with_name("timeline_hook")
 BURST = 8
 
 
+_logs: dict[int, Any] = {}
+
+
 def _log(event: str) -> None:
-    folder = os.environ[TIMELINE_DIR_ENV]
-    with open(f"{folder}/{os.getpid()}.log", "a") as out:
-        out.write(f"{time.monotonic():.4f} {event}\n")
+    """Appends a timestamped event to this process's log (one open file per process)."""
+    pid = os.getpid()
+    if pid not in _logs:
+        _logs[pid] = open(f"{os.environ[TIMELINE_DIR_ENV]}/{pid}.log", "a", buffering=1)  # noqa: SIM115
+    _logs[pid].write(f"{time.monotonic():.4f} {event}\n")
 
 
 def _before(owner: Any, name: str, event: Callable[..., str | None]) -> None:
@@ -163,20 +168,25 @@ def _events(folder: Path) -> list[tuple[float, str]]:
     return sorted(found)
 
 
-def report(events: list[tuple[float, str]], bursts: list[float]) -> list[str]:
-    """One line per burst (``bursts``: monotonic ms when each was sent)."""
-    lines = []
+def report(events: list[tuple[float, str]], bursts: list[float]) -> list[tuple[str, float]]:
+    """Per burst (``bursts``: monotonic ms when each was sent): its line, and how long after
+    the first request the last one reached the LLM replica (the engine, direct); -1 if unseen.
+    """
+    found = []
     for start, end in zip(bursts, [*bursts[1:], float("inf")], strict=True):
         mine = [(t, e) for t, e in events if start <= t < end]
         first = next((t for t, e in mine if e in ("router", "engine")), start)
-        stages = []
+        stages: dict[str, list[int]] = {}
         for stage in ("router", "fetch", "routed", "llm", "engine"):
             times = [round(t - first) for t, e in mine if e == stage][:BURST]
             if times:
-                stages.append(f"{stage} {times}")
+                stages[stage] = times
         steps = [f"+{e.split()[1]}@{round(t - first)}" for t, e in mine if e.startswith("step")]
-        lines.append("; ".join(stages) + " | " + " ".join(steps[:4]))
-    return lines
+        line = "; ".join(f"{stage} {times}" for stage, times in stages.items())
+        arrivals = stages.get("llm") or stages.get("engine") or []
+        spread = float(arrivals[-1] - arrivals[0]) if arrivals else -1.0
+        found.append((f"{line} | {' '.join(steps[:4])}", spread))
+    return found
 
 
 async def _bursts(url: str, model: str, count: int, max_tokens: int) -> list[float]:
@@ -195,9 +205,8 @@ async def _bursts(url: str, model: str, count: int, max_tokens: int) -> list[flo
 
 
 def main() -> None:
-    from llmops_services import default_graph_config, resolve_source
-    from llmops_services.llm import llm_config_for
-    from tests.bench.graph_vs_direct import _stop, _wait
+    from llmops_services import default_graph_config
+    from tests.bench.graph_vs_direct import _stop, _wait, direct_server
     from tests.conftest import free_port
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,17 +224,8 @@ def main() -> None:
         PYTHONPATH=os.pathsep.join([str(HOOK_DIR), str(root), os.environ.get("PYTHONPATH", "")]),
     )
     if args.direct:
-        engine = spec.engine
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(engine.cpu_kv_cache_gib)
-        command = [
-            *(sys.executable, "-m", "vllm.entrypoints.openai.api_server"),
-            *("--model", str(resolve_source(spec.source)), "--served-model-name", spec.name),
-            *("--port", str(port), "--host", "127.0.0.1", "--enforce-eager"),
-            *("--max-model-len", str(engine.max_model_len)),
-            *("--max-num-seqs", str(engine.max_concurrent_sequences)),
-            # The dtype the graph's LLM deployment passes (float32 on CPU for "auto").
-            *("--dtype", str(llm_config_for(spec).engine_kwargs["dtype"])),
-        ]
+        command, extra = direct_server(spec.name, port)
+        env.update(extra)
         ready = "/health"
     else:
         command = [sys.executable, "-m", "llmops_cli", "up", "--no-gateway", "--port", str(port)]
@@ -238,24 +238,15 @@ def main() -> None:
         sent = asyncio.run(_bursts(url, spec.name, args.bursts, args.max_tokens))
     finally:
         _stop(server)
-    lines = report(_events(folder), sent)
-    print("\n".join(lines))
-    late = [line for line in lines if _last_llm(line) > 400]
-    spread = [_last_llm(line) for line in lines if _last_llm(line) >= 0]
-    if spread:
+    rows = report(_events(folder), sent)
+    print("\n".join(line for line, _ in rows))
+    spreads = [spread for _, spread in rows if spread >= 0]
+    if spreads:
+        late = sum(spread > 400 for spread in spreads)
         print(
-            f"{len(lines)} bursts; last request at the LLM replica (or engine) after the first:"
-            f" median {statistics.median(spread):.0f} ms; over 400 ms in {len(late)}"
+            f"{len(rows)} bursts; last request at the LLM replica (or engine) after the first:"
+            f" median {statistics.median(spreads):.0f} ms; over 400 ms in {late}"
         )
-
-
-def _last_llm(line: str) -> float:
-    for stage in ("llm", "engine"):
-        marker = f"{stage} ["
-        if marker in line:
-            values = line.split(marker, 1)[1].split("]", 1)[0].split(", ")
-            return float(values[-1]) - float(values[0]) if values[0] else -1.0
-    return -1.0
 
 
 if __name__ == "__main__":

@@ -170,11 +170,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.kill()
 
 
-def run_direct(args: argparse.Namespace, model: str) -> list[Result]:
+def direct_server(model: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """Command and environment of vLLM's own OpenAI server with the graph's engine settings."""
     spec = default_graph_config().llms[0]
     engine = spec.engine
     folder = resolve_source(spec.source)
-    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -196,7 +196,13 @@ def run_direct(args: argparse.Namespace, model: str) -> list[Result]:
         "--dtype",
         str(llm_config_for(spec).engine_kwargs["dtype"]),
     ]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(engine.cpu_kv_cache_gib))
+    return command, {"VLLM_CPU_KVCACHE_SPACE": str(engine.cpu_kv_cache_gib)}
+
+
+def run_direct(args: argparse.Namespace, model: str) -> list[Result]:
+    port = free_port()
+    command, extra = direct_server(model, port)
+    env = dict(os.environ, **extra)
     with open(args.logs / "direct.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
