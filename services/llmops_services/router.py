@@ -190,6 +190,15 @@ class Router:
         encoder: DeploymentHandle | None = None,
     ) -> None:
         self.config = GraphConfig.model_validate(config)
+        # vLLM's request models: their import pulls in vLLM, torch and transformers, about 11 s
+        # of CPU. Here the replica pays it before it reports ready; on the first request it
+        # blocked the router's event loop, every request and health check with it.
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+        self._request_models: dict[str, type[BaseModel]] = {
+            "chat": ChatCompletionRequest,
+            "completions": CompletionRequest,
+        }
         self.llms = {name: handle.options(stream=True) for name, handle in llms.items()}
         self._probes = llms
         self.encoder = encoder
@@ -259,18 +268,14 @@ class Router:
     # -- generation ------------------------------------------------------------------------
 
     async def _generate(self, request: Request, kind: str) -> Response:
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
-
         request_id = _request_id(request)
         try:
-            body: Any
+            body: Any = await _parse(request, self._request_models[kind])
             if kind == "chat":
-                body = await _parse(request, ChatCompletionRequest)
                 if not body.messages:
                     raise ServingError("messages must not be empty", param="messages")
                 prompt = prompt_text(body.messages)
             else:
-                body = await _parse(request, CompletionRequest)
                 prompt = body.prompt if isinstance(body.prompt, str) else ""
             _check_generation_args(body)
             decision = await self.resolve_model(body.model, prompt)

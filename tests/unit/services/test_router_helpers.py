@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -88,3 +91,26 @@ async def test_sse_failure_mid_stream_ends_with_an_error_event() -> None:
     assert error["error"]["type"] == "server_error"
     assert "RuntimeError" in error["error"]["message"]
     assert chunks[-1] == "data: [DONE]\n\n"
+
+
+def test_the_router_loads_vllms_request_models_before_its_first_request() -> None:
+    # A fresh interpreter: in this one another test may have imported vLLM already.
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from llmops_services import default_graph_config
+        from llmops_services.router import Router
+
+        models = "ray.serve.llm.openai_api_models"
+        assert models not in sys.modules, "importing the router module stays light"
+        router = Router.__new__(Router)
+        asyncio.run(Router.__init__(router, default_graph_config().model_dump(mode="json"), {}))
+        print(models in sys.modules)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # Loaded by the constructor, not by the first chat request (where it blocked the event loop).
+    assert result.stdout.split()[-1] == "True"
