@@ -196,7 +196,7 @@ def graph_config(target: Target) -> GraphConfig:
             "replicas": 1,
             "route_examples": list(model.route_examples) if semantic else [],
             "max_ongoing_requests": model.max_ongoing_requests,
-            # vLLM on CPU makes a token every ~100 ms: batching chunks would only add delay.
+            # vLLM on CPU makes a token every ~100 ms, slower than any useful batch interval.
             "stream_batching_interval_ms": 50.0 if model.resources.gpus else 0.0,
             "prefix_aware_routing": spec.router.policy == "prefix-aware",
         }

@@ -211,8 +211,9 @@ class LLMSpec(StrictModel):
         default=50.0,
         ge=0.0,
         le=1000.0,
-        description="Stream chunks are sent to the router in batches this often; 0 sends each "
-        "at once (lowest time to first token, more messages per token).",
+        description="Stream chunks go to the router in batches at most this often. A chunk after "
+        "a quiet interval, the first token always, leaves at once; 0 sends every chunk alone "
+        "(one message per token).",
     )
 
     prefix_aware_routing: bool = Field(
@@ -352,7 +353,8 @@ def default_graph_config() -> GraphConfig:
                 source=f"embedded://{DEFAULT_LLM_NAME}",
                 # On CPUs, compiling the model costs minutes at start and gains little speed.
                 engine=EngineConfig(enforce_eager=True),
-                # A CPU engine makes a token every ~100 ms: batching chunks only adds delay.
+                # A CPU engine makes a token every ~100 ms, slower than any useful batch
+                # interval: there is nothing to batch.
                 stream_batching_interval_ms=0.0,
             )
         ],
