@@ -13,7 +13,7 @@ stage, in ms after the first request's arrival at the router:
 - ``engine``: vLLM's scheduler received the request; and, after ``|``, the steps that
   scheduled new requests (``+N``).
 
-    .venv/bin/python -m tests.bench.burst_timeline [--bursts 12] [--direct]
+    .venv/bin/python -m tests.bench.burst_timeline [--bursts 12] [--direct | --replica-port 30000]
 
 The hook wraps private functions of Ray Serve and vLLM (as of ray 2.60, vllm 0.32), so it
 belongs here and never in `llmops up` itself. Not a test: results go to docs/benchmarks.md.
@@ -213,6 +213,12 @@ def main() -> None:
     parser.add_argument("--bursts", type=int, default=12, help="bursts of eight requests")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per response")
     parser.add_argument("--direct", action="store_true", help="vLLM's own server instead")
+    parser.add_argument(
+        "--replica-port",
+        type=int,
+        help="send the bursts to this port of the router replica itself (Ray Serve's direct"
+        " ingress, from 30000 up), past the HTTP proxy",
+    )
     args = parser.parse_args()
     spec = default_graph_config().llms[0]
     port = free_port()
@@ -235,6 +241,9 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         _wait(url, ready)
+        if args.replica_port and not args.direct:
+            url = f"http://127.0.0.1:{args.replica_port}"
+            _wait(url, ready)
         sent = asyncio.run(_bursts(url, spec.name, args.bursts, args.max_tokens))
     finally:
         _stop(server)
