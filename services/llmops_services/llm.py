@@ -25,7 +25,7 @@ _END = object()
 
 
 async def batch_stream(items: AsyncIterator[T], interval_s: float) -> AsyncIterator[list[T]]:
-    """Relays a stream in batches, at most one batch per ``interval_s``, none of them late.
+    """Relays a stream in batches: at most one per ``interval_s``, no chunk held longer.
 
     A chunk that arrives after a quiet interval leaves at once, alone; chunks that arrive
     sooner after the last batch wait for the interval to end and leave together. So the first
@@ -72,7 +72,7 @@ async def batch_stream(items: AsyncIterator[T], interval_s: float) -> AsyncItera
             for item in batch:
                 if isinstance(item, _Failure):
                     raise item.error
-            if _END in batch:
+            if any(item is _END for item in batch):
                 return
     finally:
         reader.cancel()
