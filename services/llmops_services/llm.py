@@ -158,5 +158,9 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         await super().__init__(llm_config_for(self.spec, str(folder)))
 
     def _batch_output_stream(self, generator: AsyncIterator[T]) -> AsyncIterator[list[T]]:
-        """Batches a streamed response without holding its first chunk (`batch_stream`)."""
-        return batch_stream(generator, self.spec.stream_batching_interval_ms / 1000)
+        """Batches a streamed response without holding its first chunk (`batch_stream`).
+
+        The interval is the one `llm_config_for` put in the LLMConfig, read as Ray Serve LLM
+        reads it, so the setting has one path whichever batcher runs.
+        """
+        return batch_stream(generator, self._get_batch_interval_ms() / 1000)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from llmops_services import LLMSpec
-from llmops_services.llm import batch_stream, llm_config_for
+from llmops_services.llm import LLMDeployment, batch_stream, llm_config_for
 
 
 def test_cpu_spec_places_the_engine_on_a_cpu_bundle() -> None:
@@ -138,3 +138,28 @@ async def test_interval_zero_relays_every_chunk_alone() -> None:
     go = asyncio.Event()
     go.set()
     assert [b async for b in batch_stream(_ticks(go, [1, 2]), interval_s=0)] == [[0], [1], [2]]
+
+
+async def test_the_llm_deployment_batches_with_its_configured_interval() -> None:
+    def deployment(interval_ms: float) -> LLMDeployment:
+        spec = LLMSpec.model_validate(
+            {
+                "name": "smol",
+                "source": "embedded://smollm2-135m-instruct",
+                "stream_batching_interval_ms": interval_ms,
+            }
+        )
+        server = LLMDeployment.__new__(LLMDeployment)  # no engine: only the batching is used
+        server._llm_config = llm_config_for(spec)
+        return server
+
+    go = asyncio.Event()
+    go.set()
+    unbatched = deployment(0)._batch_output_stream(_ticks(go, [1, 2]))
+    assert [batch async for batch in unbatched] == [[0], [1], [2]]
+    rest = asyncio.Event()
+    batched = deployment(1000)._batch_output_stream(_ticks(rest, [1, 2]))
+    # Ray Serve LLM's own batcher would send the first chunk at its first tick, after 1 s.
+    assert await asyncio.wait_for(anext(batched), timeout=0.5) == [0]
+    rest.set()
+    assert [batch async for batch in batched] == [[1, 2]]
