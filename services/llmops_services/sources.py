@@ -32,6 +32,11 @@ Progress = Callable[[str], None]
 
 CACHE_ENV = "LLMOPS_MODEL_CACHE"
 HF_TIMEOUT_S = 10.0
+HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
+"""The files of an hf:// repository the loader downloads: config, weights, tokenizer, chat
+template. The cache check must ask for the same ones: huggingface_hub (_snapshot_download.py,
+``_raise_if_incomplete_snapshot``) refuses a cached snapshot offline when a file of the repo
+listing it matches is missing, and README.md or .gitattributes are never downloaded."""
 
 
 class ModelSourceError(RuntimeError):
@@ -244,7 +249,13 @@ def _resolve_hf(repo: str, revision: str | None, cache: Path, say: Progress) -> 
     hub_cache = cache / "hf"
     try:
         return Path(
-            snapshot_download(repo, revision=revision, cache_dir=hub_cache, local_files_only=True)
+            snapshot_download(
+                repo,
+                revision=revision,
+                cache_dir=hub_cache,
+                local_files_only=True,
+                allow_patterns=list(HF_ALLOW_PATTERNS),
+            )
         )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         pass
@@ -260,7 +271,7 @@ def _resolve_hf(repo: str, revision: str | None, cache: Path, say: Progress) -> 
             revision=revision,
             cache_dir=hub_cache,
             etag_timeout=HF_TIMEOUT_S,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            allow_patterns=list(HF_ALLOW_PATTERNS),
         )
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelSourceError(

@@ -114,11 +114,30 @@ def test_hf_unreachable_hub_fails_with_a_clear_message(
 def test_hf_uses_the_cache_without_the_network(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    snapshot = tmp_path / "hf" / "models--org--cached" / "snapshots" / "abc123"
+    """A worker (HF_HUB_OFFLINE=1) finds a repo the loader downloaded with HF_ALLOW_PATTERNS.
+
+    The cache is laid out as huggingface_hub 2.x leaves it after a filtered snapshot_download:
+    the snapshot holds the allowed files only, while ``trees/<commit>.json`` (written with the
+    library's own ``_tree_cache.write_tree_cache``) lists the whole repo, README.md and
+    .gitattributes included. ``_snapshot_download.py``'s ``_raise_if_incomplete_snapshot``
+    refuses that snapshot unless the cache check passes the same allow_patterns.
+    """
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    commit = "a" * 40
+    storage = tmp_path / "hf" / "models--org--cached"
+    snapshot = storage / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
-    refs = tmp_path / "hf" / "models--org--cached" / "refs"
-    refs.mkdir()
-    (refs / "main").write_text("abc123")
+    (snapshot / "model.safetensors").write_bytes(b"weights")
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(commit)
+    listing = ["README.md", ".gitattributes", "config.json", "model.safetensors"]
+    write_tree_cache(
+        str(storage), commit, {name: TreeCacheEntry(size=1, blob_id="0" * 40) for name in listing}
+    )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_source("hf://org/cached", cache_dir=tmp_path) == snapshot
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(ModelSourceError, match="not in the model cache"):
+        resolve_source("hf://org/cached", cache_dir=tmp_path)
