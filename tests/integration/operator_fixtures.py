@@ -165,6 +165,7 @@ async def report_children_ready(
 OPERATOR_NEEDS = {
     ("llmops.dev", "llmdeployments"): {"list", "watch", "patch"},
     ("llmops.dev", "llmdeployments/status"): {"patch"},
+    ("llmops.dev", "llmdeployments/finalizers"): {"update"},
     ("ray.io", "rayservices"): {"get", "list", "watch", "create", "patch"},
     ("keda.sh", "scaledobjects"): {"get", "list", "watch", "create", "patch", "delete"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
@@ -180,6 +181,10 @@ DISCOVERY_NEEDS = {
 # Granted, but not exercised by the RBAC test's flow, each for a reason.
 NEEDED_ELSEWHERE = {
     ("", "namespaces"): ({"list", "watch"}, "Kopf watches namespaces for glob patterns"),
+    ("llmops.dev", "llmdeployments/finalizers"): (
+        {"update"},
+        "OwnerReferencesPermissionEnforcement checks it for blockOwnerDeletion: true",
+    ),
     **{
         key: ({"patch"}, "a child whose rendered fields drifted is patched back")
         for key in [

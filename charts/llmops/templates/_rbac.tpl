@@ -10,6 +10,11 @@ No wildcards, and no access to Secrets: loader Jobs reference Secrets by name on
 - apiGroups: ["llmops.dev"]
   resources: ["llmdeployments/status"]
   verbs: ["patch"]
+# Children carry blockOwnerDeletion: true; OwnerReferencesPermissionEnforcement (OpenShift)
+# admits that only from a creator that may update the owner's finalizers.
+- apiGroups: ["llmops.dev"]
+  resources: ["llmdeployments/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
   verbs: ["get", "list", "watch", "create", "patch"]
