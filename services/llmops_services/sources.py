@@ -32,6 +32,8 @@ Progress = Callable[[str], None]
 
 CACHE_ENV = "LLMOPS_MODEL_CACHE"
 HF_TIMEOUT_S = 10.0
+CREDENTIALS_FIELD = "spec.cache.credentialsSecret"
+"""The LLMDeployment field naming the Secret whose HF_TOKEN the loader Job gets."""
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 """The files of an hf:// repository the loader downloads: config, weights, tokenizer, chat
 template. The cache check must ask for the same ones: huggingface_hub (_snapshot_download.py,
@@ -244,7 +246,12 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
 def _resolve_hf(repo: str, revision: str | None, cache: Path, say: Progress) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     hub_cache = cache / "hf"
     try:
@@ -273,6 +280,16 @@ def _resolve_hf(repo: str, revision: str | None, cache: Path, say: Progress) -> 
             etag_timeout=HF_TIMEOUT_S,
             allow_patterns=list(HF_ALLOW_PATTERNS),
         )
+    except GatedRepoError as exc:
+        raise ModelSourceError(
+            f"hf://{repo} is a gated model and the Hugging Face Hub refused its files "
+            f"({_status(exc)}): {_token_hint()}"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelSourceError(
+            f"hf://{repo} was not found on the Hugging Face Hub ({_status(exc)}): check the "
+            f"name; if the repository is private, {_token_hint()}"
+        ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise ModelSourceError(
             f"could not download hf://{repo} from the Hugging Face Hub "
@@ -280,6 +297,25 @@ def _resolve_hf(repo: str, revision: str | None, cache: Path, say: Progress) -> 
             "and HF_TOKEN for gated models, or copy the model into a folder and use its path"
         ) from exc
     return Path(path)
+
+
+def _token_hint() -> str:
+    where = (
+        "on a cluster, put HF_TOKEN in a Secret and name it in the LLMDeployment's "
+        f"{CREDENTIALS_FIELD}"
+    )
+    if os.environ.get("HF_TOKEN"):
+        return (
+            "the token in HF_TOKEN has no access to it: request access on the model's "
+            f"page with that account, or use another token ({where})"
+        )
+    return f"HF_TOKEN is not set: set it to a token of an account that was granted access ({where})"
+
+
+def _status(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", None)
+    return f"HTTP {code}" if code else type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
