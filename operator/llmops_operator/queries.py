@@ -1,13 +1,23 @@
 """PromQL for the autoscaling triggers, defined once for KEDA, the rules and the dashboards.
 
 Label conventions: Ray and vLLM series are scraped by the deployment's PodMonitor, which copies
-the pod label ``llmops.dev/deployment`` into ``llmops_deployment``; DCGM's exporter labels its
-series with the GPU's ``namespace`` and ``pod`` only, so GPU queries match the worker pods by
-name (KubeRay names them ``<rayservice>-raycluster-<id>-<group>-worker-<id>``).
+the pod labels ``llmops.dev/deployment`` and ``ray.io/group`` into ``llmops_deployment`` and
+``ray_group``.
+
+DCGM series carry no pod labels of ours. The exporter labels each GPU's series with the
+``namespace`` and ``pod`` that hold the GPU (dcgm-exporter
+internal/pkg/transformation/kubernetes.go); the GPU Operator scrapes it through a
+ServiceMonitor that keeps ``honorLabels: false`` (gpu-operator
+deployments/gpu-operator/values.yaml, assets/state-dcgm-exporter/0500_service_monitor.yaml),
+so Prometheus renames those two to ``exported_namespace`` and ``exported_pod`` and sets
+``namespace``/``pod`` to the exporter's own pod. GPU queries therefore match worker pods by
+``exported_pod`` name, and also accept the ``namespace``/``pod`` form of a scrape that honours
+the exporter's labels.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,17 +45,54 @@ def _selector(namespace: str, deployment: str) -> str:
     return f'namespace="{namespace}", llmops_deployment="{deployment}"'
 
 
+# KubeRay's random suffixes come from k8s.io/apimachinery/pkg/util/rand.String: characters of
+# this alphabet (no vowels, no 0, 1 or 3), for the cluster name and the pod name alike.
+KUBERAY_RANDOM = "[bcdfghjklmnpqrstvwxz2456789]"
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def worker_pods(deployments: str) -> str:
+    """Regex of the Ray worker pod names of the RayServices ``deployments`` (a regex) names.
+
+    KubeRay >= 1.4 names a RayService's cluster ``<rayservice>-<5 random>``, older releases
+    ``<rayservice>-raycluster-<5 random>`` (ray-operator/controllers/ray/utils/util.go,
+    GenerateRayClusterName; a cluster made before an upgrade keeps its name). A worker's
+    generateName is ``<cluster>-<group>`` cut to 50 characters, then ``-worker-``
+    (utils.PodName), to which the API server appends 5 random characters. The cut can take the
+    group and part of the cluster suffix: long names end ``<rayservice>-<1 to 5>-worker-…``.
+
+    Worker group names are not needed. What the pattern cannot tell apart is a RayService
+    named ``<deployment>-<5 chars of KubeRay's alphabet>``.
+    """
+    suffix = f"{KUBERAY_RANDOM}{{5}}"
+    cut = f"{KUBERAY_RANDOM}{{1,5}}"
+    return f"({deployments})-(raycluster-)?({suffix}-.*|{cut})-worker-{suffix}"
+
+
 def worker_pod_regex(deployment: str) -> str:
-    """Regex matching the GPU worker pods of one deployment (any Ray cluster generation)."""
-    return f"{deployment}-raycluster-[a-z0-9]+-.*worker.*"
+    """Regex of the worker pod names of one deployment, whatever cluster it runs on.
+
+    Raises:
+        ValueError: ``deployment`` is not a DNS label (it would need regex escaping).
+    """
+    if not _DNS_LABEL.fullmatch(deployment):
+        raise ValueError(f"not a DNS label: {deployment!r}")
+    return worker_pods(deployment)
 
 
 def gpu_utilization(namespace: str, deployment: str) -> TriggerQuery:
-    """Average DCGM GPU utilisation (0-100) over the deployment's worker pods."""
+    """Average DCGM GPU utilisation (0-100) over the GPUs of the deployment's worker pods.
+
+    Series of the GPU Operator's scrape name the GPU's pod in ``exported_pod``; the second
+    branch of the ``or`` reads a scrape with ``honorLabels: true``, where it is ``pod``.
+    """
     pods = worker_pod_regex(deployment)
+    exported = f'exported_namespace="{namespace}", exported_pod=~"{pods}"'
+    honored = f'namespace="{namespace}", pod=~"{pods}"'
     return TriggerQuery(
         "gpu-utilization",
-        f'avg(avg_over_time({DCGM_GPU_UTIL}{{namespace="{namespace}", pod=~"{pods}"}}[1m]))',
+        f"avg(avg_over_time({DCGM_GPU_UTIL}{{{exported}}}[1m])"
+        f" or avg_over_time({DCGM_GPU_UTIL}{{{honored}}}[1m]))",
         "Value",
     )
 

@@ -1,7 +1,8 @@
-"""Alert and recording rules, and the KEDA trigger queries, on Prometheus' own rule engine.
+"""Alert and recording rules, and the GPU dashboard's queries, on Prometheus' own rule engine.
 
 `promtool test rules` evaluates them over synthetic series (tests/data/promtool), DCGM GPU
 series included, and compares what fires and what the queries return with what is expected.
+The KEDA trigger queries have their own tests (test_trigger_queries.py).
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from llmops_cli.monitoring import MonitoringError, prometheus_config, run_prometheus
-from llmops_operator import queries
 from tests.conftest import free_port
 
 ROOT = Path(__file__).parents[2]
@@ -74,112 +73,12 @@ def test_promtool_tests_catch_a_broken_threshold(promtool: str, tmp_path: Path) 
     assert "LLMOpsKVCacheNearlyFull" in result.stdout + result.stderr
 
 
-# --- KEDA trigger queries, exactly as the operator renders them into ScaledObjects -----------
-
-WORKER = "llama-raycluster-x7k2p-gpu-worker-"
-LLM = 'namespace="ml",llmops_deployment="llama",model_name="llama-3"'
+# --- GPU dashboard panels on synthetic DCGM series (no GPU here to scrape) -----------------
 
 
 def series(name: str, labels: str, value: float) -> dict[str, str]:
     return {"series": f"{name}{{{labels}}}", "values": f"{value}x10"}
 
-
-def expect(query: queries.TriggerQuery, value: float) -> dict[str, Any]:
-    return {
-        "expr": query.query,
-        "eval_time": "5m",
-        "exp_samples": [{"labels": "{}", "value": value}],
-    }
-
-
-def keda_tests() -> list[dict[str, Any]]:
-    gpu = queries.gpu_utilization("ml", "llama")
-    queue = queries.queue_depth("ml", "llama")
-    kv = queries.kv_cache_usage("ml", "llama")
-    busy = {
-        "interval": "1m",
-        "input_series": [
-            # Two GPU workers of this deployment; its head pod, another deployment whose name
-            # starts alike, and another namespace must not count.
-            series(queries.DCGM_GPU_UTIL, f'namespace="ml",pod="{WORKER}aaaaa",gpu="0"', 80),
-            series(queries.DCGM_GPU_UTIL, f'namespace="ml",pod="{WORKER}bbbbb",gpu="0"', 60),
-            series(
-                queries.DCGM_GPU_UTIL,
-                'namespace="ml",pod="llama-raycluster-x7k2p-head-ccccc",gpu="0"',
-                0,
-            ),
-            series(
-                queries.DCGM_GPU_UTIL,
-                'namespace="ml",pod="llama2-raycluster-q1w2e-gpu-worker-ddddd",gpu="0"',
-                5,
-            ),
-            series(queries.DCGM_GPU_UTIL, f'namespace="other",pod="{WORKER}eeeee",gpu="0"', 1),
-            # vLLM waiting per engine, Serve's queue in front of the LLM (the router's queue and
-            # other deployments' must not count).
-            series(queries.VLLM_WAITING, f'{LLM},replica="a"', 3),
-            series(queries.VLLM_WAITING, f'{LLM},replica="b"', 4),
-            series(
-                queries.VLLM_WAITING, 'namespace="ml",llmops_deployment="other",model_name="x"', 50
-            ),
-            series(
-                queries.SERVE_QUEUED,
-                'namespace="ml",llmops_deployment="llama",deployment="llm-llama-3"',
-                5,
-            ),
-            series(
-                queries.SERVE_QUEUED,
-                'namespace="ml",llmops_deployment="llama",deployment="router"',
-                100,
-            ),
-            series(queries.VLLM_KV_CACHE_USAGE, f'{LLM},replica="a"', 0.5),
-            series(queries.VLLM_KV_CACHE_USAGE, f'{LLM},replica="b"', 0.7),
-        ],
-        "promql_expr_test": [expect(gpu, 70), expect(queue, 12), expect(kv, 60)],
-    }
-    scaled_to_zero = {
-        "interval": "1m",
-        # No engine runs, so no vLLM series: the Serve queue alone must show the demand.
-        "input_series": [
-            series(
-                queries.SERVE_QUEUED,
-                'namespace="ml",llmops_deployment="llama",deployment="llm-llama-3"',
-                2,
-            ),
-        ],
-        "promql_expr_test": [expect(queue, 2)],
-    }
-    idle = {
-        "interval": "1m",
-        "input_series": [series("up", 'job="unrelated"', 1)],
-        "promql_expr_test": [expect(queue, 0)],
-    }
-    return [busy, scaled_to_zero, idle]
-
-
-def test_keda_trigger_queries_return_the_right_values(promtool: str, tmp_path: Path) -> None:
-    (tmp_path / "empty.yaml").write_text("groups: []\n")
-    document = {"rule_files": ["empty.yaml"], "evaluation_interval": "1m", "tests": keda_tests()}
-    (tmp_path / "keda_test.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-    run(promtool, "test", "rules", "keda_test.yaml", cwd=tmp_path)
-
-
-def test_keda_query_tests_fail_on_a_wrong_value(promtool: str, tmp_path: Path) -> None:
-    (tmp_path / "empty.yaml").write_text("groups: []\n")
-    tests = keda_tests()
-    tests[0]["promql_expr_test"][0]["exp_samples"][0]["value"] = 71  # the GPU average is 70
-    document = {"rule_files": ["empty.yaml"], "evaluation_interval": "1m", "tests": tests}
-    (tmp_path / "keda_test.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-    result = subprocess.run(
-        [promtool, "test", "rules", "keda_test.yaml"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert result.returncode != 0
-
-
-# --- GPU dashboard panels on synthetic DCGM series (no GPU here to scrape) -----------------
 
 DCGM_POD = 'namespace="ml",pod="llama-raycluster-x7k2p-gpu-worker-abcde",gpu="0"'
 DCGM_VALUES = {
