@@ -106,22 +106,40 @@ def fetch_command(
         Path | None,
         typer.Option("--marker", help="File written once every source is cached."),
     ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report",
+            help="JSON written once every source is cached: "
+            '{"sources": {SOURCE: {"revision": COMMIT, "path": FOLDER}}}; revision is the '
+            "commit of an hf:// source, null for others. Kept under 4 KiB (a pod's "
+            "termination message).",
+        ),
+    ] = None,
 ) -> None:
     """Download or convert models into a model cache (what the loader Job runs).
 
     Each source is made available once; a source already in the cache is reused. Workers
-    mount the same folder read-only and wait for the marker file.
+    mount the same folder read-only and wait for the marker file. A gated hf:// model needs
+    HF_TOKEN.
     """
     from llmops_services import ModelSourceError
-    from llmops_services.sources import resolve_source
+    from llmops_services.sources import ResolvedSource, fetch_source, loader_report
 
+    resolved: dict[str, ResolvedSource] = {}
     for source in sources:
         try:
-            folder = resolve_source(source, cache_dir, progress=typer.echo)
+            resolved[source] = fetch_source(source, cache_dir, progress=typer.echo)
         except ModelSourceError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
-        typer.echo(f"{source}: {folder}")
+        found = resolved[source]
+        pinned = f" (revision {found.revision})" if found.revision else ""
+        typer.echo(f"{source}: {found.folder}{pinned}")
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(loader_report(resolved))
+        typer.echo(f"report: {report}")
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text("\n".join(sources) + "\n")

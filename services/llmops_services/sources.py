@@ -15,6 +15,7 @@ raises ``ModelSourceError`` with a message that says what to fix when it cannot.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -34,6 +35,8 @@ CACHE_ENV = "LLMOPS_MODEL_CACHE"
 HF_TIMEOUT_S = 10.0
 CREDENTIALS_FIELD = "spec.cache.credentialsSecret"
 """The LLMDeployment field naming the Secret whose HF_TOKEN the loader Job gets."""
+REPORT_LIMIT_BYTES = 4096
+"""Kubernetes keeps at most 4096 bytes of a container's termination message."""
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 """The files of an hf:// repository the loader downloads: config, weights, tokenizer, chat
 template. The cache check must ask for the same ones: huggingface_hub (_snapshot_download.py,
@@ -161,6 +164,62 @@ def resolve_source(
     if parsed.scheme == "embedded":
         return _resolve_embedded(parsed.location, cache, say)
     return _resolve_hf(parsed.location, parsed.revision, cache, say)
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A model source made available as a local folder."""
+
+    folder: Path
+    revision: str | None = None
+    """The commit an hf:// source resolved to; None for other sources."""
+
+
+def fetch_source(
+    source: str,
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> ResolvedSource:
+    """``resolve_source``, and the commit an hf:// source resolved to.
+
+    huggingface_hub keeps each commit in ``snapshots/<commit>`` and returns that folder, so
+    its name is the commit, whether it was downloaded now or found in the cache.
+
+    Raises:
+        ModelSourceError: with a message that says what to fix.
+    """
+    folder = resolve_source(source, cache_dir, progress)
+    revision = folder.name if parse_source(source).scheme == "hf" else None
+    return ResolvedSource(folder, revision)
+
+
+def loader_report(resolved: dict[str, ResolvedSource]) -> str:
+    """The loader's JSON report: ``{"sources": {SOURCE: {"revision", "path"}}}``.
+
+    It fits in ``REPORT_LIMIT_BYTES`` so that it can be a pod's termination message: when the
+    whole report is too long, paths are left out, then sources without a revision, then the
+    last hf:// sources, and ``"truncated": true`` says so.
+    """
+
+    def encode(entries: dict[str, dict[str, str | None]], truncated: bool = False) -> str:
+        body: dict[str, object] = {"sources": entries}
+        if truncated:
+            body["truncated"] = True
+        return json.dumps(body, separators=(",", ":"))
+
+    full = {s: {"revision": r.revision, "path": str(r.folder)} for s, r in resolved.items()}
+    text = encode(full)
+    if len(text.encode()) <= REPORT_LIMIT_BYTES:
+        return text
+    pinned: dict[str, dict[str, str | None]] = {
+        s: {"revision": r.revision} for s, r in resolved.items() if r.revision
+    }
+    kept: dict[str, dict[str, str | None]] = {}
+    for source, entry in pinned.items():
+        if len(encode({**kept, source: entry}, truncated=True).encode()) > REPORT_LIMIT_BYTES:
+            break
+        kept[source] = entry
+    return encode(kept, truncated=True)
 
 
 def _check_folder(path: Path, source: str) -> Path:

@@ -8,6 +8,7 @@ imported, so the loader and the worker-side load each run in a subprocess of the
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,23 +86,28 @@ def test_loader_downloads_and_offline_workers_find_the_files(hub: FakeHub, tmp_p
     """Issue item 7: a worker with HF_HUB_OFFLINE=1 loads what the loader downloaded.
 
     huggingface_hub's ``_snapshot_download.py`` checks an offline snapshot against the cached
-    repo listing; README.md and .gitattributes are listed but never downloaded.
+    repo listing; README.md and .gitattributes are listed but never downloaded. The loader
+    reports the commit each hf:// source resolved to (``--report``).
     """
-    loaded = fetch(hub, tmp_path, "hf://acme/minilm")
-    assert loaded.returncode == 0, loaded.stderr
-    snapshot = (
-        tmp_path
-        / "cache"
-        / "hf"
-        / "models--acme--minilm"
-        / "snapshots"
-        / hub.repos["acme/minilm"].sha
+    report = tmp_path / "report.json"
+    loaded = fetch(
+        hub, tmp_path, "--report", str(report), "hf://acme/minilm", "embedded://all-minilm-l6-v2"
     )
-    assert f"hf://acme/minilm: {snapshot}" in loaded.stdout
+
+    assert loaded.returncode == 0, loaded.stderr
+    commit = hub.repos["acme/minilm"].sha
+    snapshot = tmp_path / "cache" / "hf" / "models--acme--minilm" / "snapshots" / commit
+    assert f"hf://acme/minilm: {snapshot} (revision {commit})" in loaded.stdout
     served = embedded_file("all-minilm-l6-v2")
     for name in ("config.json", "model.safetensors", "tokenizer.json", "1_Pooling/config.json"):
         assert (snapshot / name).read_bytes() == (served / name).read_bytes()
     assert not (snapshot / "README.md").exists()
+    assert json.loads(report.read_text()) == {
+        "sources": {
+            "hf://acme/minilm": {"revision": commit, "path": str(snapshot)},
+            "embedded://all-minilm-l6-v2": {"revision": None, "path": str(served)},
+        }
+    }
     asked_before = len(hub.requests)
 
     worker = worker_load(hub, tmp_path, "hf://acme/minilm")
@@ -109,6 +115,10 @@ def test_loader_downloads_and_offline_workers_find_the_files(hub: FakeHub, tmp_p
     assert worker.returncode == 0, worker.stderr
     assert worker.stdout.strip() == str(snapshot)
     assert len(hub.requests) == asked_before
+
+    again = fetch(hub, tmp_path, "--report", str(report), "hf://acme/minilm")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(report.read_text())["sources"]["hf://acme/minilm"]["revision"] == commit
 
 
 def test_gated_repo_needs_the_token_and_says_where_it_comes_from(

@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 
 from llmops_services.sources import (
+    REPORT_LIMIT_BYTES,
     ModelSourceError,
+    ResolvedSource,
     default_cache_dir,
     embedded_file,
+    fetch_source,
+    loader_report,
     parse_source,
     resolve_source,
 )
@@ -141,3 +145,52 @@ def test_hf_uses_the_cache_without_the_network(
     (snapshot / "model.safetensors").unlink()
     with pytest.raises(ModelSourceError, match="not in the model cache"):
         resolve_source("hf://org/cached", cache_dir=tmp_path)
+
+
+def test_fetch_source_reports_the_commit_of_hf_sources_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """huggingface_hub keeps a commit in ``snapshots/<commit>``, the folder ``refs/main`` names
+    (``_snapshot_download.py``); the commit is read from it, not from the revision asked for."""
+    commit = "c" * 40
+    storage = tmp_path / "hf" / "models--org--pinned"
+    (storage / "snapshots" / commit).mkdir(parents=True)
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert fetch_source("hf://org/pinned", cache_dir=tmp_path).revision == commit
+    assert fetch_source("embedded://all-minilm-l6-v2").revision is None
+
+
+def test_loader_report_lists_every_source() -> None:
+    resolved = {
+        "hf://org/a": ResolvedSource(Path("/cache/hf/a"), "a" * 40),
+        "embedded://x": ResolvedSource(Path("/pkg/x")),
+    }
+    assert json.loads(loader_report(resolved)) == {
+        "sources": {
+            "hf://org/a": {"revision": "a" * 40, "path": "/cache/hf/a"},
+            "embedded://x": {"revision": None, "path": "/pkg/x"},
+        }
+    }
+
+
+def test_loader_report_fits_a_termination_message() -> None:
+    """The node truncates a termination message over 4096 bytes (k8s.io/api core/v1 types.go,
+    Container.TerminationMessagePath)."""
+    deep = Path("/cache/" + "d" * 200)
+    resolved = {f"hf://org/m{i}": ResolvedSource(deep / str(i), f"{i:040x}") for i in range(30)}
+    resolved.update({f"/models/{i}": ResolvedSource(deep / str(i)) for i in range(5)})
+    report = json.loads(loader_report(resolved))
+    assert report["truncated"] is True
+    assert report["sources"] == {
+        s: {"revision": r.revision} for s, r in resolved.items() if r.revision
+    }
+
+    many = {f"hf://org/model-{i}": ResolvedSource(deep, f"{i:040x}") for i in range(200)}
+    text = loader_report(many)
+    assert len(text.encode()) <= REPORT_LIMIT_BYTES
+    kept = json.loads(text)["sources"]
+    assert 40 < len(kept) < 200
+    assert list(kept) == list(many)[: len(kept)]
+    assert all(kept[s]["revision"] == many[s].revision for s in kept)
