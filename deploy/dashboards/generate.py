@@ -9,7 +9,10 @@ fails when the committed JSON differs from what this file generates.
 Every panel queries the Prometheus chosen in the ``datasource`` variable (no hard-coded
 datasource); ``namespace``, ``deployment`` and ``model`` variables filter the series.
 Label conventions are those of llmops_operator.queries: Ray and vLLM series carry
-``llmops_deployment`` (from the PodMonitor), DCGM series ``namespace`` and ``pod``.
+``llmops_deployment`` (from the PodMonitor); DCGM series name the GPU's pod in
+``exported_namespace`` and ``exported_pod`` on the GPU Operator's scrape (``namespace`` and
+``pod`` on one that honours the exporter's labels), and GPU panels match KubeRay's worker pod
+names with the trigger query's pattern.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from grafana_foundation_sdk.builders import dashboard, prometheus, stat, timeser
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
 
+from llmops_operator.queries import worker_pods
+
 HERE = Path(__file__).parent
 CHART_COPY = HERE.parents[1] / "charts" / "llmops" / "files" / "dashboards"
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 NS = 'namespace=~"$namespace"'
 DEP = f'{NS}, llmops_deployment=~"$deployment"'
 LLM = f'{DEP}, model_name=~"$model"'
-GPU_PODS = f'{NS}, pod=~"($deployment)-raycluster-.*worker.*"'
+WORKER_PODS = worker_pods("$deployment")
 OWNED = f'{NS}, deployment=~"$deployment"'  # the operator's per-deployment gauges
 
 Panel = timeseries.Panel | stat.Panel
@@ -277,27 +282,30 @@ def serving() -> dashboard.Dashboard:
     )
 
 
-def gpus() -> dashboard.Dashboard:
-    def by_pod(metric: str) -> prometheus.Dataquery:
-        return query(f"max by (pod, gpu) ({metric}{{{GPU_PODS}}})", "{{pod}} GPU {{gpu}}")
+def dcgm(metric: str) -> str:
+    """A DCGM metric of the selected deployments' GPU workers, the GPU's pod in exported_pod.
 
+    The second branch reads a scrape with honorLabels true and copies its pod label over.
+    """
+    exported = f'{metric}{{exported_namespace=~"$namespace", exported_pod=~"{WORKER_PODS}"}}'
+    honored = f'{metric}{{{NS}, pod=~"{WORKER_PODS}"}}'
+    return f'({exported} or label_replace({honored}, "exported_pod", "$1", "pod", "(.+)"))'
+
+
+def gpus() -> dashboard.Dashboard:
+    def by_pod(expr: str) -> prometheus.Dataquery:
+        return query(f"max by (exported_pod, gpu) ({expr})", "{{exported_pod}} GPU {{gpu}}")
+
+    used, free = dcgm("DCGM_FI_DEV_FB_USED"), dcgm("DCGM_FI_DEV_FB_FREE")
     return board(
         "llmops-gpus",
         "llmops / GPUs",
         [
-            graph("GPU utilisation", "percent", by_pod("DCGM_FI_DEV_GPU_UTIL")),
-            graph(
-                "GPU memory used",
-                "percentunit",
-                query(
-                    f"max by (pod, gpu) (DCGM_FI_DEV_FB_USED{{{GPU_PODS}}}"
-                    f" / (DCGM_FI_DEV_FB_USED{{{GPU_PODS}}} + DCGM_FI_DEV_FB_FREE{{{GPU_PODS}}}))",
-                    "{{pod}} GPU {{gpu}}",
-                ),
-            ),
-            graph("Power", "watt", by_pod("DCGM_FI_DEV_POWER_USAGE")),
-            graph("Temperature", "celsius", by_pod("DCGM_FI_DEV_GPU_TEMP")),
-            graph("Last XID error", "none", by_pod("DCGM_FI_DEV_XID_ERRORS"), width=24),
+            graph("GPU utilisation", "percent", by_pod(dcgm("DCGM_FI_DEV_GPU_UTIL"))),
+            graph("GPU memory used", "percentunit", by_pod(f"{used} / ({used} + {free})")),
+            graph("Power", "watt", by_pod(dcgm("DCGM_FI_DEV_POWER_USAGE"))),
+            graph("Temperature", "celsius", by_pod(dcgm("DCGM_FI_DEV_GPU_TEMP"))),
+            graph("Last XID error", "none", by_pod(dcgm("DCGM_FI_DEV_XID_ERRORS")), width=24),
         ],
     )
 

@@ -17,6 +17,7 @@ import yaml
 
 from llmops_cli.monitoring import MonitoringError, prometheus_config, run_prometheus
 from tests.conftest import free_port
+from tests.integration.test_trigger_queries import HEAD, LLAMA_WORKER, OTHER_WORKER, dcgm
 
 ROOT = Path(__file__).parents[2]
 RULES = ROOT / "deploy" / "rules" / "platform.yaml"
@@ -74,13 +75,9 @@ def test_promtool_tests_catch_a_broken_threshold(promtool: str, tmp_path: Path) 
 
 
 # --- GPU dashboard panels on synthetic DCGM series (no GPU here to scrape) -----------------
+# The series are labelled as the GPU Operator's scrape of dcgm-exporter stores them (see
+# test_trigger_queries.py for the upstream files): the GPU's pod is in exported_pod.
 
-
-def series(name: str, labels: str, value: float) -> dict[str, str]:
-    return {"series": f"{name}{{{labels}}}", "values": f"{value}x10"}
-
-
-DCGM_POD = 'namespace="ml",pod="llama-raycluster-x7k2p-gpu-worker-abcde",gpu="0"'
 DCGM_VALUES = {
     "DCGM_FI_DEV_GPU_UTIL": 80,
     "DCGM_FI_DEV_FB_USED": 72000,
@@ -111,13 +108,19 @@ def grafana_to_promql(expr: str) -> str:
     return expr
 
 
-def test_gpu_dashboard_panels_return_data_on_dcgm_series(promtool: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("honor", [False, True], ids=["gpu-operator-scrape", "honor-labels"])
+def test_gpu_dashboard_panels_return_data_on_dcgm_series(
+    promtool: str, tmp_path: Path, honor: bool
+) -> None:
     board = json.loads((ROOT / "deploy" / "dashboards" / "llmops-gpus.json").read_text())
     panels = {panel["title"]: panel for panel in board["panels"]}
     assert set(panels) == set(GPU_PANELS)
-    other_pod = 'namespace="ml",pod="other-raycluster-q1w2e-gpu-worker-zzzzz",gpu="0"'
-    series_list = [series(name, DCGM_POD, value) for name, value in DCGM_VALUES.items()]
-    series_list += [series(name, other_pod, 1) for name in DCGM_VALUES]
+    series_list = []
+    for name, gpu_value in DCGM_VALUES.items():
+        series_list.append(dcgm(name, LLAMA_WORKER, 0, gpu_value, honor=honor))
+        # Another deployment's worker and this deployment's head must not show.
+        series_list.append(dcgm(name, OTHER_WORKER, 0, 1, honor=honor))
+        series_list.append(dcgm(name, HEAD, 0, 1, honor=honor))
     exprs = []
     for title, value in GPU_PANELS.items():
         (target,) = panels[title]["targets"]
@@ -126,10 +129,7 @@ def test_gpu_dashboard_panels_return_data_on_dcgm_series(promtool: str, tmp_path
                 "expr": grafana_to_promql(target["expr"]),
                 "eval_time": "5m",
                 "exp_samples": [
-                    {
-                        "labels": '{pod="llama-raycluster-x7k2p-gpu-worker-abcde",gpu="0"}',
-                        "value": value,
-                    }
+                    {"labels": f'{{exported_pod="{LLAMA_WORKER}",gpu="0"}}', "value": value}
                 ],
             }
         )
