@@ -38,16 +38,19 @@ NS = "ml"
 
 # dcgm-exporter internal/pkg/rendermetrics/render_metrics.go (gpuMetricsFormat): every GPU
 # series carries gpu, UUID, pci_bus_id, device, modelName and hostname (named Hostname before
-# commit d5e5f51), the "label" fields of etc/default-counters.csv (DCGM_FI_DRIVER_VERSION), then
-# the pod attributes of internal/pkg/transformation/kubernetes.go.
+# commit d5e5f51), the "label" fields of its collectors file (DCGM_FI_DRIVER_VERSION in
+# etc/dcp-metrics-included.csv, the file the GPU Operator's DaemonSet selects in
+# assets/state-dcgm-exporter/0800_daemonset.yaml, with DCGM_EXPORTER_KUBERNETES=true), then the
+# GPU's pod, namespace and container (internal/pkg/transformation/kubernetes.go).
 EXPORTER_NODE = {
     "DCGM_FI_DRIVER_VERSION": "570.124.06",
     "modelName": "NVIDIA H100 80GB HBM3",
     "hostname": "gpu-node-1",
 }
 # What Prometheus Operator adds for the GPU Operator's ServiceMonitor endpoint: the exporter
-# pod's own namespace, pod and container, the Service, the endpoint's port name, and job from
-# the Service's `app` label (jobLabel).
+# pod's own namespace, pod and container, the Service and its port name
+# (assets/state-dcgm-exporter/0400_service.yaml), and job from the Service's `app` label
+# (jobLabel).
 EXPORTER_TARGET = {
     "namespace": "gpu-operator",
     "pod": "nvidia-dcgm-exporter-7xk2p",
@@ -77,7 +80,9 @@ def dcgm(
         "device": f"nvidia{gpu}",
         **EXPORTER_NODE,
     }
-    attributes = {} if pod is None else {"pod": pod, "namespace": namespace, "container": "ray"}
+    attributes = (
+        {} if pod is None else {"pod": pod, "namespace": namespace, "container": "ray-worker"}
+    )
     if honor:
         stored = {**EXPORTER_TARGET, **gpu_labels, **attributes}
     else:
@@ -153,17 +158,20 @@ def pod_monitor_target(pod: str, group: str, deployment: str = "llama") -> dict[
     }
 
 
-def vllm(metric: str, pod: str, group: str, value: float, deployment: str = "llama") -> Any:
+def vllm(
+    metric: str, pod: str, group: str, value: float, deployment: str = "llama"
+) -> dict[str, str]:
     # vllm/v1/metrics/loggers.py labels engine gauges with model_name and engine.
     own = {"model_name": group, "engine": "0"}
     return series(metric, labels({**own, **pod_monitor_target(pod, group, deployment)}), value)
 
 
-def serve_queue(deployment: str, value: float, owner: str = "llama") -> Any:
+def serve_queue(deployment: str, value: float, owner: str = "llama") -> dict[str, str]:
     # ray/serve/_private/router.py: serve_deployment_queued_queries, reported by each handle
     # (here the proxy's, on the head pod).
     own = {"deployment": deployment, "application": "llmops", "handle": "h1", "actor_id": "a1"}
-    target = pod_monitor_target(HEAD, "headgroup", owner)
+    head = HEAD if owner == "llama" else f"{owner}-vv5rt-head-m2tqx"
+    target = pod_monitor_target(head, "headgroup", owner)
     return series(queries.SERVE_QUEUED, labels({**own, **target}), value)
 
 
