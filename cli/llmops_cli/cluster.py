@@ -120,8 +120,8 @@ def fetch_command(
     """Download or convert models into a model cache (what the loader Job runs).
 
     Each source is made available once; a source already in the cache is reused. Workers
-    mount the same folder read-only and wait for the marker file. A gated hf:// model needs
-    HF_TOKEN.
+    mount the same folder read-only and wait for the marker file. Transient Hugging Face Hub
+    errors are retried with backoff. A gated hf:// model needs HF_TOKEN.
     """
     from llmops_services import ModelSourceError
     from llmops_services.sources import ResolvedSource, fetch_source, loader_report

@@ -23,10 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import platformdirs
 from filelock import FileLock
+
+if TYPE_CHECKING:
+    import httpx2
 
 Progress = Callable[[str], None]
 """Receives one human-readable line per step of a long operation."""
@@ -35,6 +38,13 @@ CACHE_ENV = "LLMOPS_MODEL_CACHE"
 HF_TIMEOUT_S = 10.0
 CREDENTIALS_FIELD = "spec.cache.credentialsSecret"
 """The LLMDeployment field naming the Secret whose HF_TOKEN the loader Job gets."""
+HF_ATTEMPTS = 5
+HF_RETRY_BASE_S = 1.0
+HF_RETRY_CAP_S = 8.0
+"""Downloads the hub failed transiently are tried again after 1, 2, 4 and 8 s, as
+huggingface_hub backs off itself (utils/_http.py ``http_backoff``), and only where it did not
+retry already: a retry around one of its own would multiply the waits."""
+HUB_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 REPORT_LIMIT_BYTES = 4096
 """Kubernetes keeps at most 4096 bytes of a container's termination message."""
 HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
@@ -304,13 +314,10 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
 
 
 def _resolve_hf(repo: str, revision: str | None, cache: Path, say: Progress) -> Path:
+    # httpx2 is huggingface_hub's HTTP client (2.x); both are imported only where needed.
+    import httpx2
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     hub_cache = cache / "hf"
     try:
@@ -331,31 +338,112 @@ def _resolve_hf(repo: str, revision: str | None, cache: Path, say: Progress) -> 
             "unset it, or pre-load the cache, or use a local folder"
         )
     say(f"downloading hf://{repo} into {hub_cache}")
-    try:
-        path = snapshot_download(
-            repo,
-            revision=revision,
-            cache_dir=hub_cache,
-            etag_timeout=HF_TIMEOUT_S,
-            allow_patterns=list(HF_ALLOW_PATTERNS),
-        )
-    except GatedRepoError as exc:
-        raise ModelSourceError(
+    delay = HF_RETRY_BASE_S
+    for attempt in range(1, HF_ATTEMPTS + 1):
+        try:
+            return Path(
+                snapshot_download(
+                    repo,
+                    revision=revision,
+                    cache_dir=hub_cache,
+                    etag_timeout=HF_TIMEOUT_S,
+                    allow_patterns=list(HF_ALLOW_PATTERNS),
+                )
+            )
+        except (HfHubHTTPError, OSError, ValueError, httpx2.HTTPError) as exc:
+            if attempt == HF_ATTEMPTS or not _retry_after_hub(exc):
+                raise _download_error(repo, exc, attempt) from exc
+            say(
+                f"hf://{repo}: transient hub error ({_first_line(exc)}); retrying in "
+                f"{delay:g} s (attempt {attempt + 1} of {HF_ATTEMPTS})"
+            )
+            time.sleep(delay)
+            delay = min(HF_RETRY_CAP_S, delay * 2)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _download_error(repo: str, exc: BaseException, attempts: int) -> ModelSourceError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return ModelSourceError(
             f"hf://{repo} is a gated model and the Hugging Face Hub refused its files "
             f"({_status(exc)}): {_token_hint()}"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise ModelSourceError(
+        )
+    if isinstance(exc, RepositoryNotFoundError):
+        return ModelSourceError(
             f"hf://{repo} was not found on the Hugging Face Hub ({_status(exc)}): check the "
             f"name; if the repository is private, {_token_hint()}"
-        ) from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise ModelSourceError(
-            f"could not download hf://{repo} from the Hugging Face Hub "
-            f"({type(exc).__name__}: {_first_line(exc)}). Check network access to the hub "
-            "and HF_TOKEN for gated models, or copy the model into a folder and use its path"
-        ) from exc
-    return Path(path)
+        )
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    return ModelSourceError(
+        f"could not download hf://{repo} from the Hugging Face Hub{tries} "
+        f"({type(exc).__name__}: {_first_line(exc)}). Check network access to the hub "
+        "and HF_TOKEN for gated models, or copy the model into a folder and use its path"
+    )
+
+
+def _retry_after_hub(exc: BaseException) -> bool:
+    """Whether a failed download is worth another try that huggingface_hub did not make.
+
+    Transient means a status the library itself treats so (utils/_http.py,
+    ``_DEFAULT_RETRY_ON_STATUS_CODES``) or a network error, found in the exception or what
+    it wraps (snapshot_download turns a failed repo lookup into LocalEntryNotFoundError).
+    """
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    transient = (httpx2.NetworkError, httpx2.TimeoutException, httpx2.RemoteProtocolError)
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; the bound guards against a cycle
+        if seen is None:
+            break
+        if isinstance(seen, HfHubHTTPError):
+            status = seen.response.status_code
+            if status not in HUB_TRANSIENT_STATUS:
+                return False
+            return not _retried_by_hub(_request_of(seen.response), status, seen)
+        if isinstance(seen, httpx2.TransportError):
+            if not isinstance(seen, transient):
+                return False
+            return not _retried_by_hub(_request_of(seen), None, seen)
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _request_of(source: httpx2.Response | httpx2.TransportError) -> httpx2.Request | None:
+    try:
+        return source.request
+    except RuntimeError:
+        return None
+
+
+def _retried_by_hub(request: httpx2.Request | None, status: int | None, exc: BaseException) -> bool:
+    """Whether huggingface_hub 2.x already retried this failed request with backoff.
+
+    Read from the installed library: the tree listing goes through ``http_backoff``
+    (utils/_pagination.py); a file's HEAD is tried again with backoff after a fast first try,
+    for statuses, connection errors and timeouts (file_download.py,
+    ``_hf_hub_download_to_cache_dir``); a file's GET retries 408/429 and resumes after
+    connection, timeout and protocol errors (``http_get``); the repo lookup
+    (``HfApi.model_info``) is a single request.
+    """
+    import httpx2
+
+    if request is None:
+        return False
+    path = request.url.path
+    if "/api/" in path and "/tree/" in path:
+        return True
+    if request.method == "HEAD":
+        return status is not None or isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException))
+    if request.method == "GET" and "/api/" not in path:
+        if status is not None:
+            return status in (408, 429)
+        return isinstance(
+            exc, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.RemoteProtocolError)
+        )
+    return False
 
 
 def _token_hint() -> str:

@@ -158,7 +158,12 @@ class FakeHub:
         self._hub = self._server("hub")
         self._cdn = self._server("cdn")
         self._threads = [
-            threading.Thread(target=s.serve_forever, name=f"fake-hf-{s.role}", daemon=True)
+            threading.Thread(
+                target=s.serve_forever,
+                kwargs={"poll_interval": 0.05},
+                name=f"fake-hf-{s.role}",
+                daemon=True,
+            )
             for s in (self._hub, self._cdn)
         ]
 

@@ -142,3 +142,36 @@ def test_gated_repo_needs_the_token_and_says_where_it_comes_from(
     worker = worker_load(hub, tmp_path, "hf://acme/gated")
     assert worker.returncode == 0, worker.stderr
     assert (Path(worker.stdout.strip()) / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [
+        pytest.param("GET /api/models/acme/minilm/revision/main", 503, id="lookup-503"),
+        pytest.param("GET /api/models/acme/minilm/revision/main", None, id="lookup-dropped"),
+        pytest.param("GET /acme/minilm/resolve/", 503, id="file-503"),
+    ],
+)
+def test_transient_hub_errors_are_retried(
+    hub: FakeHub, tmp_path: Path, fault: str, status: int | None
+) -> None:
+    """huggingface_hub 2.x makes the repo lookup once (hf_api.py model_info) and does not retry
+    a file GET that answers 5xx (file_download.py http_get): the loader tries again."""
+    hub.fail(fault, status)
+    loaded = fetch(hub, tmp_path, "hf://acme/minilm")
+    assert loaded.returncode == 0, loaded.stderr
+    assert "retrying in 1 s (attempt 2 of 5)" in loaded.stdout
+    assert len(hub.requested("GET", "/api/models/acme/minilm/revision/main")) == 2
+    worker = worker_load(hub, tmp_path, "hf://acme/minilm")
+    assert worker.returncode == 0, worker.stderr
+
+
+def test_errors_huggingface_hub_retries_are_not_retried_again(hub: FakeHub, tmp_path: Path) -> None:
+    """The tree listing goes through http_backoff (utils/_pagination.py): one retry, the
+    library's, and no second snapshot_download around it."""
+    hub.fail("GET /api/models/acme/minilm/tree/", 503)
+    loaded = fetch(hub, tmp_path, "hf://acme/minilm")
+    assert loaded.returncode == 0, loaded.stderr
+    assert "retrying" not in loaded.stdout
+    assert len(hub.requested("GET", "/api/models/acme/minilm/tree/")) == 2
+    assert len(hub.requested("GET", "/api/models/acme/minilm/revision/main")) == 1

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx2
 import pytest
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+)
 
 from llmops_services.sources import (
+    HF_ATTEMPTS,
     REPORT_LIMIT_BYTES,
     ModelSourceError,
     ResolvedSource,
@@ -194,3 +203,127 @@ def test_loader_report_fits_a_termination_message() -> None:
     assert 40 < len(kept) < 200
     assert list(kept) == list(many)[: len(kept)]
     assert all(kept[s]["revision"] == many[s].revision for s in kept)
+
+
+HUB = "https://huggingface.co"
+INFO = f"{HUB}/api/models/org/model/revision/main"
+TREE = f"{HUB}/api/models/org/model/tree/{'f' * 40}"
+FILE = f"{HUB}/org/model/resolve/{'f' * 40}/model.safetensors"
+
+
+def _http_error(
+    status: int, method: str, url: str, kind: type[HfHubHTTPError] = HfHubHTTPError
+) -> HfHubHTTPError:
+    response = httpx2.Response(status, request=httpx2.Request(method, url))
+    return kind(f"{status} for {url}", response=response)
+
+
+def _lookup_failed(cause: Exception) -> Exception:
+    """What snapshot_download raises when its repo lookup failed and nothing is cached."""
+    error = LocalEntryNotFoundError("An error happened while trying to locate the files")
+    error.__cause__ = cause
+    return error
+
+
+def _transport(kind: type[httpx2.TransportError], method: str, url: str) -> Exception:
+    return kind("connection trouble", request=httpx2.Request(method, url))
+
+
+@pytest.mark.parametrize(
+    ("failure", "retried_by_us"),
+    [
+        # HfApi.model_info is one plain request: nothing retries it.
+        pytest.param(lambda: _lookup_failed(_http_error(503, "GET", INFO)), True, id="info-503"),
+        pytest.param(
+            lambda: _transport(httpx2.RemoteProtocolError, "GET", INFO), True, id="info-dropped"
+        ),
+        pytest.param(
+            lambda: _lookup_failed(_transport(httpx2.ConnectError, "GET", INFO)),
+            True,
+            id="info-refused",
+        ),
+        # http_get retries 408/429 and resumes after connect, timeout and protocol errors only.
+        pytest.param(lambda: _http_error(502, "GET", FILE), True, id="get-502"),
+        pytest.param(lambda: _transport(httpx2.ReadError, "GET", FILE), True, id="get-reset"),
+        pytest.param(
+            lambda: _transport(httpx2.RemoteProtocolError, "GET", FILE), False, id="get-dropped"
+        ),
+        pytest.param(lambda: _http_error(429, "GET", FILE), False, id="get-429"),
+        # A file's HEAD is retried with backoff for statuses, connect errors and timeouts.
+        pytest.param(lambda: _lookup_failed(_http_error(503, "HEAD", FILE)), False, id="head-503"),
+        pytest.param(
+            lambda: _lookup_failed(_transport(httpx2.ConnectTimeout, "HEAD", FILE)),
+            False,
+            id="head-timeout",
+        ),
+        pytest.param(
+            lambda: _transport(httpx2.RemoteProtocolError, "HEAD", FILE), True, id="head-dropped"
+        ),
+        # The tree listing goes through http_backoff.
+        pytest.param(lambda: _lookup_failed(_http_error(503, "GET", TREE)), False, id="tree-503"),
+        # Not transient at all.
+        pytest.param(lambda: _http_error(401, "HEAD", FILE, GatedRepoError), False, id="gated-401"),
+        pytest.param(lambda: _http_error(404, "GET", INFO), False, id="info-404"),
+        pytest.param(lambda: OSError(28, "No space left on device"), False, id="disk-full"),
+    ],
+)
+def test_hf_download_retries_what_huggingface_hub_did_not(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Callable[[], Exception],
+    retried_by_us: bool,
+) -> None:
+    """Which failures huggingface_hub 2.x retries itself was read from the installed library:
+    utils/_http.py (http_backoff, _DEFAULT_RETRY_ON_STATUS_CODES), utils/_pagination.py (the
+    tree listing), file_download.py (a file's HEAD retried after a fast first try; http_get),
+    hf_api.py (model_info: one request). The loader retries the others, and only those."""
+    import huggingface_hub
+
+    calls: list[dict[str, Any]] = []
+    sleeps: list[float] = []
+
+    def snapshot_download(repo_id: str, **kwargs: Any) -> str:
+        calls.append(kwargs)
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        if len(calls) == 2:
+            raise failure()
+        return str(tmp_path / "snapshots" / ("e" * 40))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    lines: list[str] = []
+    if retried_by_us:
+        resolved = fetch_source("hf://org/model", cache_dir=tmp_path, progress=lines.append)
+        assert resolved.revision == "e" * 40
+        assert sleeps == [1.0]
+        assert any("retrying in 1 s (attempt 2 of 5)" in line for line in lines)
+    else:
+        with pytest.raises(ModelSourceError, match="hf://org/model"):
+            resolve_source("hf://org/model", cache_dir=tmp_path, progress=lines.append)
+        assert sleeps == []
+    assert len(calls) == (3 if retried_by_us else 2)
+
+
+def test_hf_download_gives_up_after_a_few_capped_tries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    sleeps: list[float] = []
+    downloads: list[str] = []
+
+    def snapshot_download(repo_id: str, **kwargs: Any) -> str:
+        if kwargs.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        downloads.append(repo_id)
+        raise _lookup_failed(_http_error(503, "GET", INFO))
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    with pytest.raises(ModelSourceError, match=f"after {HF_ATTEMPTS} attempts"):
+        resolve_source("hf://org/model", cache_dir=tmp_path)
+    assert len(downloads) == HF_ATTEMPTS
+    assert sleeps == [1.0, 2.0, 4.0, 8.0]
