@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import yaml
@@ -74,10 +75,15 @@ def schema_errors(obj: dict[str, Any]) -> list[str]:
     where = f"{key[1]} {obj.get('metadata', {}).get('name')}"
     validator = custom_validators().get(key)
     if validator is not None:
-        return [
+        errors = [
             f"{where}: {'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
             for error in validator.iter_errors(obj)
         ]
+        if errors or key[0].split("/")[0] != "llmops.dev":
+            return errors
+        # The API server evaluates CEL rules only on objects that passed the schema.
+        schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        return [f"{where}: {line}" for line in cel_errors(schema, obj)]
     if key[0].split("/")[0].endswith(CUSTOM_GROUPS):
         return [f"{where}: no schema for custom kind {key}"]
     try:
@@ -93,3 +99,33 @@ def assert_valid(objs: Iterable[dict[str, Any]]) -> None:
     """Fails with every violation of every object."""
     errors = [line for obj in objs for line in schema_errors(obj)]
     assert not errors, "\n".join(errors)
+
+
+@functools.cache
+def _cel_program(rule: str) -> celpy.Runner:
+    environment = celpy.Environment()
+    return environment.program(environment.compile(rule))
+
+
+def cel_errors(schema: dict[str, Any], obj: Any, path: str = "") -> list[str]:
+    """Every failed ``x-kubernetes-validations`` rule of a CRD schema, as the API server
+    evaluates them: each rule with ``self`` bound to the value at its schema node, depth
+    first (k8s.io/apiextensions-apiserver/pkg/apiserver/schema/cel/validation.go).
+    """
+    found = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        try:
+            ok = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(obj)})
+        except celpy.CELEvalError as exc:
+            found.append(f"{path or '<root>'}: rule {rule['rule']!r} failed to evaluate: {exc}")
+            continue
+        if isinstance(ok, celpy.CELEvalError) or not ok:
+            found.append(f"{path or '<root>'}: {rule['message']}")
+    if isinstance(obj, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in obj:
+                found += cel_errors(sub, obj[key], f"{path}.{key}")
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(obj):
+            found += cel_errors(schema["items"], item, f"{path}[{index}]")
+    return found

@@ -15,6 +15,8 @@ import yaml
 from llmops_operator.models import (
     GROUP,
     KIND,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -25,6 +27,65 @@ from llmops_operator.models import (
 
 CRD_FILE_NAME = f"{GROUP}_{PLURAL}.yaml"
 _DROPPED_KEYS = {"title"}
+
+# CEL rules (x-kubernetes-validations): the API server refuses at `kubectl apply` what would
+# otherwise fail later, on the cluster, after other children exist. Each mirrors a check of the
+# pydantic models or the services GraphConfig, so the operator and the CRD agree.
+NAME_RULES = [
+    {
+        # KubeRay refuses longer RayService names
+        # (ray-operator/controllers/ray/utils/validation.go).
+        "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+        "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters: it names the "
+        "RayService, and KubeRay refuses longer names",
+    },
+    {
+        "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "message": "metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', "
+        "starting with a letter): it names the RayService",
+    },
+]
+SPEC_RULES = [
+    {
+        "rule": "!has(self.router) || !has(self.router.defaultModel) || "
+        "self.models.exists(m, m.name == self.router.defaultModel)",
+        "message": "router.defaultModel must name one of spec.models",
+        "fieldPath": ".router.defaultModel",
+    },
+    {
+        "rule": "!has(self.router) || !has(self.router.policy) || "
+        "self.router.policy != 'semantic' || "
+        "self.models.exists(m, has(m.routeExamples) && m.routeExamples.size() > 0)",
+        "message": "router.policy 'semantic' needs routeExamples on some model",
+        "fieldPath": ".router.policy",
+    },
+    {
+        "rule": "!has(self.router) || !has(self.router.policy) || "
+        "self.router.policy != 'semantic' || !has(self.encoder) || "
+        "!has(self.encoder.enabled) || self.encoder.enabled",
+        "message": "router.policy 'semantic' needs the encoder enabled",
+        "fieldPath": ".encoder.enabled",
+    },
+]
+AUTOSCALING_RULES = [
+    {
+        "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || "
+        "self.maxReplicas >= self.minReplicas",
+        "message": "autoscaling.maxReplicas must be at least minReplicas",
+    }
+]
+_TP = (
+    "(has(self.engine) && has(self.engine.tensor_parallel_size) ? "
+    "self.engine.tensor_parallel_size : 1)"
+)
+_GPUS = "(has(self.resources) && has(self.resources.gpus) ? self.resources.gpus : 1)"
+MODEL_RULES = [
+    {
+        "rule": f"{_GPUS} == 0 ? {_TP} == 1 : {_GPUS} == {_TP}",
+        "message": "resources.gpus must equal engine.tensor_parallel_size (one replica's GPUs "
+        "shard the model); tensor_parallel_size > 1 needs GPUs",
+    }
+]
 
 
 def _structural(node: Any, defs: dict[str, Any]) -> Any:
@@ -85,6 +146,9 @@ def crd_manifest() -> dict[str, Any]:
     models = spec_schema["properties"]["models"]
     models["x-kubernetes-list-type"] = "map"
     models["x-kubernetes-list-map-keys"] = ["name"]
+    models["items"]["x-kubernetes-validations"] = MODEL_RULES
+    spec_schema["properties"]["autoscaling"]["x-kubernetes-validations"] = AUTOSCALING_RULES
+    spec_schema["x-kubernetes-validations"] = SPEC_RULES
     status_schema = openapi_schema(LLMDeploymentStatus)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -112,6 +176,7 @@ def crd_manifest() -> dict[str, Any]:
                             "description": "A model (or graph of models) served by Ray Serve "
                             "and vLLM on KubeRay, autoscaled by KEDA.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": NAME_RULES,
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

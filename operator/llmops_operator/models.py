@@ -23,6 +23,10 @@ SINGULAR = "llmdeployment"
 SHORT_NAMES = ["llmd"]
 API_VERSION = f"{GROUP}/{VERSION}"
 
+# The LLMDeployment's name names its RayService: KubeRay refuses longer names or names that
+# are not DNS-1035 labels (ray-operator/controllers/ray/utils/validation.go).
+MAX_NAME_LENGTH = 47
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Model names become Ray worker group names and label values: short DNS-1123 subdomains.
 MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,38}[a-z0-9])?$"
 SOURCE_PATTERN = r"^(embedded://|hf://|file://|/).+"
@@ -171,7 +175,9 @@ class AutoscalingSpec(CRDModel):
     """KEDA autoscaling of spec.replicas from Prometheus."""
 
     enabled: bool = Field(default=True, description="Create a KEDA ScaledObject.")
-    min_replicas: int = Field(default=1, ge=1, le=1024, description="Fewest replicas.")
+    min_replicas: int = Field(
+        default=1, ge=0, le=1024, description="Fewest replicas; 0 is the same as scaleToZero."
+    )
     max_replicas: int = Field(default=4, ge=1, le=1024, description="Most replicas.")
     scale_to_zero: bool = Field(
         default=False,
@@ -217,7 +223,13 @@ class AutoscalingSpec(CRDModel):
 
 
 class CacheSpec(CRDModel):
-    """The model cache: a volume the loader Job fills once and workers mount read-only."""
+    """Where the model weights live on the cluster.
+
+    ReadWriteOnce (the default, offered by every default StorageClass): each Ray pod gets its
+    own volume, which an init container fills with the models that pod serves. ReadWriteMany
+    (a file-system StorageClass such as EFS, Filestore or Azure Files): one shared volume that
+    a loader Job fills once and every pod mounts read-only, on any node.
+    """
 
     size: str = Field(
         default="100Gi", pattern=QUANTITY_PATTERN, description="Volume size for all models."
@@ -225,19 +237,29 @@ class CacheSpec(CRDModel):
     storage_class_name: str | None = Field(
         default=None, description="StorageClass; null uses the cluster default."
     )
-    access_mode: Literal["ReadWriteMany", "ReadWriteOnce", "ReadOnlyMany"] = Field(
-        default="ReadWriteMany",
-        description="ReadWriteMany lets workers on many nodes share one cache.",
+    access_mode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        default="ReadWriteOnce",
+        description="ReadWriteOnce: a volume per Ray pod, filled by its init container (works "
+        "with any default StorageClass; each new pod downloads its models). ReadWriteMany: one "
+        "shared volume filled once by a loader Job (needs a StorageClass that offers RWX).",
+    )
+    credentials_secret: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Secret whose keys become the loader's environment: HF_TOKEN for gated "
+        "Hugging Face repos. Only the loader sees it; serving pods read the cache offline.",
     )
 
 
 class RolloutSpec(CRDModel):
     """How changes that need new pods reach the cluster."""
 
-    strategy: Literal["NewCluster", "InPlace"] = Field(
+    strategy: Literal["NewCluster", "Recreate"] = Field(
         default="NewCluster",
-        description="NewCluster: a new Ray cluster takes traffic once ready (needs spare "
-        "GPUs); InPlace: update the running cluster (for single-GPU setups).",
+        description="How a change that needs new pods (image, resources, GPU type, env) "
+        "rolls out. NewCluster: a new Ray cluster takes traffic once its models serve (needs "
+        "room for both). Recreate: the running cluster is replaced, with downtime (for graphs "
+        "whose GPUs cannot be doubled). Replica and model changes apply in place either way.",
     )
     drain_seconds: int = Field(
         default=60,

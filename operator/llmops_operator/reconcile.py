@@ -202,6 +202,21 @@ def _cache_condition(job: Mapping[str, Any] | None, generation: int | None) -> d
     )
 
 
+def _pod_cache_condition(serving: Mapping[str, Any], generation: int | None) -> dict[str, Any]:
+    """ModelCached with a volume per Ray pod: each pod's init container fills its own cache."""
+    if serving["status"] == "True":
+        return make_condition(
+            "ModelCached", True, "Loaded", "every Ray pod fetched its models", generation
+        )
+    message = (
+        "each Ray pod fetches its models into its own volume before Ray starts "
+        "(init container fetch-models; see its logs)"
+    )
+    if serving["reason"] == "ServeFailed":
+        return make_condition("ModelCached", None, "Unknown", message, generation)
+    return make_condition("ModelCached", False, "Fetching", message, generation)
+
+
 def _serving(
     rayservice: Mapping[str, Any] | None, deployments: Mapping[str, str], generation: int | None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -282,7 +297,7 @@ async def reconcile(
     children = render.render_target(target, defaults, graph)
     base = {
         "observedGeneration": generation,
-        "selector": render.worker_selector(name),
+        "selector": render.worker_selector(name, target.spec.models[0].name),
         "modelsSummary": ",".join(m.name for m in target.spec.models),
         "endpoints": {"http": render.http_endpoint(name, namespace)},
     }
@@ -310,10 +325,13 @@ async def reconcile(
     applied = [c for c in children if c["kind"] not in skipped]
     observed, created, patched, deleted = await converge(client, applied, namespace, name, keda)
 
-    job = observed.get(f"Job/{render.loader_job_name(target)}")
-    cache = _cache_condition(job, generation)
     deployments = {llm.name: llm.deployment_name for llm in graph.llms}
     serving, models = _serving(observed.get(f"RayService/{name}"), deployments, generation)
+    if render.shared_cache(target.spec):
+        job = observed.get(f"Job/{render.loader_job_name(target)}")
+        cache = _cache_condition(job, generation)
+    else:
+        cache = _pod_cache_condition(serving, generation)
     autoscaling = _autoscaling(
         target.spec.autoscaling.enabled, keda, observed.get(f"ScaledObject/{name}"), generation
     )
@@ -325,7 +343,8 @@ async def reconcile(
             "Ready", True, "Ready", "serving at the desired replicas", generation
         )
     else:
-        first = not_ready[0]
+        # A known failure explains more than a part that cannot tell yet.
+        first = next((c for c in not_ready if c["status"] == "False"), not_ready[0])
         overall = make_condition("Ready", False, first["reason"], first["message"], generation)
     conditions = stamp_transitions([cache, serving, autoscaling, overall], old_conditions)
     _announce(conditions, old_conditions, say)

@@ -8,13 +8,17 @@ nothing at serving time: the RayService's serveConfigV2 carries the services gra
 Replica counts live in the serveConfigV2 ``deployments`` overrides, never in the
 application ``args`` nor the Ray cluster config: a change of spec.replicas (as KEDA writes it)
 is then a lightweight Serve update that keeps running replicas, and KubeRay applies it to the
-running cluster in place.
+running cluster in place. LLM replica counts are always written as an ``autoscaling_config``
+(min = max = the count): Ray refuses ``num_replicas: 0`` (ray/serve/schema.py types it as a
+positive int), reaches zero only through ``min_replicas: 0``, and restarts the application when
+a deployment switches between ``num_replicas`` and ``autoscaling_config``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +27,15 @@ import yaml
 from pydantic import ValidationError
 
 from llmops_operator import queries
-from llmops_operator.models import API_VERSION, KIND, LLMDeploymentSpec, ModelSpec, parse_spec
+from llmops_operator.models import (
+    API_VERSION,
+    KIND,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    LLMDeploymentSpec,
+    ModelSpec,
+    parse_spec,
+)
 from llmops_operator.settings import DEFAULT_WORKER_IMAGE, OperatorSettings
 from llmops_services.config import GraphConfig
 
@@ -42,6 +54,11 @@ HEAD_CPU = "4"
 HEAD_MEMORY = "16Gi"
 ROUTER_DEPLOYMENT = "router"
 ENCODER_DEPLOYMENT = "encoder"
+# Labels KubeRay sets on every pod of a RayCluster (ray-operator/controllers/ray/utils/constant.go).
+RAY_CLUSTER_LABEL = "ray.io/cluster"
+RAY_NODE_TYPE_LABEL = "ray.io/node-type"
+RAY_GROUP_LABEL = "ray.io/group"
+CLUSTER_HASH_ANNOTATION = "llmops.dev/cluster-hash"
 
 
 class RenderError(ValueError):
@@ -60,6 +77,21 @@ class RenderDefaults:
     def from_settings(cls, settings: OperatorSettings) -> RenderDefaults:
         """The defaults an operator with these settings renders with."""
         return cls(settings.worker_image, settings.loader_image, settings.prometheus_url)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the cluster holds that changes what is rendered (read by the operator each pass).
+
+    Attributes:
+        active_cluster: The RayCluster serving now (RayService status
+            activeServiceStatus.rayClusterName); the graph Service selects only its pods.
+        secret_version: resourceVersion of spec.cache.credentialsSecret; a new version names
+            a new loader Job, so a fixed token reaches a failed download.
+    """
+
+    active_cluster: str | None = None
+    secret_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +119,12 @@ def parse_manifest(manifest: Mapping[str, Any]) -> Target:
     name = meta.get("name")
     if not name:
         raise RenderError("metadata.name is required")
+    if len(name) > MAX_NAME_LENGTH or not re.match(NAME_PATTERN, name):
+        raise RenderError(
+            f"metadata.name {name!r} cannot name a RayService: use at most {MAX_NAME_LENGTH} "
+            "lower-case letters, digits and '-', starting with a letter and ending with a "
+            "letter or digit (KubeRay's limit)"
+        )
     try:
         spec = parse_spec(dict(manifest.get("spec") or {}))
     except ValidationError as exc:
@@ -123,15 +161,14 @@ def render(
 
 
 def render_target(
-    target: Target, defaults: RenderDefaults, graph: GraphConfig
+    target: Target, defaults: RenderDefaults, graph: GraphConfig, observed: Observed | None = None
 ) -> list[dict[str, Any]]:
-    """`render` for an already parsed target and its validated graph config."""
-    children = [
-        cache_claim(target),
-        cache_loader(target, defaults),
-        ray_service(target, defaults, graph),
-        graph_service(target),
-    ]
+    """`render` for an already parsed target, its validated graph config and cluster state."""
+    observed = observed or Observed()
+    children = []
+    if shared_cache(target.spec):
+        children += [cache_claim(target), cache_loader(target, defaults, observed)]
+    children += [ray_service(target, defaults, graph), graph_service(target, observed)]
     if target.spec.autoscaling.enabled:
         children.append(scaled_object(target, defaults))
     children.append(pod_monitor(target))
@@ -168,9 +205,15 @@ def _meta(target: Target, name: str, component: str) -> dict[str, Any]:
     return {"name": name, "namespace": target.namespace, "labels": labels(target, component)}
 
 
-def worker_selector(name: str) -> str:
-    """Label selector of a deployment's Ray pods (status.selector for the scale subresource)."""
-    return f"{DEPLOYMENT_LABEL}={name}"
+def worker_selector(name: str, model: str) -> str:
+    """Label selector of one model's Ray worker pods (status.selector, the scale's selector).
+
+    The HPA multiplies a Value metric's ratio by the ready pods this selector matches
+    (pkg/controller/podautoscaler/replica_calculator.go): it must match one replica's pods
+    only, never the head, another model's workers or loader pods. spec.replicas applies to
+    every model, so one model's workers count the replicas.
+    """
+    return f"{DEPLOYMENT_LABEL}={name},{RAY_NODE_TYPE_LABEL}=worker,{RAY_GROUP_LABEL}={model}"
 
 
 # --- the graph config -------------------------------------------------------------------
@@ -236,7 +279,7 @@ def serve_config(target: Target, graph: GraphConfig) -> dict[str, Any]:
     deployments: list[dict[str, Any]] = [
         {
             "name": llm.deployment_name,
-            "num_replicas": spec.replicas,
+            "autoscaling_config": serve_replicas(spec.replicas),
             "graceful_shutdown_timeout_s": drain,
         }
         for llm in graph.llms
@@ -257,7 +300,34 @@ def serve_config(target: Target, graph: GraphConfig) -> dict[str, Any]:
     }
 
 
+def min_replicas(spec: LLMDeploymentSpec) -> int:
+    """The fewest replicas autoscaling may choose (scaleToZero and minReplicas 0 both mean 0)."""
+    return 0 if spec.autoscaling.scale_to_zero else spec.autoscaling.min_replicas
+
+
+def serve_replicas(replicas: int) -> dict[str, Any]:
+    """A fixed replica count as Serve accepts it, zero included.
+
+    Serve validates max_replicas >= 1, so zero is min 0 / max 1 starting at 0 and released
+    at once: KEDA (through spec.replicas) decides when a model runs, Serve's own autoscaler
+    does not.
+    """
+    if replicas == 0:
+        return {
+            "min_replicas": 0,
+            "max_replicas": 1,
+            "initial_replicas": 0,
+            "downscale_to_zero_delay_s": 0.0,
+        }
+    return {"min_replicas": replicas, "max_replicas": replicas, "initial_replicas": replicas}
+
+
 # --- model cache ------------------------------------------------------------------------
+
+
+def shared_cache(spec: LLMDeploymentSpec) -> bool:
+    """One cache volume for every pod (ReadWriteMany), or one volume per Ray pod."""
+    return spec.cache.access_mode == "ReadWriteMany"
 
 
 def cache_claim_name(name: str) -> str:
@@ -278,9 +348,15 @@ def cache_key(spec: LLMDeploymentSpec) -> str:
     return hashlib.sha256(json.dumps(sources(spec)).encode()).hexdigest()[:10]
 
 
-def loader_job_name(target: Target) -> str:
-    """The loader Job's name: a new set of sources gets a new Job (pod specs are immutable)."""
-    return f"{target.name}-cache-{cache_key(target.spec)}"
+def loader_job_name(target: Target, observed: Observed | None = None) -> str:
+    """The loader Job's name (at most 63 characters, as Job names must be).
+
+    New sources or a new version of the credentials Secret get a new Job: a Job's pod template
+    is immutable, and a Job that failed on a missing token must not be the last word.
+    """
+    secret = (observed or Observed()).secret_version or ""
+    key = json.dumps([sources(target.spec), target.spec.cache.credentials_secret, secret])
+    return f"{target.name}-load-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def ready_marker(spec: LLMDeploymentSpec) -> str:
@@ -324,35 +400,42 @@ def _pod_security() -> dict[str, Any]:
     }
 
 
-def cache_loader(target: Target, defaults: RenderDefaults) -> dict[str, Any]:
-    """A Job that downloads every source into the cache once, then writes the ready marker."""
+def _fetch_container(
+    target: Target, name: str, image: str, wanted: list[str], marker: str | None
+) -> dict[str, Any]:
+    """`llmops fetch` of some sources into the cache mount, with the credentials Secret."""
+    command = ["llmops", "fetch", "--cache-dir", CACHE_MOUNT]
+    if marker:
+        command += ["--marker", marker]
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "command": [*command, *wanted],
+        "env": [{"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"}],
+        "resources": {
+            "requests": {"cpu": "1", "memory": "4Gi"},
+            "limits": {"cpu": "4", "memory": "16Gi"},
+        },
+        "securityContext": _restricted_container(),
+        "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
+    }
+    secret = target.spec.cache.credentials_secret
+    if secret:
+        container["envFrom"] = [{"secretRef": {"name": secret}}]
+    return container
+
+
+def cache_loader(
+    target: Target, defaults: RenderDefaults, observed: Observed | None = None
+) -> dict[str, Any]:
+    """A Job that downloads every source into the shared cache once, then writes the marker."""
     spec = target.spec
     image = spec.images.loader or defaults.loader_image
-    command = [
-        "llmops",
-        "fetch",
-        "--cache-dir",
-        CACHE_MOUNT,
-        "--marker",
-        ready_marker(spec),
-        *sources(spec),
-    ]
     pod: dict[str, Any] = {
         "restartPolicy": "OnFailure",
         "securityContext": _pod_security(),
         "containers": [
-            {
-                "name": "loader",
-                "image": image,
-                "command": command,
-                "env": [{"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"}],
-                "resources": {
-                    "requests": {"cpu": "1", "memory": "4Gi"},
-                    "limits": {"cpu": "4", "memory": "16Gi"},
-                },
-                "securityContext": _restricted_container(),
-                "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_MOUNT}],
-            }
+            _fetch_container(target, "loader", image, sources(spec), ready_marker(spec))
         ],
         "volumes": [
             {
@@ -365,7 +448,7 @@ def cache_loader(target: Target, defaults: RenderDefaults) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(target, loader_job_name(target), "model-loader"),
+        "metadata": _meta(target, loader_job_name(target, observed), "model-loader"),
         "spec": {
             "backoffLimit": 4,
             "template": {"metadata": {"labels": labels(target, "model-loader")}, "spec": pod},
@@ -424,14 +507,29 @@ def _ray_container(
 
 
 def _pod_volumes(target: Target) -> list[dict[str, Any]]:
+    cache = target.spec.cache
+    if shared_cache(target.spec):
+        volume: dict[str, Any] = {
+            "persistentVolumeClaim": {"claimName": cache_claim_name(target.name), "readOnly": True}
+        }
+    else:
+        # A generic ephemeral volume: a ReadWriteOnce PVC per pod, deleted with the pod.
+        claim: dict[str, Any] = {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": cache.size}},
+        }
+        if cache.storage_class_name:
+            claim["storageClassName"] = cache.storage_class_name
+        volume = {
+            "ephemeral": {
+                "volumeClaimTemplate": {
+                    "metadata": {"labels": labels(target, "model-cache")},
+                    "spec": claim,
+                }
+            }
+        }
     return [
-        {
-            "name": "model-cache",
-            "persistentVolumeClaim": {
-                "claimName": cache_claim_name(target.name),
-                "readOnly": True,
-            },
-        },
+        {"name": "model-cache", **volume},
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
     ]
 
@@ -456,12 +554,30 @@ def _wait_for_cache(target: Target, image: str) -> dict[str, Any]:
 
 
 def _pod_template(
-    target: Target, container: dict[str, Any], image: str, gpus: int, gpu_type: str | None
+    target: Target,
+    container: dict[str, Any],
+    images: tuple[str, str],
+    gpus: int,
+    gpu_type: str | None,
 ) -> dict[str, Any]:
+    """A Ray pod: waits for the shared cache, or fills its own volume first.
+
+    With a volume per pod, any pod may run any replica whose resources it offers (Ray places
+    by resources, not by worker group), so a worker fetches every source; the head, which
+    offers no GPU, skips the GPU models'.
+    """
+    image, loader_image = images
+    spec = target.spec
+    if shared_cache(spec):
+        init = _wait_for_cache(target, image)
+    else:
+        skip = {m.source for m in spec.models if m.resources.gpus} if gpus == 0 else set()
+        wanted = [s for s in sources(spec) if s not in skip]
+        init = _fetch_container(target, "fetch-models", loader_image, wanted, None)
     pod: dict[str, Any] = {
         "securityContext": _pod_security(),
-        "terminationGracePeriodSeconds": target.spec.rollout.drain_seconds + 30,
-        "initContainers": [_wait_for_cache(target, image)],
+        "terminationGracePeriodSeconds": spec.rollout.drain_seconds + 30,
+        "initContainers": [init],
         "containers": [container],
         "volumes": _pod_volumes(target),
     }
@@ -469,7 +585,7 @@ def _pod_template(
     return {"metadata": {"labels": labels(target, "ray")}, "spec": pod}
 
 
-def _worker_group(target: Target, model: ModelSpec, image: str) -> dict[str, Any]:
+def _worker_group(target: Target, model: ModelSpec, images: tuple[str, str]) -> dict[str, Any]:
     spec = target.spec
     res = model.resources
     limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
@@ -477,7 +593,7 @@ def _worker_group(target: Target, model: ModelSpec, image: str) -> dict[str, Any
         limits["nvidia.com/gpu"] = res.gpus
     autoscaling = spec.autoscaling
     if autoscaling.enabled:
-        low = 0 if autoscaling.scale_to_zero else autoscaling.min_replicas
+        low = min_replicas(spec)
         high = autoscaling.max_replicas
     else:
         # Without KEDA, replicas are set by hand; room to grow without a new Ray cluster.
@@ -485,7 +601,7 @@ def _worker_group(target: Target, model: ModelSpec, image: str) -> dict[str, Any
     container = _ray_container(
         target,
         "ray-worker",
-        image,
+        images[0],
         {"requests": dict(limits), "limits": dict(limits)},
         [{"name": "metrics", "containerPort": METRICS_PORT}],
     )
@@ -495,7 +611,7 @@ def _worker_group(target: Target, model: ModelSpec, image: str) -> dict[str, Any
         "minReplicas": low,
         "maxReplicas": high,
         "rayStartParams": {"num-gpus": str(res.gpus)},
-        "template": _pod_template(target, container, image, res.gpus, res.gpu_type),
+        "template": _pod_template(target, container, images, res.gpus, res.gpu_type),
     }
 
 
@@ -503,6 +619,7 @@ def ray_service(target: Target, defaults: RenderDefaults, graph: GraphConfig) ->
     """The RayService: head (router, encoder) plus one GPU worker group per model."""
     spec = target.spec
     image = spec.images.worker or defaults.worker_image
+    images = (image, spec.images.loader or defaults.loader_image)
     head_resources = {"cpu": HEAD_CPU, "memory": HEAD_MEMORY}
     head_container = _ray_container(
         target,
@@ -517,45 +634,77 @@ def ray_service(target: Target, defaults: RenderDefaults, graph: GraphConfig) ->
             {"name": "metrics", "containerPort": METRICS_PORT},
         ],
     )
+    cluster: dict[str, Any] = {
+        "rayVersion": RAY_VERSION,
+        "enableInTreeAutoscaling": True,
+        "autoscalerOptions": {
+            "idleTimeoutSeconds": 60,
+            "resources": {
+                "requests": {"cpu": "500m", "memory": "512Mi"},
+                "limits": {"cpu": "500m", "memory": "512Mi"},
+            },
+            "securityContext": _restricted_container(),
+        },
+        "headGroupSpec": {
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+            "template": _pod_template(target, head_container, images, 0, None),
+        },
+        "workerGroupSpecs": [_worker_group(target, m, images) for m in spec.models],
+    }
+    head_meta = cluster["headGroupSpec"]["template"]["metadata"]
+    head_meta["annotations"] = {CLUSTER_HASH_ANNOTATION: cluster_hash(cluster)}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": _meta(target, target.name, "ray"),
         "spec": {
+            # KubeRay's "None" creates no new cluster; Recreate is the operator deleting the
+            # active one when its cluster hash annotation is stale (KubeRay then makes a new one).
             "upgradeStrategy": {
                 "type": "NewCluster" if spec.rollout.strategy == "NewCluster" else "None"
             },
             "serveConfigV2": yaml.safe_dump(serve_config(target, graph), sort_keys=False),
-            "rayClusterConfig": {
-                "rayVersion": RAY_VERSION,
-                "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {
-                    "idleTimeoutSeconds": 60,
-                    "resources": {
-                        "requests": {"cpu": "500m", "memory": "512Mi"},
-                        "limits": {"cpu": "500m", "memory": "512Mi"},
-                    },
-                    "securityContext": _restricted_container(),
-                },
-                "headGroupSpec": {
-                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
-                    "template": _pod_template(target, head_container, image, 0, None),
-                },
-                "workerGroupSpecs": [_worker_group(target, m, image) for m in spec.models],
-            },
+            "rayClusterConfig": cluster,
         },
     }
 
 
-def graph_service(target: Target) -> dict[str, Any]:
-    """A stable Service for the graph's OpenAI-compatible HTTP ingress (Serve proxies)."""
+def cluster_hash(cluster: Mapping[str, Any]) -> str:
+    """Hash of a Ray cluster config without the replica bounds of its worker groups.
+
+    Stamped on the head pod template, it is part of what KubeRay hashes to decide whether a
+    RayService needs a new cluster, so every change the renderer makes to pods (tolerations
+    included, which KubeRay >= 1.6 leaves out) rolls out; bounds are applied to the running
+    cluster instead (KubeRay leaves them out of its hash too). With rollout Recreate the
+    operator compares it with the active RayCluster's.
+    """
+    trimmed = json.loads(json.dumps(cluster))
+    trimmed["headGroupSpec"]["template"]["metadata"].pop("annotations", None)
+    for group in trimmed.get("workerGroupSpecs", []):
+        for key in ("replicas", "minReplicas", "maxReplicas"):
+            group.pop(key, None)
+    digest = hashlib.sha256(json.dumps(trimmed, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+def graph_service(target: Target, observed: Observed | None = None) -> dict[str, Any]:
+    """A stable Service for the graph's OpenAI-compatible HTTP ingress (Serve proxies).
+
+    KubeRay labels ``ray.io/serve=true`` on the pods of a pending cluster too (its models may
+    still load), so once a cluster is active the Service selects only that cluster's pods;
+    before the first one is active there is no other cluster to exclude.
+    """
+    selector = {DEPLOYMENT_LABEL: target.name, "ray.io/serve": "true"}
+    active = (observed or Observed()).active_cluster
+    if active:
+        selector[RAY_CLUSTER_LABEL] = active
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(target, target.name, "serve"),
         "spec": {
             "type": "ClusterIP",
-            "selector": {DEPLOYMENT_LABEL: target.name, "ray.io/serve": "true"},
+            "selector": selector,
             "ports": [
                 {"name": "http", "port": SERVE_PORT, "targetPort": SERVE_PORT, "protocol": "TCP"}
             ],
@@ -606,7 +755,7 @@ def scaled_object(target: Target, defaults: RenderDefaults) -> dict[str, Any]:
         "metadata": _meta(target, target.name, "autoscaler"),
         "spec": {
             "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": target.name},
-            "minReplicaCount": 0 if auto.scale_to_zero else auto.min_replicas,
+            "minReplicaCount": min_replicas(target.spec),
             "maxReplicaCount": auto.max_replicas,
             "pollingInterval": auto.polling_interval_seconds,
             "cooldownPeriod": auto.cooldown_seconds,

@@ -130,7 +130,9 @@ def test_replicas_live_only_in_serve_overrides() -> None:
     app_five = yaml.safe_load(five["RayService"]["spec"]["serveConfigV2"])["applications"][0]
     assert app_one["args"] == app_five["args"]
     llm = [d for d in app_five["deployments"] if d["name"].startswith("llm-")]
-    assert [d["num_replicas"] for d in llm] == [5]
+    assert [d["autoscaling_config"]["min_replicas"] for d in llm] == [5]
+    assert [d["autoscaling_config"]["max_replicas"] for d in llm] == [5]
+    assert all("num_replicas" not in d for d in llm)
 
 
 def test_gpu_worker_group_requests_gpus_and_tolerates_the_taint() -> None:
