@@ -13,6 +13,7 @@ import ssl
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -30,19 +31,56 @@ PLURALS = {
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }
-MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # a JSON body is valid YAML
+FIELD_MANAGER = "llmops-operator"
+# Applied objects whose resourceVersion is remembered (to tell a changing apply from a no-op).
+MAX_REMEMBERED_VERSIONS = 100_000
 # How long an API found in discovery is trusted before asking again. Only presence is cached:
 # an install is noticed on the next pass; a removal surfaces as a 404 on the next write.
 DISCOVERY_TTL_S = 60.0
 
 
 class KubeError(Exception):
-    """An API call failed; carries the HTTP status and the server's message."""
+    """An API call failed; carries the HTTP status, the server's message and its details."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, details: Mapping[str, Any] | None = None) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+        self.details: Mapping[str, Any] = details or {}
+
+    @property
+    def conflicting_managers(self) -> list[str]:
+        """Field managers named by a server-side apply conflict (409), in order, once each.
+
+        The API server names them in details.causes[].message, e.g.
+        ``conflict with "kubectl-edit" using ray.io/v1``.
+        """
+        managers: list[str] = []
+        for cause in self.details.get("causes") or []:
+            text = str(cause.get("message", ""))
+            if text.startswith('conflict with "') and (end := text.find('"', 15)) > 0:
+                manager = text[15:end]
+                if manager not in managers:
+                    managers.append(manager)
+        return managers
+
+
+@dataclass
+class Applied:
+    """What a server-side apply returned.
+
+    Attributes:
+        obj: The object as the API server holds it after the apply (status included).
+        created: The apply created it (HTTP 201).
+        changed: Created, or its resourceVersion moved since this client's last apply of it
+            (a no-op apply leaves resourceVersion as it was).
+    """
+
+    obj: dict[str, Any]
+    created: bool
+    changed: bool
 
 
 def resource_path(
@@ -93,6 +131,8 @@ class KubeClient:
         )
         self.calls: collections.Counter[str] = collections.Counter()
         self._present_until: dict[tuple[str, str], float] = {}
+        # resourceVersion each applied object had after this client's last apply of it.
+        self._applied_versions: dict[str, str] = {}
 
     async def close(self) -> None:
         """Closes the connection pool."""
@@ -102,10 +142,21 @@ class KubeClient:
         self,
         method: str,
         path: str,
-        body: Mapping[str, Any] | None = None,
+        body: Mapping[str, Any] | list[dict[str, Any]] | None = None,
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
+        return (await self._send(method, path, body, content_type, params))[1]
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | list[dict[str, Any]] | None = None,
+        content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any] | None]:
+        """(HTTP status, the object answered; None for 404)."""
         self.calls[method] += 1
         async with self._session.request(
             method,
@@ -115,14 +166,19 @@ class KubeClient:
             headers={"Content-Type": content_type} if body is not None else None,
         ) as response:
             if response.status == 404:
-                return None
+                return 404, None
             payload: Any = (
                 await response.json(content_type=None) if response.content_length != 0 else {}
             )
             if response.status >= 400:
                 message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
-                raise KubeError(response.status, message or response.reason or "")
-            return payload if isinstance(payload, dict) else {}
+                details = payload.get("details") if isinstance(payload, dict) else None
+                raise KubeError(
+                    response.status,
+                    message or response.reason or "",
+                    details if isinstance(details, dict) else None,
+                )
+            return response.status, payload if isinstance(payload, dict) else {}
 
     async def get(
         self, api_version: str, kind: str, namespace: str | None, name: str
@@ -130,30 +186,57 @@ class KubeClient:
         """The object, or None when it does not exist."""
         return await self._request("GET", resource_path(api_version, kind, namespace, name))
 
-    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Creates an object; raises `KubeError` (409) when it exists."""
-        meta = obj["metadata"]
-        path = resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace"))
-        created = await self._request("POST", path, obj)
-        if created is None:
-            raise KubeError(404, f"the {obj['kind']} API is not installed")
-        return created
+    async def apply(self, obj: Mapping[str, Any], force: bool = False) -> Applied:
+        """Server-side apply under the operator's field manager: creates or updates in one call.
 
-    async def patch(
+        Fields this manager applied before and ``obj`` no longer has are removed (unless
+        another manager also owns them).
+
+        Args:
+            obj: The whole desired object (apiVersion, kind, metadata.name/namespace, ...).
+            force: Take over fields another manager owns instead of failing.
+
+        Raises:
+            KubeError: 409 when another manager owns a field with a different value (its
+                ``conflicting_managers`` name them), 404 when the kind is not served.
+        """
+        meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        params = {"fieldManager": FIELD_MANAGER}
+        if force:
+            params["force"] = "true"
+        status, applied = await self._send("PATCH", path, obj, APPLY_PATCH, params)
+        if applied is None:
+            raise KubeError(404, f"the {obj['kind']} API is not installed")
+        version = str(applied.get("metadata", {}).get("resourceVersion", ""))
+        before = self._applied_versions.get(path)
+        if len(self._applied_versions) > MAX_REMEMBERED_VERSIONS:  # children GC'd with owners
+            self._applied_versions.clear()
+        self._applied_versions[path] = version
+        created = status == 201
+        return Applied(applied, created, created or (before is not None and before != version))
+
+    async def json_patch(
         self,
         api_version: str,
         kind: str,
         namespace: str | None,
         name: str,
-        patch: Mapping[str, Any],
+        operations: list[dict[str, Any]],
     ) -> dict[str, Any] | None:
-        """JSON merge patch; None when the object is gone."""
+        """JSON patch (RFC 6902): ``test`` operations make it all-or-nothing; None when gone.
+
+        Raises:
+            KubeError: 422 when a ``test`` failed (the object changed under the patch).
+        """
         path = resource_path(api_version, kind, namespace, name)
-        return await self._request("PATCH", path, patch, MERGE_PATCH)
+        params = {"fieldManager": FIELD_MANAGER}
+        return await self._request("PATCH", path, operations, JSON_PATCH, params)
 
     async def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> bool:
         """Deletes (background propagation); False when it was already gone."""
         path = resource_path(api_version, kind, namespace, name)
+        self._applied_versions.pop(path, None)
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         return await self._request("DELETE", path, body) is not None
 

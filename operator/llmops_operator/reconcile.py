@@ -18,7 +18,9 @@ Status layout (``status`` of the LLMDeployment)::
 
 from __future__ import annotations
 
+import copy
 import datetime
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,17 +73,45 @@ def is_subset(desired: Any, observed: Any) -> bool:
     return bool(desired == observed)
 
 
-def _patch_for(desired: dict[str, Any]) -> dict[str, Any]:
-    """The merge patch that converges an existing child, respecting immutable fields."""
-    meta = {"labels": desired["metadata"]["labels"]}
-    if "ownerReferences" in desired["metadata"]:
-        meta["ownerReferences"] = desired["metadata"]["ownerReferences"]
+def _applicable(desired: dict[str, Any], live: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What to apply for a child: the rendered object, less what the API server refuses to
+    change on an existing one. A Job's pod template is immutable (new sources get a new Job
+    name); a PVC's spec is immutable except for the size, which only grows. For those, the
+    fields the operator renders keep the values the live object holds, so the apply neither
+    changes nor drops them.
+    """
     kind = desired["kind"]
-    if kind == "Job":  # the pod template is immutable; new sources get a new Job name
-        return {"metadata": meta}
-    if kind == "PersistentVolumeClaim":  # only the size may change (grow)
-        return {"metadata": meta, "spec": {"resources": desired["spec"]["resources"]}}
-    return {"metadata": meta, "spec": desired["spec"]}
+    if live is None or kind not in {"Job", "PersistentVolumeClaim"}:
+        return desired
+    spec = _live_values(desired["spec"], live.get("spec", {}))
+    if kind == "PersistentVolumeClaim":
+        want = desired["spec"]["resources"]["requests"]["storage"]
+        have = live.get("spec", {}).get("resources", {}).get("requests", {}).get("storage")
+        if have is None or quantity(want) >= quantity(have):
+            spec["resources"] = desired["spec"]["resources"]
+    return {**desired, "spec": spec}
+
+
+def _live_values(desired: Any, live: Any) -> Any:
+    """The fields of ``desired`` that ``live`` has, with ``live``'s values."""
+    if isinstance(desired, Mapping) and isinstance(live, Mapping):
+        return {k: _live_values(v, live[k]) for k, v in desired.items() if k in live}
+    return copy.deepcopy(live)
+
+
+_QUANTITY_UNITS: dict[str, float] = {
+    **{s: 1024**i for i, s in enumerate(["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"])},
+    **{s: 1000**i for i, s in enumerate(["k", "M", "G", "T", "P", "E"], start=1)},
+}
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes storage quantity in bytes ("80Gi", "500M", "1e3")."""
+    match = re.fullmatch(r"([0-9.]+(?:[eE][0-9]+)?)([A-Za-z]*)", str(text).strip())
+    if match is None or match.group(2) not in _QUANTITY_UNITS:
+        raise ValueError(f"not a quantity: {text!r}")
+    number, unit = str(match.group(1)), str(match.group(2))
+    return float(number) * _QUANTITY_UNITS[unit]
 
 
 def _key(obj: Mapping[str, Any]) -> str:
@@ -116,48 +146,59 @@ async def converge(
     namespace: str,
     name: str,
     keda_installed: bool,
+    say: Say,
 ) -> tuple[dict[str, dict[str, Any]], list[str], list[str], list[str]]:
-    """Creates or patches each child; deletes this deployment's children no longer rendered.
+    """Applies each child (server-side apply); deletes this deployment's children no longer
+    rendered.
+
+    A field another manager set (``kubectl edit``, another controller) to a value other than
+    the rendered one is a conflict: it is reported as a ConflictOverridden Event, then the
+    rendered value is applied with force, since the operator owns every field it renders.
 
     Returns:
         The observed children by "Kind/name", and the keys created, patched and deleted.
     """
+    selector = {render.DEPLOYMENT_LABEL: name, render.MANAGED_BY_LABEL: render.MANAGED_BY}
+    jobs = await client.list("batch/v1", "Job", namespace, selector)
+    live_jobs = {job["metadata"]["name"]: job for job in jobs}
     observed: dict[str, dict[str, Any]] = {}
     created: list[str] = []
     patched: list[str] = []
     for child in children:
         meta = child["metadata"]
         key = _key(child)
-        current = await client.get(
-            child["apiVersion"], child["kind"], meta["namespace"], meta["name"]
-        )
-        if current is None:
-            try:
-                current = await client.create(child)
-                created.append(key)
-            except KubeError as exc:
-                if exc.status != 409:
-                    raise
-                current = await client.get(
-                    child["apiVersion"], child["kind"], meta["namespace"], meta["name"]
-                )
-        if current is not None and not is_subset(_patch_for(child), current):
-            current = await client.patch(
-                child["apiVersion"],
-                child["kind"],
-                meta["namespace"],
-                meta["name"],
-                _patch_for(child),
+        live: Mapping[str, Any] | None = None
+        if child["kind"] == "Job":
+            live = live_jobs.get(meta["name"])
+        elif child["kind"] == "PersistentVolumeClaim":
+            live = await client.get(child["apiVersion"], child["kind"], namespace, meta["name"])
+        desired = _applicable(child, live)
+        try:
+            applied = await client.apply(desired)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+            managers = ", ".join(exc.conflicting_managers) or "another field manager"
+            say(
+                "warning",
+                "ConflictOverridden",
+                f"{key}: fields set by {managers} differ from the spec; the spec's values "
+                "are applied (change the LLMDeployment instead)",
             )
+            applied = await client.apply(desired, force=True)
+        if applied.created:
+            created.append(key)
+        elif applied.changed:
             patched.append(key)
-        observed[key] = current or child
-    deleted = await _prune(client, children, namespace, name, keda_installed)
+        observed[key] = applied.obj
+    deleted = await _prune(client, children, jobs, namespace, name, keda_installed)
     return observed, created, patched, deleted
 
 
 async def _prune(
     client: KubeClient,
     children: list[dict[str, Any]],
+    jobs: list[dict[str, Any]],
     namespace: str,
     name: str,
     keda_installed: bool,
@@ -165,8 +206,7 @@ async def _prune(
     """Deletes loader Jobs of older cache contents and a ScaledObject no longer wanted."""
     wanted = {_key(c) for c in children}
     deleted = []
-    selector = {render.DEPLOYMENT_LABEL: name, render.MANAGED_BY_LABEL: render.MANAGED_BY}
-    for job in await client.list("batch/v1", "Job", namespace, selector):
+    for job in jobs:
         key = _key({"kind": "Job", **job})
         job_status = job.get("status", {})
         # Keep an old Job while it still runs: its pods write into the shared cache.
@@ -323,7 +363,9 @@ async def reconcile(
         kind for kind, present in (("ScaledObject", keda), ("PodMonitor", monitors)) if not present
     }
     applied = [c for c in children if c["kind"] not in skipped]
-    observed, created, patched, deleted = await converge(client, applied, namespace, name, keda)
+    observed, created, patched, deleted = await converge(
+        client, applied, namespace, name, keda, say
+    )
 
     deployments = {llm.name: llm.deployment_name for llm in graph.llms}
     serving, models = _serving(observed.get(f"RayService/{name}"), deployments, generation)

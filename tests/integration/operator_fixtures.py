@@ -166,12 +166,12 @@ OPERATOR_NEEDS = {
     ("llmops.dev", "llmdeployments"): {"list", "watch", "patch"},
     ("llmops.dev", "llmdeployments/status"): {"patch"},
     ("llmops.dev", "llmdeployments/finalizers"): {"update"},
-    ("ray.io", "rayservices"): {"get", "list", "watch", "create", "patch"},
-    ("keda.sh", "scaledobjects"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("monitoring.coreos.com", "podmonitors"): {"get", "create", "patch"},
+    ("ray.io", "rayservices"): {"list", "watch", "create", "patch"},
+    ("keda.sh", "scaledobjects"): {"list", "watch", "create", "patch", "delete"},
+    ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
+    ("monitoring.coreos.com", "podmonitors"): {"create", "patch"},
     ("", "persistentvolumeclaims"): {"get", "create", "patch"},
-    ("", "services"): {"get", "create", "patch"},
+    ("", "services"): {"create", "patch"},
     ("", "events"): {"create"},
 }
 DISCOVERY_NEEDS = {
@@ -185,13 +185,4 @@ NEEDED_ELSEWHERE = {
         {"update"},
         "OwnerReferencesPermissionEnforcement checks it for blockOwnerDeletion: true",
     ),
-    **{
-        key: ({"patch"}, "a child whose rendered fields drifted is patched back")
-        for key in [
-            ("batch", "jobs"),
-            ("monitoring.coreos.com", "podmonitors"),
-            ("", "persistentvolumeclaims"),
-            ("", "services"),
-        ]
-    },
 }

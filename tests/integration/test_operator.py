@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import kopf
@@ -11,7 +10,7 @@ import pytest
 import yaml
 
 from llmops_operator.kube import USER_AGENT, KubeClient
-from tests.fakes.kube_api import KubeAPI
+from tests.fakes.kube_api import APPLY_PATCH, KubeAPI, content_type
 from tests.integration.operator_fixtures import (
     DISCOVERY_NEEDS,
     NAMESPACE,
@@ -156,7 +155,8 @@ async def test_spec_update_patches_children(kmock: KubeAPI) -> None:
     kmock.install_crds()
     async with running_operator(kmock):
         await create(kmock, shared("llama-8b-gpu"))
-        await eventually(lambda: serve_config(kmock, "llama-8b"), what="RayService")
+        await eventually(lambda: all(children(kmock).values()), what="children")
+        before = children(kmock)
         await patch(
             kmock,
             llmd_path("llama-8b"),
@@ -169,7 +169,6 @@ async def test_spec_update_patches_children(kmock: KubeAPI) -> None:
             ),
             what="ScaledObject maxReplicaCount 6",
         )
-        pvc = live(kmock, "v1/persistentvolumeclaims")["llama-8b-model-cache"]
         await eventually(
             lambda: (
                 live(kmock, "v1/persistentvolumeclaims")["llama-8b-model-cache"]["spec"][
@@ -179,7 +178,15 @@ async def test_spec_update_patches_children(kmock: KubeAPI) -> None:
             ),
             what="PVC resized",
         )
-        assert pvc["metadata"]["uid"]  # patched in place, not recreated
+        after = children(kmock)
+        # Patched in place: the same objects (uids), each at a new resourceVersion.
+        for kind, name in (
+            ("PersistentVolumeClaim", "llama-8b-model-cache"),
+            ("ScaledObject", "llama-8b"),
+        ):
+            old, new = before[kind][name]["metadata"], after[kind][name]["metadata"]
+            assert new["uid"] == old["uid"], kind
+            assert new["resourceVersion"] != old["resourceVersion"], kind
         assert_valid(live(kmock, "keda.sh/v1alpha1/scaledobjects").values())
 
 
@@ -273,29 +280,42 @@ async def test_delete_during_a_pass_is_finalized_promptly(kmock: SlowReadsAPI) -
         )
 
 
-async def test_restart_mid_reconcile_converges_without_duplicates(kmock: KubeAPI) -> None:
+class GatedAppliesAPI(KubeAPI):
+    """Holds applies of RayServices until ``gate`` opens: a pass stops half-way."""
+
+    gate: asyncio.Event | None = None
+    held = 0
+
+    async def _server_side_apply(self, request: Any) -> Any:
+        if self.gate is not None and request.resource.plural == "rayservices":
+            self.held += 1
+            await self.gate.wait()
+        return await super()._server_side_apply(request)
+
+
+@pytest.mark.kmock(cls=GatedAppliesAPI)
+async def test_restart_mid_reconcile_converges_without_duplicates(kmock: GatedAppliesAPI) -> None:
     kmock.install_crds()
+    kmock.gate = asyncio.Event()
     async with running_operator(kmock) as operator:
-        await create(kmock, example("llama-70b-tp"))
-        # Stop as soon as the first child exists: the pass is cut half-way.
-        await eventually(lambda: live(kmock, "v1/persistentvolumeclaims"), what="first child")
+        await create(kmock, shared("llama-70b-tp"))
+        # The first pass applied the cache children and now waits on the RayService.
+        await eventually(lambda: kmock.held, what="a pass applying the RayService")
         await operator.stop()
+        before = children(kmock)
+        missing = [kind for kind, objs in before.items() if not objs]
+        assert "RayService" in missing, "the operator stopped after every child existed"
+        assert before["PersistentVolumeClaim"], "the operator stopped before any child existed"
+        # The request the stopped operator sent still lands, as on a real API server.
+        kmock.gate.set()
+        kmock.gate = None
         operator.start()
         await eventually(lambda: all(children(kmock).values()), what="convergence after restart")
-    posts = [
-        r
-        for r in kmock._requests
-        if str(r.method).upper().endswith("POST")
-        and r.resource is not None
-        and r.resource.plural in {"rayservices", "jobs", "services", "persistentvolumeclaims"}
-    ]
-    per_kind: dict[str, int] = {}
-    for request in posts:
-        per_kind[request.resource.plural] = per_kind.get(request.resource.plural, 0) + 1
-    assert per_kind == {"persistentvolumeclaims": 1, "jobs": 1, "rayservices": 1, "services": 1}
-    assert {kind: len(objs) for kind, objs in children(kmock).items()} == dict.fromkeys(
-        CHILD_RESOURCES, 1
-    )
+        after = children(kmock)
+    assert {kind: len(objs) for kind, objs in after.items()} == dict.fromkeys(CHILD_RESOURCES, 1)
+    for kind, objs in before.items():  # what existed was kept, not replaced
+        for name, obj in objs.items():
+            assert after[kind][name]["metadata"]["uid"] == obj["metadata"]["uid"], kind
 
 
 async def test_invalid_spec_is_reported_and_creates_nothing(kmock: KubeAPI) -> None:
@@ -342,7 +362,8 @@ async def test_missing_prerequisites_are_conditions_not_crashes(kmock: KubeAPI) 
         )
         assert not live(kmock, "keda.sh/v1alpha1/scaledobjects")
         assert not live(kmock, "monitoring.coreos.com/v1/podmonitors")
-        assert json.dumps(llmd(kmock, "tiny")["status"])  # status stays serialisable
+        # The status the operator wrote is what the CRD's status schema accepts.
+        assert_valid([llmd(kmock, "tiny")])
 
 
 async def test_discovery_caches_presence_but_rechecks_absence(kmock: KubeAPI) -> None:
@@ -372,13 +393,17 @@ def used_verbs(api: KubeAPI) -> dict[tuple[str, str], set[str]]:
             continue
         if request.resource is None or request.action is None or not request.resource.plural:
             continue  # discovery (/api, /apis/...): allowed to every authenticated user
-        verb = VERBS.get(request.action.name)
+        verbs = {VERBS.get(request.action.name)}
         if request.action.name == "UPDATE":
-            verb = "update" if request.method.name == "PUT" else "patch"
+            verbs = {"update" if request.method.name == "PUT" else "patch"}
+            if content_type(request).startswith(APPLY_PATCH):
+                # An apply creates the object when absent: the API server then authorizes
+                # "create" as well as "patch".
+                verbs.add("create")
         resource = request.resource.plural + (
             f"/{request.subresource}" if request.subresource else ""
         )
-        used.setdefault((request.resource.group or "", resource), set()).add(str(verb))
+        used.setdefault((request.resource.group or "", resource), set()).update(map(str, verbs))
     return used
 
 

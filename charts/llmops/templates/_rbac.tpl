@@ -1,6 +1,8 @@
 {{/*
 What the operator does in a namespace it serves: every verb listed is used by the handlers or
 by Kopf itself (finalizers and progress annotations are patches; Events report to users).
+Children are written with server-side apply: a PATCH, which the API server also authorizes as
+"create" when the object does not exist yet.
 No wildcards, and no access to Secrets: loader Jobs reference Secrets by name only.
 */}}
 {{- define "llmops.operator.namespacedRules" -}}
@@ -17,19 +19,22 @@ No wildcards, and no access to Secrets: loader Jobs reference Secrets by name on
   verbs: ["update"]
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
+  verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
   verbs: ["get", "create", "patch"]
 - apiGroups: [""]
-  resources: ["persistentvolumeclaims", "services"]
-  verbs: ["get", "create", "patch"]
+  resources: ["services"]
+  verbs: ["create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
