@@ -48,6 +48,8 @@ CACHE_MOUNT = "/models"
 READY_MARKER_DIR = ".llmops"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
+DASHBOARD_PORT = 8265
+DASHBOARD_AGENT_PORT = 52365
 RAY_VERSION = "2.60.0"
 RUN_AS_USER = 1000
 HEAD_CPU = "4"
@@ -66,17 +68,43 @@ class RenderError(ValueError):
 
 
 @dataclass(frozen=True)
+class NetworkAccess:
+    """Who may reach a graph's pods; see `network_policy`."""
+
+    gateway_namespace: str = "llmops-system"
+    gateway_pod_labels: tuple[tuple[str, str], ...] = (
+        ("app.kubernetes.io/name", "llmops"),
+        ("app.kubernetes.io/component", "gateway"),
+    )
+    monitoring_namespace_labels: tuple[tuple[str, str], ...] = (
+        ("kubernetes.io/metadata.name", "monitoring"),
+    )
+    kuberay_pod_labels: tuple[tuple[str, str], ...] = (
+        ("app.kubernetes.io/name", "kuberay-operator"),
+    )
+
+
+@dataclass(frozen=True)
 class RenderDefaults:
     """Operator-wide values a manifest may leave out."""
 
     worker_image: str = DEFAULT_WORKER_IMAGE
     loader_image: str = DEFAULT_WORKER_IMAGE
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    network: NetworkAccess | None = NetworkAccess()
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> RenderDefaults:
         """The defaults an operator with these settings renders with."""
-        return cls(settings.worker_image, settings.loader_image, settings.prometheus_url)
+        network = None
+        if settings.network_policy:
+            network = NetworkAccess(
+                settings.graph_gateway_namespace(),
+                tuple(settings.gateway_pod_labels.items()),
+                tuple(settings.monitoring_namespace_labels.items()),
+                tuple(settings.kuberay_pod_labels.items()),
+            )
+        return cls(settings.worker_image, settings.loader_image, settings.prometheus_url, network)
 
 
 @dataclass(frozen=True)
@@ -169,6 +197,8 @@ def render_target(
     if shared_cache(target.spec):
         children += [cache_claim(target), cache_loader(target, defaults, observed)]
     children += [ray_service(target, defaults, graph), graph_service(target, observed)]
+    if defaults.network is not None:
+        children.append(network_policy(target, defaults.network))
     if target.spec.autoscaling.enabled:
         children.append(scaled_object(target, defaults))
     children.append(pod_monitor(target))
@@ -628,7 +658,7 @@ def ray_service(target: Target, defaults: RenderDefaults, graph: GraphConfig) ->
         {"requests": dict(head_resources), "limits": dict(head_resources)},
         [
             {"name": "gcs-server", "containerPort": 6379},
-            {"name": "dashboard", "containerPort": 8265},
+            {"name": "dashboard", "containerPort": DASHBOARD_PORT},
             {"name": "client", "containerPort": 10001},
             {"name": "serve", "containerPort": SERVE_PORT},
             {"name": "metrics", "containerPort": METRICS_PORT},
@@ -707,6 +737,65 @@ def graph_service(target: Target, observed: Observed | None = None) -> dict[str,
             "selector": selector,
             "ports": [
                 {"name": "http", "port": SERVE_PORT, "targetPort": SERVE_PORT, "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def network_policy(target: Target, access: NetworkAccess) -> dict[str, Any]:
+    """Only the gateway reaches the graph: its pods' keys and limits cannot be walked around.
+
+    Ingress to every pod of the deployment: from its own pods (Ray's GCS, raylets, object
+    transfers and Serve use many ports), from the gateway pods on the serve port, from the
+    monitoring namespaces on the metrics port, and from the KubeRay operator on the
+    dashboard (KubeRay submits serveConfigV2 with PUT /api/serve/applications/ on 8265; the
+    dashboard agent's 52365 served it before Ray 2.9). Egress stays open: loaders download.
+    """
+    own = {"podSelector": {"matchLabels": {DEPLOYMENT_LABEL: target.name}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(target, target.name, "network-policy"),
+        "spec": {
+            "podSelector": {"matchLabels": {DEPLOYMENT_LABEL: target.name}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own]},
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": {
+                                    "kubernetes.io/metadata.name": access.gateway_namespace
+                                }
+                            },
+                            "podSelector": {"matchLabels": dict(access.gateway_pod_labels)},
+                        }
+                    ],
+                    "ports": [{"port": SERVE_PORT, "protocol": "TCP"}],
+                },
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchLabels": dict(access.monitoring_namespace_labels)
+                            }
+                        }
+                    ],
+                    "ports": [{"port": METRICS_PORT, "protocol": "TCP"}],
+                },
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {},
+                            "podSelector": {"matchLabels": dict(access.kuberay_pod_labels)},
+                        }
+                    ],
+                    "ports": [
+                        {"port": DASHBOARD_PORT, "protocol": "TCP"},
+                        {"port": DASHBOARD_AGENT_PORT, "protocol": "TCP"},
+                    ],
+                },
             ],
         },
     }

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_WORKER_IMAGE = "ghcr.io/llmops-dev/llmops-worker:0.1.0"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+DEFAULT_NAMESPACE = "llmops-system"
 
 
 class OperatorSettings(BaseSettings):
@@ -68,6 +71,43 @@ class OperatorSettings(BaseSettings):
         default="http://prometheus-operated.monitoring.svc:9090",
         description="Prometheus that KEDA queries for the autoscaling triggers.",
     )
+    network_policy: bool = Field(
+        default=True,
+        description="A NetworkPolicy per LLMDeployment: only the gateway reaches the graph's "
+        "serve port, Prometheus its metrics, the KubeRay operator its dashboard, and the "
+        "graph's own pods each other (needs a CNI that enforces NetworkPolicies).",
+    )
+    gateway_namespace: str = Field(
+        default="",
+        description="Namespace of the gateways allowed to call the graphs; empty: the "
+        "operator's own namespace (its service account's; llmops-system outside a cluster).",
+    )
+    gateway_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {
+            "app.kubernetes.io/name": "llmops",
+            "app.kubernetes.io/component": "gateway",
+        },
+        description="Labels of the gateway pods allowed to call the graphs (JSON object).",
+    )
+    monitoring_namespace_labels: dict[str, str] = Field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "monitoring"},
+        description="Labels of the namespaces whose pods (Prometheus) may scrape the graphs' "
+        "metrics ports (JSON object).",
+    )
+    kuberay_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "kuberay-operator"},
+        description="Labels of the KubeRay operator pods, in any namespace, that deploy Serve "
+        "applications through the Ray dashboard (JSON object).",
+    )
     log_format: Literal["json", "console"] = Field(
         default="json", description="json for log collectors, console for people."
     )
+
+    def graph_gateway_namespace(self) -> str:
+        """Where the gateways that may call the graphs run."""
+        if self.gateway_namespace:
+            return self.gateway_namespace
+        try:
+            return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or DEFAULT_NAMESPACE
+        except OSError:
+            return DEFAULT_NAMESPACE

@@ -280,6 +280,11 @@ RESOURCES: dict[str, dict[str, Any]] = {
         "namespaced": True,
         "verbs": ["get", "list", "create", "patch", "delete"],
     },
+    "networking.k8s.io/v1/networkpolicies": {
+        "kind": "NetworkPolicy",
+        "namespaced": True,
+        "verbs": ["get", "list", "create", "patch", "delete"],
+    },
     "batch/v1/jobs": {
         "kind": "Job",
         "namespaced": True,

@@ -172,6 +172,7 @@ OPERATOR_NEEDS = {
     ("monitoring.coreos.com", "podmonitors"): {"create", "patch"},
     ("", "persistentvolumeclaims"): {"get", "create", "patch"},
     ("", "services"): {"create", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"create", "patch"},
     ("", "events"): {"create"},
 }
 DISCOVERY_NEEDS = {

@@ -36,6 +36,7 @@ CHILD_RESOURCES = {
     "Service": "v1/services",
     "ScaledObject": "keda.sh/v1alpha1/scaledobjects",
     "PodMonitor": "monitoring.coreos.com/v1/podmonitors",
+    "NetworkPolicy": "networking.k8s.io/v1/networkpolicies",
 }
 
 
@@ -74,10 +75,10 @@ async def test_apply_creates_valid_children_with_owner_references(kmock: KubeAPI
     async with running_operator(kmock):
         created = await create(kmock, shared("llama-8b-gpu"))
         uid = created["metadata"]["uid"]
-        await eventually(lambda: all(children(kmock).values()), what="all six children")
+        await eventually(lambda: all(children(kmock).values()), what="all seven children")
         found = children(kmock)
         objects = [obj for by_name in found.values() for obj in by_name.values()]
-        assert len(objects) == 6
+        assert len(objects) == 7
         for obj in objects:
             owners = obj["metadata"]["ownerReferences"]
             assert owners == [

@@ -35,6 +35,10 @@ No wildcards, and no access to Secrets: loader Jobs reference Secrets by name on
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "patch"]
+# One NetworkPolicy per LLMDeployment: only the gateway reaches its graph.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

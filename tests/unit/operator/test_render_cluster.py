@@ -19,6 +19,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from llmops_operator import render
 from llmops_operator.render import Observed, RenderError
+from llmops_operator.settings import OperatorSettings
 from tests.schemas import assert_valid, schema_errors
 
 ROOT = Path(__file__).parents[3]
@@ -263,3 +264,59 @@ def test_shared_cache_has_a_loader_job_renamed_by_a_new_secret_version() -> None
     pod = one["RayService/llama-70b"]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
     assert pod["spec"]["initContainers"][0]["name"] == "wait-for-model-cache"
     assert re.fullmatch(r"llama-70b-load-[0-9a-f]{10}", jobs[0].split("/")[1])
+
+
+# --- network access ----------------------------------------------------------------------------
+
+
+def test_only_the_gateway_reaches_the_serve_port() -> None:
+    """NetworkPolicy semantics (k8s.io/api/networking/v1): a pod selected by a policy accepts
+    only what some ingress rule allows; peers in one rule entry are ANDed."""
+    settings = OperatorSettings(
+        gateway_namespace="edge", gateway_pod_labels={"app.kubernetes.io/component": "gateway"}
+    )
+    target = render.parse_manifest(load("tiny-cpu.yaml"))
+    defaults = render.RenderDefaults.from_settings(settings)
+    objs = render.render_target(target, defaults, render.graph_config(target))
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    assert_valid([policy])
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {render.DEPLOYMENT_LABEL: "tiny"}}
+    assert spec["policyTypes"] == ["Ingress"]  # loaders still download
+
+    def allowed(port: int, namespace: str, pod: dict[str, str]) -> bool:
+        for rule in spec["ingress"]:
+            if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
+                continue
+            for peer in rule["from"]:
+                ns_sel = peer.get("namespaceSelector")
+                ns_ok = (
+                    namespace == "llmops-demo"
+                    if ns_sel is None
+                    else all(
+                        {"kubernetes.io/metadata.name": namespace}.get(k) == v
+                        for k, v in ns_sel.get("matchLabels", {}).items()
+                    )
+                )
+                pod_sel = peer.get("podSelector", {})
+                pod_ok = all(pod.get(k) == v for k, v in pod_sel.get("matchLabels", {}).items())
+                if ns_ok and pod_ok:
+                    return True
+        return False
+
+    gateway = {"app.kubernetes.io/component": "gateway"}
+    assert allowed(8000, "edge", gateway)
+    assert not allowed(8000, "llmops-demo", {"app": "curious"})  # a pod beside the graph
+    assert not allowed(8000, "other", gateway)  # a gateway-labelled pod elsewhere
+    assert not allowed(8265, "edge", gateway)
+    assert allowed(8080, "monitoring", {"app.kubernetes.io/name": "prometheus"})
+    assert not allowed(8000, "monitoring", {"app.kubernetes.io/name": "prometheus"})
+    assert allowed(8265, "ray-system", {"app.kubernetes.io/name": "kuberay-operator"})
+    assert allowed(6379, "llmops-demo", {render.DEPLOYMENT_LABEL: "tiny"})  # Ray's own traffic
+
+
+def test_network_policy_can_be_left_to_the_platform() -> None:
+    target = render.parse_manifest(load("tiny-cpu.yaml"))
+    defaults = render.RenderDefaults.from_settings(OperatorSettings(network_policy=False))
+    kinds = {o["kind"] for o in render.render_target(target, defaults, render.graph_config(target))}
+    assert "NetworkPolicy" not in kinds
