@@ -198,3 +198,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     path = reliability.write_report()
     if path is not None:
         terminalreporter.write_line(f"written to {path}")
+
+
+# Tests that start a Ray cluster of their own run first, before the shared graph above starts:
+# two graphs' engines on one small machine starve each other's health checks, and Serve then
+# replaces replicas the tests watch.
+OWN_RAY_CLUSTER = {"test_rayservice_on_ray.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Runs the tests with a Ray cluster of their own before all others (a stable sort)."""
+    items.sort(key=lambda item: item.path.name not in OWN_RAY_CLUSTER)
