@@ -147,9 +147,13 @@ async def converge(
     name: str,
     keda_installed: bool,
     say: Say,
+    for_cluster: Callable[[str], list[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, dict[str, Any]], list[str], list[str], list[str]]:
     """Applies each child (server-side apply); deletes this deployment's children no longer
     rendered.
+
+    The graph Service is applied after the RayService, from ``for_cluster(active)`` once the
+    RayService names an active cluster, so it selects that cluster's pods only.
 
     A field another manager set (``kubectl edit``, another controller) to a value other than
     the rendered one is a conflict: it is reported as a ConflictOverridden Event, then the
@@ -167,6 +171,9 @@ async def converge(
     for child in children:
         meta = child["metadata"]
         key = _key(child)
+        active = active_cluster(observed.get(f"RayService/{name}"))
+        if child["kind"] == "Service" and for_cluster is not None and active:
+            child = next(c for c in for_cluster(active) if _key(c) == key)
         live: Mapping[str, Any] | None = None
         if child["kind"] == "Job":
             live = live_jobs.get(meta["name"])
@@ -193,6 +200,59 @@ async def converge(
         observed[key] = applied.obj
     deleted = await _prune(client, children, jobs, namespace, name, keda_installed)
     return observed, created, patched, deleted
+
+
+def active_cluster(rayservice: Mapping[str, Any] | None) -> str | None:
+    """The RayCluster serving now, as KubeRay (ray.io/v1) reports it in the RayService's
+    status.activeServiceStatus.rayClusterName; None before one is active."""
+    status = (rayservice or {}).get("status") or {}
+    cluster = (status.get("activeServiceStatus") or {}).get("rayClusterName")
+    return str(cluster) if cluster else None
+
+
+async def sync_worker_bounds(
+    client: KubeClient, namespace: str, cluster: str, rayservice: Mapping[str, Any]
+) -> bool:
+    """Copies the rendered worker groups' minReplicas/maxReplicas onto the active RayCluster.
+
+    KubeRay decides whether a RayService's cluster changed from a hash that leaves out the
+    worker groups' Replicas/MinReplicas/MaxReplicas (ray-operator/controllers/ray/utils/
+    util.go), so new bounds never reach a running cluster through the RayService. A JSON patch
+    with a ``test`` on each group's name changes only the bounds of the group it read;
+    ``replicas`` stays with KubeRay's autoscaler.
+
+    Returns:
+        True when the RayCluster was patched.
+    """
+    live = await client.get("ray.io/v1", "RayCluster", namespace, cluster)
+    if live is None:
+        return False
+    config = rayservice["spec"]["rayClusterConfig"]
+    wanted = {group["groupName"]: group for group in config.get("workerGroupSpecs", [])}
+    operations: list[dict[str, Any]] = []
+    for index, group in enumerate(live.get("spec", {}).get("workerGroupSpecs") or []):
+        want = wanted.get(group.get("groupName"))
+        if want is None:
+            continue
+        changes = [
+            (bound, want[bound])
+            for bound in ("minReplicas", "maxReplicas")
+            if bound in want and group.get(bound) != want[bound]
+        ]
+        if not changes:
+            continue
+        path = f"/spec/workerGroupSpecs/{index}"
+        operations.append({"op": "test", "path": f"{path}/groupName", "value": group["groupName"]})
+        operations += [{"op": "add", "path": f"{path}/{b}", "value": v} for b, v in changes]
+    if not operations:
+        return False
+    try:
+        await client.json_patch("ray.io/v1", "RayCluster", namespace, cluster, operations)
+    except KubeError as exc:
+        if exc.status == 422:  # the groups changed under us: the next pass reads them again
+            return False
+        raise
+    return True
 
 
 async def _prune(
@@ -362,10 +422,20 @@ async def reconcile(
     skipped = {
         kind for kind, present in (("ScaledObject", keda), ("PodMonitor", monitors)) if not present
     }
+
+    def rendered(active: str | None) -> list[dict[str, Any]]:
+        state = render.Observed(active_cluster=active)
+        everything = render.render_target(target, defaults, graph, state)
+        return [c for c in everything if c["kind"] not in skipped]
+
     applied = [c for c in children if c["kind"] not in skipped]
     observed, created, patched, deleted = await converge(
-        client, applied, namespace, name, keda, say
+        client, applied, namespace, name, keda, say, rendered
     )
+    active = active_cluster(observed.get(f"RayService/{name}"))
+    rayservice = next(c for c in applied if c["kind"] == "RayService")
+    if active and await sync_worker_bounds(client, namespace, active, rayservice):
+        patched.append(f"RayCluster/{active}")
 
     deployments = {llm.name: llm.deployment_name for llm in graph.llms}
     serving, models = _serving(observed.get(f"RayService/{name}"), deployments, generation)

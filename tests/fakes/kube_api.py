@@ -296,6 +296,13 @@ RESOURCES: dict[str, dict[str, Any]] = {
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
         "subresources": ["status"],
     },
+    "ray.io/v1/rayclusters": {
+        "kind": "RayCluster",
+        "namespaced": True,
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+        "subresources": ["status"],
+    },
+    "v1/pods": {"kind": "Pod", "namespaced": True, "verbs": ["get", "list", "create", "patch"]},
     "keda.sh/v1alpha1/scaledobjects": {
         "kind": "ScaledObject",
         "namespaced": True,
@@ -310,6 +317,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
 }
 PREREQUISITE_CRDS = {
     "rayservices.ray.io": "ray.io/v1/rayservices",
+    "rayclusters.ray.io": "ray.io/v1/rayclusters",
     "scaledobjects.keda.sh": "keda.sh/v1alpha1/scaledobjects",
     "podmonitors.monitoring.coreos.com": "monitoring.coreos.com/v1/podmonitors",
 }
@@ -331,7 +339,10 @@ class KubeAPI(KubernetesEmulator):
 
     def install_crds(self, *names: str) -> None:
         """Installs prerequisite CRDs (KubeRay, KEDA, Prometheus Operator): served from now on."""
-        for name in names or tuple(PREREQUISITE_CRDS):
+        names = names or tuple(PREREQUISITE_CRDS)
+        if "rayservices.ray.io" in names:  # KubeRay's chart installs its CRDs together
+            names = (*names, "rayclusters.ray.io")
+        for name in names:
             self.resources[PREREQUISITE_CRDS[name]] = RESOURCES[PREREQUISITE_CRDS[name]]
             group_version, plural = PREREQUISITE_CRDS[name].rsplit("/", 1)
             group, version = group_version.split("/")
@@ -639,7 +650,11 @@ class KubeAPI(KubernetesEmulator):
             if op.get("op") == "test":
                 value: Any = current
                 for part in op["path"].strip("/").split("/"):
-                    value = value.get(part) if isinstance(value, dict) else None
+                    part = part.replace("~1", "/").replace("~0", "~")
+                    if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                        value = value[int(part)]
+                    else:
+                        value = value.get(part) if isinstance(value, dict) else None
                 if value != op.get("value"):
                     raise UnprocessableError(message=f"test failed at {op['path']}")
         request.data.append(

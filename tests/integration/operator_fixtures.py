@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -129,16 +130,60 @@ def llmd_path(name: str, namespace: str = NAMESPACE) -> str:
     return f"/apis/llmops.dev/v1alpha1/namespaces/{namespace}/llmdeployments/{name}"
 
 
+# k8s.io/apimachinery/pkg/util/rand: the characters KubeRay's random name suffixes use.
+RAND_ALPHANUMS = "bcdfghjklmnpqrstvwxz2456789"
+
+
+async def kuberay_creates_cluster(api: KubeAPI, name: str, namespace: str = NAMESPACE) -> str:
+    """What KubeRay >= 1.4 does for a RayService: a RayCluster named ``<rayservice>-<5 random
+    chars>`` (ray-operator/controllers/ray/utils/util.go) from spec.rayClusterConfig, owned by
+    the RayService. Returns its name."""
+    rayservice = live(api, "ray.io/v1/rayservices", namespace)[name]
+    cluster = f"{name}-{''.join(random.choices(RAND_ALPHANUMS, k=5))}"
+    body = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {
+            "name": cluster,
+            "namespace": namespace,
+            "labels": {"ray.io/originated-from-crd": "RayService"},
+            "ownerReferences": [
+                {
+                    "apiVersion": "ray.io/v1",
+                    "kind": "RayService",
+                    "name": name,
+                    "uid": rayservice["metadata"]["uid"],
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": copy.deepcopy(rayservice["spec"]["rayClusterConfig"]),
+    }
+    url = f"/apis/ray.io/v1/namespaces/{namespace}/rayclusters"
+    async with api.post(url, json=body, params={"fieldManager": "ray-operator"}) as response:
+        assert response.status < 300, await response.text()
+    return cluster
+
+
 async def report_children_ready(
-    api: KubeAPI, name: str, job: str, llm_deployments: list[str], namespace: str = NAMESPACE
-) -> None:
-    """Writes the status the Job controller, KubeRay and KEDA report once all is up."""
+    api: KubeAPI,
+    name: str,
+    job: str | None,
+    llm_deployments: list[str],
+    namespace: str = NAMESPACE,
+    cluster: str | None = None,
+) -> str:
+    """Writes the status the Job controller, KubeRay and KEDA report once all is up; KubeRay
+    first creates the RayCluster (unless ``cluster`` names one) and reports it active.
+    Returns the active RayCluster's name."""
     ns = f"namespaces/{namespace}"
-    await patch(
-        api,
-        f"/apis/batch/v1/{ns}/jobs/{job}/status",
-        {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
-    )
+    if job is not None:
+        await patch(
+            api,
+            f"/apis/batch/v1/{ns}/jobs/{job}/status",
+            {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
+        )
+    cluster = cluster or await kuberay_creates_cluster(api, name, namespace)
     deployments = {d: {"status": "HEALTHY"} for d in [*llm_deployments, "router"]}
     app = {"status": "RUNNING", "serveDeploymentStatuses": deployments}
     await patch(
@@ -147,7 +192,10 @@ async def report_children_ready(
         {
             "status": {
                 "conditions": [{"type": "Ready", "status": "True"}],
-                "activeServiceStatus": {"applicationStatuses": {"llmops": app}},
+                "activeServiceStatus": {
+                    "rayClusterName": cluster,
+                    "applicationStatuses": {"llmops": app},
+                },
             }
         },
     )
@@ -157,6 +205,7 @@ async def report_children_ready(
         f"/apis/keda.sh/v1alpha1/{ns}/scaledobjects/{name}/status",
         {"status": {"conditions": [ready]}},
     )
+    return cluster
 
 
 # What the operator does in each namespace it serves: (apiGroup, resource) -> verbs. The RBAC
@@ -167,6 +216,7 @@ OPERATOR_NEEDS = {
     ("llmops.dev", "llmdeployments/status"): {"patch"},
     ("llmops.dev", "llmdeployments/finalizers"): {"update"},
     ("ray.io", "rayservices"): {"list", "watch", "create", "patch"},
+    ("ray.io", "rayclusters"): {"get", "patch"},
     ("keda.sh", "scaledobjects"): {"list", "watch", "create", "patch", "delete"},
     ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
     ("monitoring.coreos.com", "podmonitors"): {"create", "patch"},

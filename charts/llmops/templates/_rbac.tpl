@@ -20,6 +20,10 @@ No wildcards, and no access to Secrets: loader Jobs reference Secrets by name on
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
   verbs: ["list", "watch", "create", "patch"]
+# Worker groups' min/max replicas of the active cluster (KubeRay's hash leaves them out).
+- apiGroups: ["ray.io"]
+  resources: ["rayclusters"]
+  verbs: ["get", "patch"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
   verbs: ["list", "watch", "create", "patch", "delete"]
