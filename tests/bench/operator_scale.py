@@ -4,8 +4,9 @@ Runs the real `llmops operator` command in its own process, logged in through a 
 the extended KMock emulator (tests/fakes/kube_api.py) served from this process, which records
 every request it answers. Phases:
 
-1. create N LLMDeployments (deploy/examples/llama-8b-gpu.yaml, renamed) and wait until every
-   one has its 6 children; report what the controllers would (Job done, RayService running,
+1. create N LLMDeployments (deploy/examples/llama-8b-gpu.yaml, renamed, with a shared cache so
+   that each has a loader Job) and wait until every one has its 7 children; report what the
+   controllers would (Job done, RayService running,
    ScaledObject ready) and wait until all are Ready;
 2. change latency: patch spec.autoscaling.maxReplicas on a sample of CRs at a steady rate, then
    on all N at once; latency is from sending the CR patch to the API server receiving the
@@ -60,6 +61,7 @@ CHILDREN = (
     "v1/services",
     "keda.sh/v1alpha1/scaledobjects",
     "monitoring.coreos.com/v1/podmonitors",
+    "networking.k8s.io/v1/networkpolicies",
 )
 LLM_DEPLOYMENT = "llm-llama-3-1-8b-instruct"
 
@@ -215,6 +217,7 @@ async def run_phases(
     api: RecordingAPI, operator: Operator, names: list[str], sample: int, rate: float
 ) -> None:
     template = example("llama-8b-gpu")
+    template["spec"]["cache"]["accessMode"] = "ReadWriteMany"  # a PVC and a loader Job too
     for name in names:
         manifest = copy.deepcopy(template)
         manifest["metadata"]["name"] = name
@@ -228,7 +231,8 @@ async def run_phases(
         return all(len(live(api, r)) >= len(names) for r in CHILDREN)
 
     took = await wait_for(all_children, "every child created", within=900)
-    print(f"initial reconcile: all {len(names) * 6} children in {took:.1f} s", flush=True)
+    count = len(names) * len(CHILDREN)
+    print(f"initial reconcile: all {count} children in {took:.1f} s", flush=True)
     jobs = {j["metadata"]["labels"][DEPLOYMENT_LABEL]: n for n, j in live(api, CHILDREN[1]).items()}
     for name in names:
         await report_children_ready(api, name, jobs[name], [LLM_DEPLOYMENT])
