@@ -6,8 +6,8 @@ every request it answers. Phases:
 
 1. create N LLMDeployments (deploy/examples/llama-8b-gpu.yaml, renamed, with a shared cache so
    that each has a loader Job) and wait until every one has its 7 children; report what the
-   controllers would (Job done, RayService running,
-   ScaledObject ready) and wait until all are Ready;
+   controllers would (Job done, RayService running, ScaledObject ready) and wait until all
+   are Ready;
 2. change latency: patch spec.autoscaling.maxReplicas on a sample of CRs at a steady rate, then
    on all N at once; latency is from sending the CR patch to the API server receiving the
    patch of that CR's ScaledObject (same clock: both in this process);
