@@ -32,15 +32,48 @@ NOT_READY_RETRY_S = 10.0
 
 
 class GenerationRequest(BaseModel):
-    """The fields of a chat or completion request the gateway itself reads; the rest pass."""
+    """The fields of a chat or completion request the gateway itself reads; the rest pass.
+
+    Every optional field takes ``null`` as OpenAI's API does (the default then applies).
+    """
 
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, description="Model name.")
-    stream: bool = Field(default=False, description="Stream the answer as SSE.")
+    stream: bool | None = Field(default=False, description="Stream the answer as SSE.")
+    stream_options: dict[str, Any] | None = Field(
+        default=None, description="Streaming options (include_usage)."
+    )
     max_tokens: int | None = Field(default=None, ge=1, description="Output token limit.")
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="Same, newer name.")
-    n: int = Field(default=1, ge=1, le=128, description="Choices to generate.")
+    max_completion_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Same, newer name; with both set, the larger one applies (the engine "
+        "may honour either).",
+    )
+    n: int | None = Field(default=1, ge=1, le=128, description="Choices to generate.")
+    user: str | None = Field(default=None, description="End-user id, passed through.")
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the answer is streamed (``null`` means no)."""
+        return bool(self.stream)
+
+    def output_limit(self) -> int | None:
+        """The output limit the request sets: the larger of its two names, or None."""
+        if self.max_tokens is None:
+            return self.max_completion_tokens
+        if self.max_completion_tokens is None:
+            return self.max_tokens
+        return max(self.max_tokens, self.max_completion_tokens)
+
+    def prompt_text(self) -> Any:
+        """The part of the request that becomes the prompt."""
+        return None
+
+    def generations(self) -> int:
+        """How many outputs the request can generate: ``n`` for each prompt."""
+        return self.n or 1
 
 
 class ChatRequest(GenerationRequest):
@@ -48,11 +81,25 @@ class ChatRequest(GenerationRequest):
 
     messages: list[dict[str, Any]] = Field(min_length=1, description="The conversation.")
 
+    def prompt_text(self) -> Any:
+        """The conversation."""
+        return self.messages
+
 
 class CompletionRequest(GenerationRequest):
     """OpenAI text completion request (fields the gateway reads; others pass through)."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="The prompt(s).")
+
+    def prompt_text(self) -> Any:
+        """The prompt or prompts."""
+        return self.prompt
+
+    def generations(self) -> int:
+        """``n`` for each prompt: a list of strings or of token lists is one prompt each."""
+        prompts = self.prompt
+        many = isinstance(prompts, list) and prompts and not isinstance(prompts[0], int)
+        return (self.n or 1) * (len(prompts) if many else 1)
 
 
 class EmbeddingRequest(BaseModel):
@@ -82,6 +129,25 @@ class Admitted:
     reservation: Reservation | None
     prompt_estimate: int
     started: float = field(default_factory=time.monotonic)
+
+
+def context_length(model: dict[str, Any]) -> int | None:
+    """A model's context length from its /v1/models entry, where the backend reports it.
+
+    vLLM writes ``max_model_len``; Ray Serve LLM writes ``metadata.max_request_context_length``
+    (ray/llm/_internal/serve/core/configs/openai_api_models.py), null unless the engine's
+    ``max_model_len`` is configured.
+    """
+    length = model.get("max_model_len")
+    if length is None:
+        metadata = model.get("metadata")
+        length = metadata.get("max_request_context_length") if isinstance(metadata, dict) else None
+    return length if isinstance(length, int) and length > 0 else None
+
+
+def model_object(name: str) -> dict[str, Any]:
+    """The OpenAI model object the gateway shows for ``name``."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llmops"}
 
 
 def json_object(payload: bytes) -> dict[str, Any]:
@@ -159,6 +225,7 @@ class GatewayCore:
         self._keys_version = store.version()
         self._keys = KeyIndex(store.load())
         self._default_models: list[str] = []
+        self._context_lengths: dict[str, int] = {}
         self._models_loaded = -math.inf
         self.draining = False
         self.cluster: ClusterBackends | None = None
@@ -258,10 +325,30 @@ class GatewayCore:
                 f"{backend}/v1/models", timeout=aiohttp.ClientTimeout(total=5)
             ) as response:
                 payload = await response.json()
-            return [str(item["id"]) for item in payload.get("data", [])]
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+            items = payload.get("data", [])
+            names = [str(item["id"]) for item in items]
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, AttributeError) as exc:
             logger.warning("cannot list models of %s: %s", backend, exc)
             return self._default_models
+        for item in items:
+            length = context_length(item)
+            if length is not None:
+                self._context_lengths[str(item["id"])] = length
+        return names
+
+    def default_output(self, model: str) -> int:
+        """Output tokens to reserve per generation for a request that sets no limit.
+
+        The model's context length where its backend reports it (the engine then generates
+        up to that, less the prompt); otherwise ``default_max_tokens``, which the gateway
+        then also sets upstream so the reservation still bounds the output.
+        """
+        length = self._context_lengths.get(model)
+        return max(1, length - 1) if length is not None else self.settings.default_max_tokens
+
+    def knows_context(self, model: str) -> bool:
+        """Whether the model's context length (and so its own output bound) is known."""
+        return model in self._context_lengths
 
     async def models_for(self, caller: Caller) -> list[str]:
         """Models the caller's tenant may use."""
@@ -271,33 +358,82 @@ class GatewayCore:
         """The backend for ``model``.
 
         Raises:
-            GatewayError: 403 when the tenant may not use it, 404 when nobody serves it.
+            GatewayError: 404 when nobody serves it or the tenant may not use it (as OpenAI
+                does: a model the key may not use is not revealed to exist), 503 while a
+                model the tenant may use is still loading.
         """
         table = await self.served_models()
-        if model not in table:
+        if model not in table or not caller.tenant.may_use(model):
             pending = self.cluster.table.get(model) if self.cluster is not None else None
-            if pending is not None and caller.tenant.may_use(model):
+            if pending is not None and model not in table and caller.tenant.may_use(model):
                 raise errors.unavailable(
                     f"model {model!r} is not ready yet ({pending.state} in "
                     f"{pending.deployment}); retry shortly",
                     retry_after_s=NOT_READY_RETRY_S,
                 )
-            allowed = [name for name in table if caller.tenant.may_use(name)]
-            raise errors.not_found(
-                f"The model {model!r} does not exist. Available models: {', '.join(allowed)}."
-            )
-        if not caller.tenant.may_use(model):
-            raise errors.permission_denied(
-                f"tenant {caller.tenant.name} may not use model {model!r}"
-            )
+            raise errors.model_not_found(model)
         return table[model]
+
+    async def model_info(self, caller: Caller, model: str) -> dict[str, Any]:
+        """The OpenAI model object of ``model``.
+
+        Raises:
+            GatewayError: 404 when the caller may not use it or nobody serves it.
+        """
+        if model not in await self.models_for(caller):
+            raise errors.model_not_found(model)
+        return model_object(model)
 
     # -- admission -------------------------------------------------------------------------
 
-    async def admit(
-        self, caller: Caller, model: str, prompt_estimate: int, max_tokens: int, stream: bool
+    async def admit_generation(
+        self, caller: Caller, data: dict[str, Any], body: GenerationRequest
     ) -> Admitted:
-        """Routes and reserves a request.
+        """Routes and reserves a chat or text completion, bounding all it can generate.
+
+        The reservation is the prompt estimate plus the output limit times ``n`` times the
+        number of prompts. The limit is the larger of ``max_tokens`` and
+        ``max_completion_tokens``, forwarded upstream as ``max_tokens`` alone, so what the
+        engine honours is what was reserved. Without either, the model's context length
+        bounds the output when known; otherwise ``default_max_tokens`` is set upstream.
+
+        Args:
+            caller: The authenticated caller.
+            data: The JSON body, normalised in place for the upstream request.
+            body: ``data`` validated.
+
+        Raises:
+            GatewayError: as `admit`.
+        """
+        limit = body.output_limit()
+        if limit is not None:
+            data.pop("max_completion_tokens", None)
+            data["max_tokens"] = limit
+        admitted = await self.admit(
+            caller,
+            body.model,
+            estimate_tokens(body.prompt_text()),
+            limit,
+            body.streaming,
+            generations=body.generations(),
+        )
+        if limit is None and not self.knows_context(admitted.model):
+            data["max_tokens"] = self.settings.default_max_tokens
+        return admitted
+
+    async def admit(
+        self,
+        caller: Caller,
+        model: str,
+        prompt_estimate: int,
+        max_tokens: int | None,
+        stream: bool,
+        *,
+        generations: int = 1,
+    ) -> Admitted:
+        """Routes and reserves a request: ``prompt_estimate + generations * max_tokens``.
+
+        ``max_tokens`` None reserves `default_output` for the model.
 
         Raises:
             GatewayError: 403/404 from routing, 429 over a limit, 503 when draining or when
@@ -307,9 +443,10 @@ class GatewayCore:
             raise errors.unavailable("the gateway is shutting down; retry", retry_after_s=1.0)
         backend = await self.route(caller, model)
         tenant = caller.tenant
+        output = self.default_output(model) if max_tokens is None else max_tokens
         try:
             verdict = await self.admission.admit(
-                tenant, prompt_estimate + max_tokens, stream=stream
+                tenant, prompt_estimate + generations * output, stream=stream
             )
         except Exception as exc:  # the limiter's store is down: apply the configured mode
             mode = self.settings.redis_failure_mode
@@ -324,6 +461,8 @@ class GatewayCore:
             self.metrics.rejections.labels(tenant=tenant.name, reason=verdict.reason).inc()
             if verdict.reason == "request_too_large":
                 raise errors.invalid(verdict.message, param="max_tokens")
+            if verdict.reason == "tokens_per_day":
+                raise errors.insufficient_quota(verdict.message, verdict.retry_after_s)
             raise errors.rate_limited(verdict.message, verdict.reason, verdict.retry_after_s)
         return Admitted(caller, model, backend, verdict, prompt_estimate)
 

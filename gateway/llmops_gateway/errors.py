@@ -16,6 +16,8 @@ class GatewayError(Exception):
         code: Stable machine-readable code.
         param: The request field at fault.
         retry_after_s: For 429/503: when to retry.
+        should_retry: False tells clients not to retry at all (the ``openai`` SDKs read it
+            from the ``x-should-retry`` header, before any status-based retry).
     """
 
     def __init__(
@@ -28,6 +30,7 @@ class GatewayError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after_s: float | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -37,6 +40,7 @@ class GatewayError(Exception):
         self.code = code
         self.param = param
         self.retry_after_s = retry_after_s
+        self.should_retry = should_retry
 
     def body(self, request_id: str) -> dict[str, Any]:
         """OpenAI-shaped JSON body with the request id."""
@@ -62,18 +66,6 @@ def unauthenticated(message: str) -> GatewayError:
     )
 
 
-def permission_denied(message: str) -> GatewayError:
-    """403: the tenant may not use this model."""
-    return GatewayError(
-        message,
-        status=403,
-        grpc_code="PERMISSION_DENIED",
-        type="permission_error",
-        code="model_not_allowed",
-        param="model",
-    )
-
-
 def invalid(message: str, param: str | None = None) -> GatewayError:
     """400: the request itself is wrong."""
     return GatewayError(
@@ -85,15 +77,40 @@ def invalid(message: str, param: str | None = None) -> GatewayError:
     )
 
 
-def not_found(message: str) -> GatewayError:
-    """404: unknown model."""
+def model_not_found(model: str) -> GatewayError:
+    """404: nobody serves the model, or the caller's tenant may not use it.
+
+    One answer for both, as OpenAI gives: a key learns nothing about models it may not use.
+    """
     return GatewayError(
-        message,
+        f"The model {model!r} does not exist or you do not have access to it.",
         status=404,
         grpc_code="NOT_FOUND",
-        type="not_found_error",
+        type="invalid_request_error",
         code="model_not_found",
         param="model",
+    )
+
+
+def route_not_found(method: str, path: str) -> GatewayError:
+    """404 for a URL the API does not have (OpenAI's wording)."""
+    return GatewayError(
+        f"Invalid URL ({method} {path})",
+        status=404,
+        grpc_code="NOT_FOUND",
+        type="invalid_request_error",
+        code="unknown_url",
+    )
+
+
+def method_not_allowed(method: str, path: str) -> GatewayError:
+    """405: the URL exists, but not for this method."""
+    return GatewayError(
+        f"Method {method} is not allowed on {path}",
+        status=405,
+        grpc_code="UNIMPLEMENTED",
+        type="invalid_request_error",
+        code="method_not_allowed",
     )
 
 
@@ -117,6 +134,24 @@ def rate_limited(message: str, reason: str, retry_after_s: float) -> GatewayErro
         type="rate_limit_error",
         code=reason,
         retry_after_s=retry_after_s,
+    )
+
+
+def insufficient_quota(message: str, retry_after_s: float) -> GatewayError:
+    """429 for an exhausted budget (the daily tokens): retrying within seconds cannot help.
+
+    OpenAI's shape for it (type and code ``insufficient_quota``), with ``x-should-retry:
+    false`` so the SDKs raise at once instead of retrying; Retry-After still says when the
+    budget renews.
+    """
+    return GatewayError(
+        message,
+        status=429,
+        grpc_code="RESOURCE_EXHAUSTED",
+        type="insufficient_quota",
+        code="insufficient_quota",
+        retry_after_s=retry_after_s,
+        should_retry=False,
     )
 
 

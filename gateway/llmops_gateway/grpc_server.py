@@ -115,12 +115,8 @@ class GatewayService(pb_grpc.GatewayServicer):
             parsed = kind.model_validate(body)
         except ValueError as exc:
             raise invalid(f"invalid request: {exc}") from None
-        prompt = body.get("messages") if "messages" in body else body.get("prompt")
-        max_tokens = parsed.max_tokens or parsed.max_completion_tokens
-        if max_tokens is None:
-            max_tokens = body["max_tokens"] = self.core.settings.default_max_tokens
-        reserve = max_tokens * parsed.n
-        return await self.core.admit(caller, parsed.model, estimate_tokens(prompt), reserve, stream)
+        parsed.stream = stream
+        return await self.core.admit_generation(caller, body, parsed)
 
     async def _unary_json(
         self, admitted: Admitted, path: str, body: dict[str, Any], request_id: str

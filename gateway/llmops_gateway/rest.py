@@ -11,8 +11,10 @@ from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
@@ -25,6 +27,7 @@ from llmops_gateway.core import (
     EmbeddingRequest,
     GatewayCore,
     estimate_tokens,
+    model_object,
     parse_body,
     relay_sse,
 )
@@ -56,10 +59,10 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "Malformed JSON, wrong field types, or a request larger than a limit allows.",
         401: "Missing, invalid or revoked API key.",
-        403: "The key's tenant may not use this model.",
-        404: "No such model.",
+        404: "No such model, or one the key's tenant may not use (not revealed).",
         413: "Body over the size limit.",
-        429: "A rate limit or budget is reached; see Retry-After.",
+        429: "A rate limit is reached (see Retry-After), or the daily budget is spent "
+        "(type insufficient_quota, x-should-retry: false).",
         502: "The backend failed.",
         503: "Draining, rate limiter down (fail closed), or backend unreachable.",
         504: "The backend did not answer in time.",
@@ -67,7 +70,7 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": described[code]} for code in statuses}
 
 
-GENERATION_ERRORS = _responses(400, 401, 403, 404, 413, 429, 502, 503, 504)
+GENERATION_ERRORS = _responses(400, 401, 404, 413, 429, 502, 503, 504)
 # Chat and text completions answer JSON, or with "stream": true server-sent events.
 STREAMING_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -101,6 +104,8 @@ def _error(error: GatewayError, request_id: str) -> JSONResponse:
     headers = {REQUEST_ID_HEADER: request_id}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after_s + 0.4999)))
+    if error.should_retry is not None:
+        headers["x-should-retry"] = "true" if error.should_retry else "false"
     return JSONResponse(error.body(request_id), status_code=error.status, headers=headers)
 
 
@@ -217,16 +222,9 @@ def create_app(core: GatewayCore) -> GatewayApp:
             caller = core.authenticate(request.headers.get("authorization"))
             tenant = caller.tenant.name
             data, body = parse_body(await read_body(request, limit), kind, limit)
-            prompt = data.get("messages") if "messages" in data else data.get("prompt")
-            max_tokens = body.max_tokens or body.max_completion_tokens
-            if max_tokens is None:
-                max_tokens = data["max_tokens"] = core.settings.default_max_tokens
-            reserve = max_tokens * body.n
-            admitted = await core.admit(
-                caller, body.model, estimate_tokens(prompt), reserve, body.stream
-            )
+            admitted = await core.admit_generation(caller, data, body)
             model = admitted.model
-            if body.stream:
+            if body.streaming:
                 wants_usage = bool((data.get("stream_options") or {}).get("include_usage"))
                 data["stream_options"] = {
                     **(data.get("stream_options") or {}),
@@ -296,14 +294,53 @@ def create_app(core: GatewayCore) -> GatewayApp:
         except GatewayError as error:
             return _error(error, request_id)
         names = await core.models_for(caller)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {"id": n, "object": "model", "created": 0, "owned_by": "llmops"} for n in names
-                ],
-            }
+        return JSONResponse({"object": "list", "data": [model_object(n) for n in names]})
+
+    @app.get("/v1/models/{model:path}", responses=_responses(401, 404))
+    async def model(request: Request, model: str) -> Response:
+        """One model the caller's key may use (the ``openai`` SDK's ``models.retrieve``)."""
+        request_id = _request_id(request)
+        try:
+            caller = core.authenticate(request.headers.get("authorization"))
+            return JSONResponse(await core.model_info(caller, model))
+        except GatewayError as error:
+            return _error(error, request_id)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own errors (unknown URL, wrong method), OpenAI-shaped."""
+        request_id = _request_id(request)
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            return _error(errors.route_not_found(method, path), request_id)
+        if exc.status_code == 405:
+            error = errors.method_not_allowed(method, path)
+            response = _error(error, request_id)
+            if exc.headers and "allow" in {k.lower() for k in exc.headers}:
+                response.headers.update(exc.headers)
+            return response
+        return _error(
+            GatewayError(
+                str(exc.detail),
+                status=exc.status_code,
+                grpc_code="UNKNOWN",
+                type="invalid_request_error",
+            ),
+            request_id,
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        """FastAPI's parameter validation, OpenAI-shaped (400, as OpenAI answers)."""
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"]) or None
+        error = errors.invalid(f"invalid {where}: {first['msg']}", param=where)
+        return _error(error, _request_id(request))
+
+    @app.exception_handler(Exception)
+    async def unhandled(request: Request, exc: Exception) -> Response:
+        """A bug: logged with its traceback, answered OpenAI-shaped."""
+        return _internal_error(_request_id(request))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

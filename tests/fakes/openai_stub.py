@@ -31,12 +31,28 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, len(text) // 4)
 
 
-def make_app(models: list[str], token_delay: float) -> web.Application:
-    """The stub's aiohttp application."""
+def _generations(body: dict[str, Any]) -> int:
+    """Outputs a request asks for: ``n`` per prompt (a list of texts or token lists)."""
+    prompt = body.get("prompt")
+    many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+    return int(body.get("n") or 1) * (len(prompt) if many else 1)
+
+
+def make_app(
+    models: list[str], token_delay: float, max_model_len: int | None = None
+) -> web.Application:
+    """The stub's aiohttp application.
+
+    With ``max_model_len``, /v1/models reports it as vLLM does and a request without an
+    output limit may generate up to it, less the prompt (vLLM's default).
+    """
     state = {"requests": 0, "cancelled": 0}
 
     async def list_models(_: web.Request) -> web.Response:
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "stub"} for m in models]
+        extra = {"max_model_len": max_model_len} if max_model_len else {}
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "stub", **extra} for m in models
+        ]
         return web.json_response({"object": "list", "data": data})
 
     async def stats(_: web.Request) -> web.Response:
@@ -61,14 +77,19 @@ def make_app(models: list[str], token_delay: float) -> web.Application:
                 status=404,
             )
         chat = request.path.endswith("/chat/completions")
-        n_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        prompt = _prompt_tokens(body)
+        # vLLM's chat takes max_completion_tokens first (protocol.py, to_sampling_params).
+        limit = (body.get("max_completion_tokens") if chat else None) or body.get("max_tokens")
+        if limit is None:
+            limit = max(1, max_model_len - prompt) if max_model_len else 16
+        n_tokens = int(limit)
         if not body.get("ignore_eos"):
             n_tokens = min(n_tokens, NATURAL_LENGTH)
-        prompt = _prompt_tokens(body)
+        generated = n_tokens * _generations(body)
         usage = {
             "prompt_tokens": prompt,
-            "completion_tokens": n_tokens,
-            "total_tokens": prompt + n_tokens,
+            "completion_tokens": generated,
+            "total_tokens": prompt + generated,
         }
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -178,9 +199,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--models", default="stub-chat,stub-embed")
     parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--max-model-len", type=int, default=None)
     args = parser.parse_args()
     web.run_app(
-        make_app(args.models.split(","), args.token_delay),
+        make_app(args.models.split(","), args.token_delay, args.max_model_len),
         host="127.0.0.1",
         port=args.port,
         print=None,

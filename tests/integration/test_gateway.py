@@ -118,17 +118,116 @@ def test_revoked_key_is_refused_at_once(gw: Gateway, keys: FileKeyStore) -> None
 
 
 def test_models_lists_only_what_the_key_may_use(gw: Gateway, keys: FileKeyStore) -> None:
+    """OpenAI answers 404 model_not_found for a model the key may not use, as for one that
+    does not exist: the gateway must not reveal the models of other tenants (no 403)."""
     client = _client(gw, _key(keys, allowed_models=["stub-chat"]))
     assert [m.id for m in client.models.list()] == ["stub-chat"]
-    with pytest.raises(openai.PermissionDeniedError, match="may not use model 'stub-embed'"):
+    with pytest.raises(openai.NotFoundError) as hidden:
         client.embeddings.create(model="stub-embed", input="x")
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.embeddings.create(model="gpt-9", input="x")
+    assert hidden.value.code == unknown.value.code == "model_not_found"
+    assert hidden.value.message.replace("stub-embed", "gpt-9") == unknown.value.message
 
 
 def test_unknown_model_is_404(gw: Gateway, keys: FileKeyStore) -> None:
-    with pytest.raises(openai.NotFoundError, match="'gpt-9' does not exist"):
+    with pytest.raises(openai.NotFoundError, match="'gpt-9' does not exist") as raised:
         _client(gw, _key(keys)).chat.completions.create(
             model="gpt-9", messages=[{"role": "user", "content": "x"}]
         )
+    assert raised.value.body == {
+        "message": "The model 'gpt-9' does not exist or you do not have access to it.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+
+
+def test_models_retrieve(gw: Gateway, keys: FileKeyStore) -> None:
+    """The `openai` SDK's models.retrieve is GET /v1/models/{id} (openai/resources/models.py)."""
+    client = _client(gw, _key(keys, allowed_models=["stub-chat"]))
+    model = client.models.retrieve("stub-chat")
+    assert (model.id, model.object) == ("stub-chat", "model")
+    for name in ("stub-embed", "gpt-9"):
+        with pytest.raises(openai.NotFoundError) as raised:
+            client.models.retrieve(name)
+        assert raised.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError):
+        _client(gw, "llmops_000000000000_nope").models.retrieve("stub-chat")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/nothing-here", 404),
+        ("POST", "/v1/assistants", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/v1/models", 405),
+    ],
+)
+def test_every_error_is_openai_shaped(
+    gw: Gateway, keys: FileKeyStore, method: str, path: str, status: int
+) -> None:
+    """OpenAI answers unknown URLs and wrong methods with its error object, never FastAPI's
+    {"detail": ...}; SDKs read error.message from it."""
+    response = httpx.request(method, f"{gw.url}{path}", headers={"x-request-id": "rid-1"})
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert method in body["error"]["message"]
+    assert path in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["request_id"] == "rid-1"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_null_is_accepted_where_openai_accepts_it(
+    gw: Gateway, keys: FileKeyStore, path: str
+) -> None:
+    """OpenAI's request schemas mark these fields nullable (the SDKs send null for unset
+    values in some languages); the default then applies."""
+    nulls = {
+        "stream": None,
+        "stream_options": None,
+        "n": None,
+        "max_tokens": None,
+        "max_completion_tokens": None,
+        "user": None,
+        "temperature": None,
+    }
+    prompt = {"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"}
+    response = httpx.post(
+        f"{gw.url}{path}",
+        headers={"authorization": f"Bearer {_key(keys)}"},
+        json={"model": "stub-chat", **prompt, **nulls},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] > 0
+
+
+def test_exhausted_daily_budget_is_insufficient_quota_and_not_retried(
+    gw: Gateway, keys: FileKeyStore
+) -> None:
+    """OpenAI answers a spent budget with 429 type insufficient_quota; the `openai` SDK does
+    not retry when the response says `x-should-retry: false` (openai/_base_client.py,
+    _should_retry), whatever its max_retries."""
+    sent: list[str] = []
+    http = httpx.Client(event_hooks={"request": [lambda request: sent.append(request.url.path)]})
+    client = openai.OpenAI(
+        base_url=f"{gw.url}/v1",
+        api_key=_key(keys, tokens_per_day=20),
+        max_retries=2,
+        http_client=http,
+    )
+    client.completions.create(model="stub-chat", prompt="x", max_tokens=12)
+    sent.clear()
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.completions.create(model="stub-chat", prompt="x", max_tokens=12)
+    assert sent == ["/v1/completions"]
+    assert raised.value.code == "insufficient_quota"
+    assert raised.value.type == "insufficient_quota"
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert int(raised.value.response.headers["retry-after"]) >= 1
 
 
 @pytest.mark.parametrize(

@@ -107,9 +107,10 @@ def test_extra_fields_pass_through(channel: grpc.Channel, keys: FileKeyStore) ->
             grpc.StatusCode.UNAUTHENTICATED,
         ),
         (
+            # As REST: a model the tenant may not use is not revealed to exist.
             lambda keys: _auth(keys, allowed_models=["other"]),
             _chat(),
-            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.NOT_FOUND,
         ),
         (lambda keys: _auth(keys), _chat(model="gpt-9"), grpc.StatusCode.NOT_FOUND),
         (lambda keys: _auth(keys), _chat(max_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT),
