@@ -25,6 +25,7 @@ USER_AGENT = "llmops-operator"
 PLURALS = {
     ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
     ("v1", "Service"): "services",
+    ("v1", "Pod"): "pods",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("batch/v1", "Job"): "jobs",
     ("ray.io/v1", "RayService"): "rayservices",

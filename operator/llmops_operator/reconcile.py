@@ -7,17 +7,20 @@ operator restart it simply runs again). It never assumes an earlier pass happene
 Status layout (``status`` of the LLMDeployment)::
 
     observedGeneration  metadata.generation this pass rendered
-    replicas            replicas per model now serving (scale subresource statusReplicasPath)
+    replicas            replicas now serving: the fewest over models (statusReplicasPath)
     selector            label selector of the Ray pods (scale subresource labelSelectorPath)
     ready / modelsSummary   short strings for `kubectl get` columns
     conditions          ModelCached, ServingReady, AutoscalingReady, Ready (type/status/reason/
                         message/lastTransitionTime/observedGeneration)
     endpoints.http      in-cluster base URL of the graph's OpenAI-compatible API
-    models[]            name, state (Pending, Loading, Ready, Failed), message
+    models[]            name, state (Pending, Loading, Ready, Failed), message, replicas (ready
+                        worker pods of the active cluster's group, while its Serve deployment
+                        is HEALTHY)
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import re
@@ -255,6 +258,29 @@ async def sync_worker_bounds(
     return True
 
 
+async def ready_workers(
+    client: KubeClient, namespace: str, cluster: str | None
+) -> collections.Counter[str]:
+    """Ready worker pods of the active cluster, by worker group (= model name).
+
+    Selected by KubeRay's labels (ray.io/cluster, ray.io/node-type, ray.io/group), never by
+    name; a pending cluster's pods do not serve yet and are not counted.
+    """
+    if cluster is None:
+        return collections.Counter()
+    labels = {render.RAY_CLUSTER_LABEL: cluster, render.RAY_NODE_TYPE_LABEL: "worker"}
+    pods = await client.list("v1", "Pod", namespace, labels)
+    return collections.Counter(
+        pod["metadata"]["labels"].get(render.RAY_GROUP_LABEL, "")
+        for pod in pods
+        if not pod["metadata"].get("deletionTimestamp")
+        and any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in (pod.get("status") or {}).get("conditions") or []
+        )
+    )
+
+
 async def _prune(
     client: KubeClient,
     children: list[dict[str, Any]],
@@ -460,8 +486,10 @@ async def reconcile(
         overall = make_condition("Ready", False, first["reason"], first["message"], generation)
     conditions = stamp_transitions([cache, serving, autoscaling, overall], old_conditions)
     _announce(conditions, old_conditions, say)
-    serving_ok = serving["status"] == "True"
-    replicas = target.spec.replicas if serving_ok else previous.get("replicas", 0)
+    workers = await ready_workers(client, namespace, active)
+    for model in models:
+        model["replicas"] = workers[model["name"]] if model["state"] == "Ready" else 0
+    replicas = min((model["replicas"] for model in models), default=0)
     status = {
         **base,
         "replicas": replicas,

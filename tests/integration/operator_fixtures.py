@@ -165,6 +165,42 @@ async def kuberay_creates_cluster(api: KubeAPI, name: str, namespace: str = NAME
     return cluster
 
 
+async def kuberay_starts_pods(
+    api: KubeAPI,
+    cluster: str,
+    group: str,
+    ready: int,
+    not_ready: int = 0,
+    namespace: str = NAMESPACE,
+) -> None:
+    """Worker pods of one group as KubeRay labels them (ray-operator/controllers/ray/utils/
+    constant.go: ray.io/cluster, ray.io/node-type, ray.io/group) and the kubelet reports them
+    (condition Ready)."""
+    url = f"/api/v1/namespaces/{namespace}/pods"
+    for index in range(ready + not_ready):
+        suffix = "".join(random.choices(RAND_ALPHANUMS, k=5))
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{cluster}-{group.replace('.', '-')}-worker-{suffix}",
+                "namespace": namespace,
+                "labels": {
+                    "ray.io/cluster": cluster,
+                    "ray.io/node-type": "worker",
+                    "ray.io/group": group,
+                    "ray.io/serve": "true",
+                },
+            },
+            "status": {
+                "phase": "Running",
+                "conditions": [{"type": "Ready", "status": str(index < ready)}],
+            },
+        }
+        async with api.post(url, json=pod) as response:
+            assert response.status < 300, await response.text()
+
+
 async def report_children_ready(
     api: KubeAPI,
     name: str,
@@ -217,6 +253,7 @@ OPERATOR_NEEDS = {
     ("llmops.dev", "llmdeployments/finalizers"): {"update"},
     ("ray.io", "rayservices"): {"list", "watch", "create", "patch"},
     ("ray.io", "rayclusters"): {"get", "patch"},
+    ("", "pods"): {"list"},
     ("keda.sh", "scaledobjects"): {"list", "watch", "create", "patch", "delete"},
     ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
     ("monitoring.coreos.com", "podmonitors"): {"create", "patch"},

@@ -19,6 +19,8 @@ from tests.integration.operator_fixtures import (
     create,
     eventually,
     example,
+    kuberay_creates_cluster,
+    kuberay_starts_pods,
     live,
     llmd_path,
     patch,
@@ -130,7 +132,11 @@ async def test_status_follows_children_to_ready(kmock: KubeAPI) -> None:
         # 16 s after creation); the children's watch events must bring the next pass forward.
         await asyncio.sleep(10)
         job_name = next(iter(children(kmock)["Job"]))
-        await report_children_ready(kmock, "llama-8b", job_name, ["llm-llama-3-1-8b-instruct"])
+        cluster = await kuberay_creates_cluster(kmock, "llama-8b")
+        await kuberay_starts_pods(kmock, cluster, "llama-3.1-8b-instruct", ready=1, not_ready=1)
+        await report_children_ready(
+            kmock, "llama-8b", job_name, ["llm-llama-3-1-8b-instruct"], cluster=cluster
+        )
         await eventually(
             lambda: llmd(kmock, "llama-8b")["status"]["ready"] == "True",
             within=3,
@@ -148,7 +154,7 @@ async def test_status_follows_children_to_ready(kmock: KubeAPI) -> None:
             "Ready": "True",
         }
         assert status["models"] == [
-            {"name": "llama-3.1-8b-instruct", "state": "Ready", "message": ""}
+            {"name": "llama-3.1-8b-instruct", "state": "Ready", "message": "", "replicas": 1}
         ]
 
 

@@ -14,6 +14,7 @@ from tests.integration.operator_fixtures import (
     eventually,
     example,
     kuberay_creates_cluster,
+    kuberay_starts_pods,
     live,
     llmd_path,
     patch,
@@ -24,6 +25,7 @@ from tests.integration.operator_fixtures import (
 pytestmark = [pytest.mark.kmock(cls=KubeAPI), pytest.mark.timeout(90)]
 
 LLM = "llm-llama-3-1-8b-instruct"
+CODER, LLAMA = "qwen2.5-coder-7b-instruct", "llama-3.1-8b-instruct"  # semantic-routing's models
 RAYCLUSTERS = "ray.io/v1/rayclusters"
 
 
@@ -102,3 +104,39 @@ async def test_max_replicas_reaches_the_running_cluster(kmock: KubeAPI) -> None:
         assert group["minReplicas"] == 1
         spec = live(kmock, "ray.io/v1/rayservices")["llama-8b"]["spec"]
         assert spec["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplicas"] == 8
+
+
+async def test_status_replicas_count_ready_workers_of_the_active_cluster(kmock: KubeAPI) -> None:
+    """status.replicas (the scale subresource's statusReplicasPath, which the HPA reads) is
+    what serves: ready worker pods of the active cluster per model, selected by KubeRay's
+    labels, for models whose Serve deployment is HEALTHY; the fewest over models."""
+    kmock.install_crds()
+    async with running_operator(kmock):
+        await create(kmock, example("semantic-routing"))
+        await eventually(lambda: live(kmock, "ray.io/v1/rayservices").get("assistants"))
+        active = await kuberay_creates_cluster(kmock, "assistants")
+        pending = await kuberay_creates_cluster(kmock, "assistants")
+        await kuberay_starts_pods(kmock, active, CODER, ready=2, not_ready=1)
+        await kuberay_starts_pods(kmock, active, LLAMA, ready=1, not_ready=2)
+        await kuberay_starts_pods(kmock, pending, LLAMA, ready=3)
+        await kuberay_starts_pods(kmock, pending, CODER, ready=3)
+        deployments = [f"llm-{m.replace('.', '-')}" for m in (CODER, LLAMA)]
+        await report_children_ready(kmock, "assistants", None, deployments, cluster=active)
+
+        def replicas() -> tuple[int, dict[str, int]]:
+            status = live(kmock, "llmops.dev/v1alpha1/llmdeployments")["assistants"]["status"]
+            return status["replicas"], {m["name"]: m["replicas"] for m in status["models"]}
+
+        await eventually(
+            lambda: replicas() == (1, {CODER: 2, LLAMA: 1}),
+            what="replicas counted from the active cluster's ready workers",
+        )
+        # A model whose Serve deployment is unhealthy serves nothing, whatever its pods say.
+        unhealthy = {"serveDeploymentStatuses": {deployments[1]: {"status": "UNHEALTHY"}}}
+        status_path = f"/apis/ray.io/v1/namespaces/{NAMESPACE}/rayservices/assistants/status"
+        body = {"status": {"activeServiceStatus": {"applicationStatuses": {"llmops": unhealthy}}}}
+        await patch(kmock, status_path, body)
+        await eventually(
+            lambda: replicas() == (0, {CODER: 2, LLAMA: 0}),
+            what="the unhealthy model counted as 0",
+        )

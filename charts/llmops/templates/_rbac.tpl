@@ -43,6 +43,10 @@ No wildcards, and no access to Secrets: loader Jobs reference Secrets by name on
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create", "patch"]
+# status.replicas counts the active cluster's ready worker pods.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
