@@ -1,23 +1,31 @@
-"""A small async Kubernetes client for the operator's children, on Kopf's credentials.
+"""The operator's Kubernetes client for its children, on the official asyncio client.
 
-Kopf watches and patches LLMDeployments itself; this client creates, patches, lists and
-deletes the objects rendered for them. It authenticates with the same `kopf.ConnectionInfo`
-Kopf logged in with, and counts its calls (the benchmark reports API calls per object).
+Kopf watches and patches LLMDeployments itself; this client applies, patches, lists and
+deletes the objects rendered for them, by (apiVersion, kind), through `kubernetes_asyncio`'s
+ApiClient (its connection pool, TLS and authentication; in a pod, its in-cluster loader
+re-reads the rotating service-account token). It uses the cluster and credentials Kopf logged
+in with (`kopf.ConnectionInfo`), and counts its calls (the benchmark reports API calls per
+object).
 """
 
 from __future__ import annotations
 
 import base64
 import collections
-import ssl
+import contextlib
+import json
+import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import aiohttp
 import kopf
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config import incluster_config
 
 USER_AGENT = "llmops-operator"
 
@@ -42,6 +50,7 @@ MAX_REMEMBERED_VERSIONS = 100_000
 # How long an API found in discovery is trusted before asking again. Only presence is cached:
 # an install is noticed on the next pass; a removal surfaces as a 404 on the next write.
 DISCOVERY_TTL_S = 60.0
+REQUEST_TIMEOUT_S = 30.0
 
 
 class KubeError(Exception):
@@ -96,22 +105,44 @@ def resource_path(
     return f"{path}/{name}" if name else path
 
 
-def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
-    if info.insecure:
-        return False
-    context = ssl.create_default_context(cafile=info.ca_path)
+def configuration(info: kopf.ConnectionInfo, folder: Path) -> k8s.Configuration:
+    """The library's configuration for the server and credentials Kopf logged in with.
+
+    In a pod whose service account Kopf used, the library's in-cluster loader sets the token
+    and re-reads it as the kubelet rotates it. Certificates given inline are written to
+    ``folder`` (the library reads them from files).
+    """
+    config = k8s.Configuration()
+    token_file = Path(incluster_config.SERVICE_TOKEN_FILENAME)
+    in_cluster = (
+        info.token is not None
+        and "KUBERNETES_SERVICE_HOST" in os.environ
+        and token_file.is_file()
+        and token_file.read_text().strip() == info.token
+    )
+    if in_cluster:
+        load: Callable[..., None] = incluster_config.load_incluster_config
+        load(client_configuration=config, try_refresh_token=True)
+    elif info.token:
+        config.api_key = {"BearerToken": info.token}
+        config.api_key_prefix = {"BearerToken": info.scheme or "Bearer"}
+    config.host = info.server.rstrip("/")
+    config.verify_ssl = not info.insecure
+    if info.ca_path:
+        config.ssl_ca_cert = str(info.ca_path)
     if info.ca_data:
-        context.load_verify_locations(cadata=base64.b64decode(info.ca_data).decode())
-    cert_path, key_path = info.certificate_path, info.private_key_path
-    with tempfile.TemporaryDirectory() as tmp:
-        if info.certificate_data and info.private_key_data:
-            cert_path, key_path = f"{tmp}/cert.pem", f"{tmp}/key.pem"
-            with open(cert_path, "wb") as cert, open(key_path, "wb") as key:
-                cert.write(base64.b64decode(info.certificate_data))
-                key.write(base64.b64decode(info.private_key_data))
-        if cert_path and key_path:
-            context.load_cert_chain(cert_path, key_path)
-    return context
+        ca = folder / "ca.pem"
+        ca.write_bytes(base64.b64decode(info.ca_data))
+        config.ssl_ca_cert = str(ca)
+    if info.certificate_path and info.private_key_path:
+        config.cert_file, config.key_file = str(info.certificate_path), str(info.private_key_path)
+    if info.certificate_data and info.private_key_data:
+        cert, key = folder / "cert.pem", folder / "key.pem"
+        cert.write_bytes(base64.b64decode(info.certificate_data))
+        key.write_bytes(base64.b64decode(info.private_key_data))
+        config.cert_file, config.key_file = str(cert), str(key)
+    config.connection_pool_maxsize = 64
+    return config
 
 
 class KubeClient:
@@ -123,15 +154,10 @@ class KubeClient:
 
     def __init__(self, info: kopf.ConnectionInfo) -> None:
         self.server = info.server.rstrip("/")
+        self._files = tempfile.TemporaryDirectory(prefix="llmops-kube-")
+        self._api = k8s.ApiClient(configuration(info, Path(self._files.name)))
         # Audit logs (and the RBAC test) tell the operator's own calls from Kopf's by this.
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
-        self._session = aiohttp.ClientSession(
-            headers=headers,
-            connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=64),
-            timeout=aiohttp.ClientTimeout(total=30),
-        )
+        self._api.user_agent = USER_AGENT
         self.calls: collections.Counter[str] = collections.Counter()
         self._present_until: dict[tuple[str, str], float] = {}
         # resourceVersion each applied object had after this client's last apply of it.
@@ -139,7 +165,8 @@ class KubeClient:
 
     async def close(self) -> None:
         """Closes the connection pool."""
-        await self._session.close()
+        await self._api.close()
+        self._files.cleanup()
 
     async def _request(
         self,
@@ -161,27 +188,34 @@ class KubeClient:
     ) -> tuple[int, dict[str, Any] | None]:
         """(HTTP status, the object answered; None for 404)."""
         self.calls[method] += 1
-        async with self._session.request(
-            method,
-            self.server + path,
-            json=body,
-            params=params,
-            headers={"Content-Type": content_type} if body is not None else None,
-        ) as response:
-            if response.status == 404:
-                return 404, None
-            payload: Any = (
-                await response.json(content_type=None) if response.content_length != 0 else {}
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        try:
+            payload, status, _headers = await self._api.call_api(
+                path,
+                method,
+                query_params=list((params or {}).items()),
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                # "object": the JSON as it came, for any kind (built-in or custom).
+                response_types_map={200: "object", 201: "object", 202: "object"},
+                _return_http_data_only=False,
+                _request_timeout=REQUEST_TIMEOUT_S,
             )
-            if response.status >= 400:
-                message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
-                details = payload.get("details") if isinstance(payload, dict) else None
-                raise KubeError(
-                    response.status,
-                    message or response.reason or "",
-                    details if isinstance(details, dict) else None,
-                )
-            return response.status, payload if isinstance(payload, dict) else {}
+        except ApiException as exc:
+            if exc.status == 404:
+                return 404, None
+            answer: Any = None
+            with contextlib.suppress(ValueError, TypeError):
+                answer = json.loads(exc.body or "")
+            message = answer.get("message", "") if isinstance(answer, dict) else ""
+            details = answer.get("details") if isinstance(answer, dict) else None
+            raise KubeError(
+                exc.status or 0,
+                message or exc.reason or "",
+                details if isinstance(details, dict) else None,
+            ) from exc
+        return int(status), payload if isinstance(payload, dict) else {}
 
     async def get(
         self, api_version: str, kind: str, namespace: str | None, name: str
