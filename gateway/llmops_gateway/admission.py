@@ -244,8 +244,9 @@ def _too_large(tenant: Tenant, tokens: int) -> Rejection:
     """A request that could not fit the tenant's token rate even alone."""
     return Rejection(
         "request_too_large",
-        f"this request may use {tokens} tokens (prompt + max_tokens), more than the "
-        f"tenant's {tenant.tokens_per_minute} tokens per minute: lower max_tokens",
+        f"this request may use {tokens} tokens (prompt + max_tokens for each prompt and "
+        "choice; without max_tokens, up to the model's context length), more than the "
+        f"tenant's {tenant.tokens_per_minute} tokens per minute: lower max_tokens (or n)",
         0.0,
     )
 
