@@ -42,6 +42,8 @@ PREREQUISITES = {
     PODMONITOR_CRD: ("monitoring.coreos.com/v1", "podmonitors"),
 }
 APPLICATION = render.APP_NAME
+# A shared cache volume still Pending after this long is not going to bind by itself.
+PVC_PENDING_GRACE_S = 120.0
 
 Say = Callable[[str, str, str], None]  # (level "info"/"warning", reason, message) -> an Event
 
@@ -328,6 +330,33 @@ def _cache_condition(job: Mapping[str, Any] | None, generation: int | None) -> d
     )
 
 
+def pending_for(pvc: Mapping[str, Any] | None, now: datetime.datetime) -> float | None:
+    """Seconds a PVC has been Pending since its creation; None unless it is Pending."""
+    if pvc is None or (pvc.get("status") or {}).get("phase") != "Pending":
+        return None
+    created = pvc.get("metadata", {}).get("creationTimestamp")
+    if not created:
+        return None
+    since = datetime.datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+    return (now - since).total_seconds()
+
+
+def _volume_pending_condition(
+    target: render.Target, pvc: Mapping[str, Any], seconds: float, generation: int | None
+) -> dict[str, Any]:
+    cache = target.spec.cache
+    storage_class = (pvc.get("spec") or {}).get("storageClassName") or cache.storage_class_name
+    message = (
+        f"the cache volume {render.cache_claim_name(target.name)} has been Pending for "
+        f"{seconds:.0f} s: StorageClass {storage_class or '(the default)'} may not offer "
+        f"{cache.access_mode} (the big clouds' default classes offer ReadWriteOnce only). Name "
+        "a ReadWriteMany class (EFS, Filestore, Azure Files) in spec.cache.storageClassName, "
+        "or set spec.cache.accessMode: ReadWriteOnce (a volume per Ray pod); "
+        "see `kubectl describe pvc` for the provisioner's events"
+    )
+    return make_condition("ModelCached", False, "CacheVolumePending", message, generation)
+
+
 def _pod_cache_condition(serving: Mapping[str, Any], generation: int | None) -> dict[str, Any]:
     """ModelCached with a volume per Ray pod: each pod's init container fills its own cache."""
     if serving["status"] == "True":
@@ -468,6 +497,10 @@ async def reconcile(
     if render.shared_cache(target.spec):
         job = observed.get(f"Job/{render.loader_job_name(target)}")
         cache = _cache_condition(job, generation)
+        pvc = observed.get(f"PersistentVolumeClaim/{render.cache_claim_name(name)}")
+        pending = pending_for(pvc, datetime.datetime.now(datetime.UTC))
+        if pvc is not None and pending is not None and pending > PVC_PENDING_GRACE_S:
+            cache = _volume_pending_condition(target, pvc, pending, generation)
     else:
         cache = _pod_cache_condition(serving, generation)
     autoscaling = _autoscaling(

@@ -1,0 +1,78 @@
+"""The shared model cache (ReadWriteMany): a volume that cannot bind, and loader Jobs."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import pytest
+
+from llmops_operator import reconcile
+from tests.fakes.kube_api import KubeAPI
+from tests.integration.operator_fixtures import (
+    NAMESPACE,
+    create,
+    eventually,
+    example,
+    live,
+    patch,
+    running_operator,
+)
+
+pytestmark = [pytest.mark.timeout(90)]
+
+PVC = "llama-8b-model-cache"
+PVC_PATH = f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims/{PVC}"
+
+
+def shared_cache(name: str) -> dict[str, Any]:
+    manifest = example(name)
+    manifest["spec"].setdefault("cache", {})["accessMode"] = "ReadWriteMany"
+    return manifest
+
+
+def condition(api: KubeAPI, name: str, type_: str) -> dict[str, Any]:
+    status = live(api, "llmops.dev/v1alpha1/llmdeployments")[name]["status"]
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_pending_for_counts_from_creation_and_only_while_pending() -> None:
+    now = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
+    pvc = {
+        "metadata": {"creationTimestamp": "2026-01-01T11:57:30Z"},
+        "status": {"phase": "Pending"},
+    }
+    assert reconcile.pending_for(pvc, now) == 150.0
+    assert reconcile.pending_for({**pvc, "status": {"phase": "Bound"}}, now) is None
+    assert reconcile.pending_for({**pvc, "status": {}}, now) is None
+    assert reconcile.pending_for(None, now) is None
+
+
+@pytest.mark.kmock(cls=KubeAPI)
+async def test_a_cache_volume_left_pending_names_the_storage_class_problem(
+    kmock: KubeAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Default StorageClasses of the big clouds offer ReadWriteOnce only, so a ReadWriteMany
+    claim stays Pending; the condition must say so instead of "downloading"."""
+    monkeypatch.setattr(reconcile, "PVC_PENDING_GRACE_S", 1.0)
+    kmock.install_crds()
+    async with running_operator(kmock, converge_max_interval_s=1.0):
+        await create(kmock, shared_cache("llama-8b-gpu"))
+        await eventually(lambda: live(kmock, "v1/persistentvolumeclaims").get(PVC), what="PVC")
+        # What the PV controller reports while no provisioner can serve the claim.
+        await patch(kmock, PVC_PATH + "/status", {"status": {"phase": "Pending"}})
+        await eventually(
+            lambda: condition(kmock, "llama-8b", "ModelCached")["reason"] == "CacheVolumePending",
+            what="ModelCached=False CacheVolumePending",
+        )
+        cached = condition(kmock, "llama-8b", "ModelCached")
+        assert cached["status"] == "False"
+        assert "StorageClass" in cached["message"]
+        assert "spec.cache.accessMode: ReadWriteOnce" in cached["message"]
+        assert condition(kmock, "llama-8b", "Ready")["reason"] == "CacheVolumePending"
+        # Once the volume binds, the loader's progress is what the condition reports.
+        await patch(kmock, PVC_PATH + "/status", {"status": {"phase": "Bound"}})
+        await eventually(
+            lambda: condition(kmock, "llama-8b", "ModelCached")["reason"] == "Loading",
+            what="ModelCached back to Loading",
+        )
