@@ -6,30 +6,38 @@ so a model applied with `kubectl apply` is callable as soon as the operator repo
 without editing the gateway's configuration. Models of a deployment that is not ready yet are
 known too, and answered with 503 and Retry-After instead of 404.
 
-Credentials are the pod's service account (token re-read on every connection, as projected
-tokens rotate), or none for a local API proxy (``kube_api_url``, e.g. `kubectl proxy`).
+The API server is reached through the official asyncio client, ``kubernetes_asyncio``: the
+pod's service account first (the library re-reads the projected token as it rotates), else the
+kubeconfig ($KUBECONFIG or ~/.kube/config, exec and OIDC credentials refreshed by the library),
+or, with ``kube_api_url``, a URL that needs no credentials (a local proxy such as `kubectl
+proxy`). Each namespace is listed, then watched from the listed resourceVersion with bookmarks
+and a server-side timeout; a watch whose version has expired (410 Gone) is answered by a new
+list, as client-go's reflector does.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
 
 logger = logging.getLogger("llmops.gateway.discovery")
 
-API = "/apis/llmops.dev/v1alpha1"
+GROUP, VERSION, PLURAL = "llmops.dev", "v1alpha1", "llmdeployments"
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 WATCH_TIMEOUT_S = 300
+LIST_TIMEOUT_S = 30
 MAX_BACKOFF_S = 30.0
+GONE = 410
 
 
 @dataclass(frozen=True)
@@ -93,46 +101,60 @@ def backends_from(objects: Iterable[Mapping[str, Any]]) -> dict[str, Backend]:
     return table
 
 
-@dataclass(frozen=True)
+@dataclass
 class KubeAccess:
-    """How to reach the API server: its URL, and the credentials to send."""
+    """How discovery reaches the API server, chosen once at start-up.
 
-    server: str
-    token_file: Path | None
-    ca_file: Path | None
+    Attributes:
+        configuration: The client configuration the library's loaders filled in.
+        source: Where it came from, for logs and errors.
+        kubeconfig: The kubeconfig loader still to run (it may call exec plugins, so it runs
+            in `connect`), or None when ``configuration`` is complete.
+    """
+
+    configuration: client.Configuration
+    source: str
+    kubeconfig: KubeConfigLoader | None = None
 
     @classmethod
     def configure(cls, api_url: str | None) -> KubeAccess:
-        """``api_url`` (no credentials: a local proxy), or the pod's service account.
+        """``api_url`` (no credentials: a local proxy), else the pod's service account, else
+        the kubeconfig ($KUBECONFIG, or ~/.kube/config, at its current context).
 
         Raises:
-            RuntimeError: no URL given and not running in a pod.
+            RuntimeError: none of the three is there.
         """
+        configuration = client.Configuration()
         if api_url:
-            return cls(api_url.rstrip("/"), None, None)
-        host, port = (
-            os.environ.get("KUBERNETES_SERVICE_HOST"),
-            os.environ.get("KUBERNETES_SERVICE_PORT", "443"),
-        )
-        if not host:
-            raise RuntimeError(
-                "discover_backends needs the Kubernetes API: run in a pod with a service "
-                "account, or set LLMOPS_GATEWAY_KUBE_API_URL (for example to `kubectl proxy`)"
-            )
-        host = f"[{host}]" if ":" in host else host
-        return cls(f"https://{host}:{port}", SERVICE_ACCOUNT / "token", SERVICE_ACCOUNT / "ca.crt")
+            configuration.host = api_url.rstrip("/")
+            return cls(configuration, api_url)
+        try:
+            InClusterConfigLoader(
+                token_filename=str(SERVICE_ACCOUNT / "token"),
+                cert_filename=str(SERVICE_ACCOUNT / "ca.crt"),
+            ).load_and_set(configuration)
+        except config.ConfigException as in_cluster:
+            path = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+            try:
+                # persist_config off: the gateway never writes the user's kubeconfig.
+                loader = KubeConfigLoader(
+                    config_dict=KubeConfigMerger(path).config,
+                    config_base_path=None,
+                )
+            except config.ConfigException as kubeconfig:
+                raise RuntimeError(
+                    "discover_backends needs the Kubernetes API: run in a pod with a service "
+                    f"account ({in_cluster}), give a kubeconfig ({path}: {kubeconfig}), or set "
+                    "LLMOPS_GATEWAY_KUBE_API_URL (for example to `kubectl proxy`)"
+                ) from None
+            return cls(configuration, f"kubeconfig {path}", loader)
+        return cls(configuration, "the pod's service account")
 
-    def headers(self) -> dict[str, str]:
-        """Authorization for the next connection (the token file is re-read: it rotates)."""
-        if self.token_file is None:
-            return {}
-        return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """TLS verification against the cluster's CA (None: plain http or system CAs)."""
-        if self.ca_file is None:
-            return None
-        return ssl.create_default_context(cafile=str(self.ca_file))
+    async def connect(self) -> client.ApiClient:
+        """An API client (finishing the kubeconfig's credentials first, if any)."""
+        if self.kubeconfig is not None:
+            await self.kubeconfig.load_and_set(self.configuration)
+        return client.ApiClient(configuration=self.configuration)
 
 
 class ClusterBackends:
@@ -149,107 +171,127 @@ class ClusterBackends:
         self.table: dict[str, Backend] = {}
         self.synced = asyncio.Event()
         """Set once every watched namespace has been listed."""
-        self._objects: dict[str, dict[str, dict[str, Any]]] = {}
-        self._listed: set[str] = set()
+        self._objects: dict[str | None, dict[str, dict[str, Any]]] = {}
+        self._listed: set[str | None] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
-
-    def _paths(self) -> list[str]:
-        if not self.namespaces:
-            return [f"{API}/llmdeployments"]
-        return [f"{API}/namespaces/{ns}/llmdeployments" for ns in self.namespaces]
+        self._client: client.ApiClient | None = None
 
     async def start(self) -> None:
-        """Starts one list-and-watch loop per path."""
-        connector = aiohttp.TCPConnector(ssl=self.access.ssl_context() or True)
-        self._session = aiohttp.ClientSession(connector=connector)
-        for path in self._paths():
-            self._objects[path] = {}
-            self._tasks.append(asyncio.create_task(self._follow(path), name=f"watch {path}"))
+        """Starts one list-and-watch loop per namespace (or one for all of them)."""
+        self._client = await self.access.connect()
+        logger.info("discovering LLMDeployments through %s", self.access.source)
+        api = client.CustomObjectsApi(self._client)
+        watched: list[str | None] = [*self.namespaces] or [None]
+        for namespace in watched:
+            self._objects[namespace] = {}
+            self._tasks.append(
+                asyncio.create_task(
+                    self._follow(api, namespace), name=f"watch llmdeployments in {namespace}"
+                )
+            )
+        if self.access.kubeconfig is not None:
+            # Exec-plugin and cloud tokens from a kubeconfig expire: the library renews them.
+            self._tasks.append(
+                asyncio.create_task(
+                    config.refresh_token(self.access.kubeconfig, self.access.configuration),
+                    name="refresh kubeconfig token",
+                )
+            )
 
     async def close(self) -> None:
         """Stops watching."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
 
     def _publish(self) -> None:
         objects = [obj for by_key in self._objects.values() for obj in by_key.values()]
         self.table = backends_from(objects)
-        if all(path in self._listed for path in self._objects):
+        if all(namespace in self._listed for namespace in self._objects):
             self.synced.set()
 
-    async def _follow(self, path: str) -> None:
+    async def _follow(self, api: client.CustomObjectsApi, namespace: str | None) -> None:
+        where = f"in namespace {namespace}" if namespace else "in all namespaces"
         backoff = 1.0
         while True:
             try:
-                version: str | None = await self._list(path)
+                version: str | None = await self._list(api, namespace)
                 backoff = 1.0
                 while version is not None:
-                    version = await self._watch(path, version)
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError) as exc:
+                    version = await self._watch(api, namespace, version)
+                logger.info("the watch of LLMDeployments %s expired; listing again", where)
+            # Any failure (HTTP, TLS, a malformed event) ends in a new list after a pause: a
+            # watcher that died would leave the routing table stale for the process's life.
+            except Exception as exc:
                 logger.warning(
-                    "cannot read LLMDeployments at %s (%s: %s); retrying in %.0f s",
-                    path,
-                    type(exc).__name__,
-                    exc,
+                    "cannot read LLMDeployments %s (%s); retrying in %.0f s",
+                    where,
+                    _describe(exc),
                     backoff,
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    async def _list(self, path: str) -> str:
-        assert self._session is not None
-        async with self._session.get(
-            f"{self.access.server}{path}",
-            headers=self.access.headers(),
-            timeout=aiohttp.ClientTimeout(total=30),
-        ) as response:
-            if response.status != 200:
-                raise aiohttp.ClientResponseError(
-                    response.request_info, (), status=response.status, message=await response.text()
-                )
-            listing = await response.json(content_type=None)
-        self._objects[path] = {_key(obj): obj for obj in listing.get("items") or []}
-        self._listed.add(path)
+    async def _list(self, api: client.CustomObjectsApi, namespace: str | None) -> str:
+        if namespace:
+            listing = await api.list_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, _request_timeout=LIST_TIMEOUT_S
+            )
+        else:
+            listing = await api.list_cluster_custom_object(
+                GROUP, VERSION, PLURAL, _request_timeout=LIST_TIMEOUT_S
+            )
+        self._objects[namespace] = {_key(obj): obj for obj in listing.get("items") or []}
+        self._listed.add(namespace)
         self._publish()
         return str((listing.get("metadata") or {}).get("resourceVersion") or "0")
 
-    async def _watch(self, path: str, version: str) -> str | None:
+    async def _watch(
+        self, api: client.CustomObjectsApi, namespace: str | None, version: str
+    ) -> str | None:
         """Follows changes from ``version``; returns where to go on, or None to list again."""
-        assert self._session is not None
-        params = {
-            "watch": "true",
-            "resourceVersion": version,
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(WATCH_TIMEOUT_S),
-        }
-        async with self._session.get(
-            f"{self.access.server}{path}",
-            params=params,
-            headers=self.access.headers(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=WATCH_TIMEOUT_S + 30),
-        ) as response:
-            if response.status != 200:
+        args: tuple[str, ...] = (
+            (GROUP, VERSION, namespace, PLURAL) if namespace else (GROUP, VERSION, PLURAL)
+        )
+        function = (
+            api.list_namespaced_custom_object if namespace else api.list_cluster_custom_object
+        )
+        # With timeout_seconds the library neither reconnects nor hides a 410: both come here.
+        stream = watch.Watch().stream(
+            function,
+            *args,
+            resource_version=version,
+            timeout_seconds=WATCH_TIMEOUT_S,
+            allow_watch_bookmarks=True,
+            _request_timeout=aiohttp.ClientTimeout(
+                sock_connect=LIST_TIMEOUT_S, sock_read=WATCH_TIMEOUT_S + 30
+            ),
+        )
+        try:
+            async with stream:
+                async for event in stream:
+                    kind, obj = event["type"], event["raw_object"]
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                    if kind in ("ADDED", "MODIFIED"):
+                        self._objects[namespace][_key(obj)] = obj
+                    elif kind == "DELETED":
+                        self._objects[namespace].pop(_key(obj), None)
+                    else:  # BOOKMARK: only the version moves
+                        continue
+                    self._publish()
+        except client.ApiException as exc:
+            if exc.status == GONE:  # the version is too old to watch from
                 return None
-            async for line in response.content:
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":  # 410 Gone: the version is too old to watch from
-                    return None
-                version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-                if kind in ("ADDED", "MODIFIED"):
-                    self._objects[path][_key(obj)] = obj
-                elif kind == "DELETED":
-                    self._objects[path].pop(_key(obj), None)
-                else:  # BOOKMARK: only the version moves
-                    continue
-                self._publish()
+            raise
         return version
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, client.ApiException):
+        return f"HTTP {exc.status} {exc.reason or ''}".strip()
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _key(obj: Mapping[str, Any]) -> str:

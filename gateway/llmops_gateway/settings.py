@@ -44,7 +44,8 @@ class GatewaySettings(BaseSettings):
     kube_api_url: str | None = Field(
         default=None,
         description="Kubernetes API URL needing no credentials (e.g. `kubectl proxy`) for "
-        "discovery; None: the pod's service account.",
+        "discovery; None: the pod's service account, else the kubeconfig ($KUBECONFIG or "
+        "~/.kube/config).",
     )
     keys_file: Path | None = Field(default=None, description="Key file (tenants and hashes).")
     redis_url: str | None = Field(

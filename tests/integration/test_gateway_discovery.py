@@ -1,24 +1,114 @@
-"""The gateway routes to the graphs LLMDeployments report, read from a (fake) API server."""
+"""The gateway routes to the graphs LLMDeployments report, read from a (fake) API server.
+
+The gateway reads them with kubernetes_asyncio: list, then watch from the listed
+resourceVersion; a watch that expired (410 Gone) is answered by a new list.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
+from kmock._internal import enums, rendering
 
 from llmops_gateway.keys import FileKeyStore, Tenant
 from tests.fakes.kube_api import KubeAPI
 from tests.integration.gateway_fixtures import Gateway, gateway, stub_upstream
 from tests.integration.operator_fixtures import create, example, llmd_path, patch
 
-pytestmark = [pytest.mark.kmock(cls=KubeAPI), pytest.mark.timeout(120)]
+
+class WatchingKubeAPI(KubeAPI):
+    """tests/fakes/kube_api.py's KubeAPI, plus the API server's watch semantics discovery uses.
+
+    - ``watch=True`` (as the official Python clients send every boolean) is a watch: the API
+      server reads any value but 0/false/no as true (k8s.io/apimachinery/pkg/runtime,
+      Convert_Slice_string_To_bool); KMock's parser knows only ``watch=true``.
+    - A watch from resourceVersion N streams the changes made after it connected (no ADDED
+      replay of existing objects), ends after ``timeoutSeconds``, and one from below the
+      compacted version gets an ERROR event with a 410 ``Expired`` Status and ends
+      (k8s.io/apiserver/pkg/storage/cacher/watch_cache.go).
+    - `stall` holds events back from the open watches (a connection that died silently);
+      `expire` compacts history and ends every open watch, as an API server restart after an
+      etcd compaction does.
+    """
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.compacted = 0
+        self.expired_watches = 0
+        self.stalled = False
+        self._ended = asyncio.Event()
+
+    def stall(self) -> None:
+        self.stalled = True
+
+    def expire(self) -> None:
+        self.compacted = next(self._versions)
+        self.stalled = False
+        self._ended.set()
+        self._ended = asyncio.Event()
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        if request.params.get("watch") == "True":
+            flags = {"True": "true", "False": "false"}
+            params = {k: flags.get(v, v) for k, v in request.params.items()}
+            recorded = next(i for i, seen in enumerate(self._requests) if seen is request)
+            request = attrs.evolve(request, params=params, action=enums.action.WATCH)
+            self._requests[recorded] = request  # KMock's filters find requests by identity
+        return await super()._handle(request)
+
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[Any]:
+        yield b""
+        since = int(request.params.get("resourceVersion") or 0)
+        if since and since < self.compacted:
+            self.expired_watches += 1
+            message = f"too old resource version: {since} ({self.compacted})"
+            yield {
+                "type": "ERROR",
+                "object": {
+                    **{"kind": "Status", "apiVersion": "v1", "metadata": {}},
+                    **{"status": "Failure", "reason": "Expired", "code": 410},
+                    "message": message,
+                },
+            }
+            return
+        assert request.resource is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(request.params.get("timeoutSeconds") or 3600)
+        bus, ended = self._buses[request.resource], self._ended
+        marker = await bus.mark()
+        events = aiter(bus.stream(since=marker))
+        try:
+            while True:
+                following = asyncio.ensure_future(anext(events))
+                ending = asyncio.ensure_future(ended.wait())
+                done, _ = await asyncio.wait(
+                    {following, ending},
+                    timeout=max(deadline - loop.time(), 0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                ending.cancel()
+                if following not in done:
+                    following.cancel()
+                    return
+                event = following.result()
+                where = (event.get("object") or {}).get("metadata", {}).get("namespace")
+                if not self.stalled and request.namespace in (None, where):
+                    yield event
+        finally:
+            await bus.unmark(marker)
+
+
+pytestmark = [pytest.mark.kmock(cls=WatchingKubeAPI), pytest.mark.timeout(120)]
 
 TEAM, OTHER = "team-a", "team-b"
 
@@ -64,6 +154,23 @@ def key(tmp_path: Path) -> tuple[Path, str]:
     return store.path, store.create(Tenant(name="team"))[1]
 
 
+def kubeconfig(api: KubeAPI, folder: Path) -> Path:
+    """A kubeconfig whose current context is the fake API server."""
+    path = folder / "kubeconfig"
+    cluster = {"name": "fake", "cluster": {"server": str(api.url)}}
+    context = {"name": "fake", "context": {"cluster": "fake", "user": "me"}}
+    path.write_text(
+        json.dumps(
+            {
+                **{"apiVersion": "v1", "kind": "Config", "current-context": "fake"},
+                **{"clusters": [cluster], "contexts": [context]},
+                "users": [{"name": "me", "user": {"token": "not-checked"}}],
+            }
+        )
+    )
+    return path
+
+
 def start(stack: ExitStack, folder: Path, api: KubeAPI, keys: Path, **settings: Any) -> Gateway:
     return stack.enter_context(
         gateway(
@@ -74,6 +181,22 @@ def start(stack: ExitStack, folder: Path, api: KubeAPI, keys: Path, **settings: 
             **settings,
         )
     )
+
+
+def watches(api: KubeAPI) -> list[rendering.Request]:
+    return [r for r in api._requests if r.params.get("watch") and r.resource is not None]
+
+
+def lists(api: KubeAPI) -> list[rendering.Request]:
+    return [
+        r
+        for r in api._requests
+        if r.resource is not None
+        and r.resource.plural == "llmdeployments"
+        and str(r.method).upper().endswith("GET")
+        and not r.params.get("watch")
+        and r.name is None
+    ]
 
 
 async def test_models_follow_the_deployments_status(
@@ -133,15 +256,25 @@ async def test_models_follow_the_deployments_status(
 
 
 async def test_only_the_configured_namespaces_are_read(
-    kmock: KubeAPI, graph: str, key: tuple[Path, str], tmp_path: Path
+    kmock: KubeAPI,
+    graph: str,
+    key: tuple[Path, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Without kube_api_url (and outside a pod) the gateway reads $KUBECONFIG, credentials
+    included, through kubernetes_asyncio's loader."""
     await create(kmock, manifest("mine", ["alpha"]))
     await create(kmock, manifest("theirs", ["gamma"], namespace=OTHER))
     await report(kmock, "mine", graph, {"alpha": "Ready"})
     await report(kmock, "theirs", graph, {"gamma": "Ready"}, namespace=OTHER)
     keys, secret = key
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(kmock, tmp_path)))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with ExitStack() as stack:
-        gw = start(stack, tmp_path, kmock, keys, discover_namespaces=[TEAM])
+        gw = stack.enter_context(
+            gateway(tmp_path, keys_file=keys, discover_backends=True, discover_namespaces=[TEAM])
+        )
         headers = {"authorization": f"Bearer {secret}"}
         async with httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=10) as client:
 
@@ -159,6 +292,57 @@ async def test_only_the_configured_namespaces_are_read(
         ]
         assert asked, "the gateway never asked the API server"
         assert set(asked) == {TEAM}, asked
+        assert all(r.headers.get("Authorization") == "Bearer not-checked" for r in lists(kmock)), (
+            "the kubeconfig's token was not sent"
+        )
+
+
+async def test_an_expired_watch_is_answered_by_a_new_list(
+    kmock: WatchingKubeAPI, graph: str, key: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A watch from a compacted resourceVersion gets 410 Gone (the API server's watch cache,
+    k8s.io/apiserver/pkg/storage/cacher): changes made while no watch delivered them reach
+    the gateway only through a new list, as client-go's reflector relists."""
+    await create(kmock, manifest("one", ["alpha"]))
+    await report(kmock, "one", graph, {"alpha": "Ready"})
+    keys, secret = key
+    with ExitStack() as stack:
+        gw = start(stack, tmp_path, kmock, keys, discover_namespaces=[TEAM])
+        headers = {"authorization": f"Bearer {secret}"}
+        async with httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=10) as client:
+
+            async def models() -> list[str]:
+                listing = (await client.get("/v1/models")).json()
+                return sorted(m["id"] for m in listing["data"])
+
+            async def watching() -> bool:
+                return bool(watches(kmock)) and await models() == ["alpha"]
+
+            await until(watching, "alpha listed and a watch open")
+            assert len(lists(kmock)) == 1
+            (first,) = watches(kmock)
+            assert first.params["allowWatchBookmarks"].lower() == "true"
+            assert int(first.params["timeoutSeconds"]) > 0
+            listed_at = int(first.params["resourceVersion"])
+
+            kmock.stall()  # what happens now never reaches the open watch
+            async with kmock.delete(llmd_path("one", TEAM)) as response:
+                assert response.status == 200
+            await create(kmock, manifest("two", ["beta"]))
+            await report(kmock, "two", graph, {"beta": "Ready"})
+            await asyncio.sleep(0.5)
+            assert await models() == ["alpha"]  # stale: only a list can tell now
+            kmock.expire()
+
+            async def relisted() -> bool:
+                return await models() == ["beta"]
+
+            await until(relisted, "the change seen after the watch expired")
+        assert kmock.expired_watches >= 1, "the gateway never watched from the old version"
+        assert len(lists(kmock)) == 2, "a 410 must be answered by one new list"
+        resumed = [int(r.params["resourceVersion"]) for r in watches(kmock)]
+        assert resumed[0] == listed_at
+        assert resumed[-1] > kmock.compacted, resumed  # the new watch starts from the new list
 
 
 async def test_an_unreachable_api_server_keeps_the_gateway_unready(
