@@ -545,26 +545,45 @@ class GatewayCore:
         return status, payload, data
 
 
-USAGE_MARK = b'"usage":{'
-CONTENT_MARKS = (b'"content":"', b'"text":"')
-EMPTY_MARKS = (b'"content":""', b'"text":""')
+USAGE_KEY = b'"usage"'
+SPACED = b', "'
+"""A separator only spaced JSON has (``json.dumps`` defaults): inside a JSON string a quote is
+escaped, so these bytes cannot come from generated text."""
+COMPACT_MARKS = ((b'"content":"', b'"text":"'), (b'"content":""', b'"text":""'))
+SPACED_MARKS = ((b'"content": "', b'"text": "'), (b'"content": ""', b'"text": ""'))
 
 
-def content_chunks(events: bytes) -> int:
+def content_chunks(events: bytes, spaced: bool = False) -> int:
     """How many chunks in ``events`` carry generated text.
 
     The first chat chunk carries only the role (``"content":""``): it is no token, so it is
     neither charged nor taken as the first token.
+
+    Args:
+        events: Whole SSE events.
+        spaced: The backend writes JSON with spaces after separators (vLLM writes it compact).
     """
-    return sum(events.count(mark) for mark in CONTENT_MARKS) - sum(
-        events.count(mark) for mark in EMPTY_MARKS
-    )
+    marks, empty = SPACED_MARKS if spaced else COMPACT_MARKS
+    return sum(events.count(mark) for mark in marks) - sum(events.count(mark) for mark in empty)
 
 
 def _split_complete(buffer: bytes) -> int:
     """Where the last complete SSE event in ``buffer`` ends (0: none yet)."""
     lf, crlf = buffer.rfind(b"\n\n"), buffer.rfind(b"\r\n\r\n")
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _usage_chunk(event: bytes) -> dict[str, Any] | None:
+    """The chunk of one SSE line when it carries a usage object (any JSON spacing)."""
+    if not event.startswith(b"data:") or USAGE_KEY not in event:
+        return None
+    try:
+        chunk = json.loads(event[5:])
+    except ValueError:
+        return None
+    if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+        return chunk
+    return None
 
 
 async def relay_sse(
@@ -578,12 +597,14 @@ async def relay_sse(
 
     Yields whole events, as many as each read from upstream completed (never waiting for
     more), so a fast stream costs one write per read rather than one per line. Usage comes
-    from the final usage chunk (always requested upstream); when the client did not ask for
-    it, that chunk is dropped. A client that disconnects is charged for the content chunks
-    relayed so far; a stream that fails upstream ends with an error event.
+    from the final usage chunk (always requested upstream), found and parsed whatever the
+    backend's JSON spacing; when the client did not ask for it, that chunk is dropped. A
+    client that disconnects is charged for the content chunks relayed so far; a stream that
+    fails upstream ends with an error event.
     """
     prompt_tokens, completion_tokens, counted = admitted.prompt_estimate, 0, 0
     usage_seen = False
+    spaced: bool | None = None
     buffer = b""
     core.metrics.streams.inc()
     try:
@@ -593,19 +614,26 @@ async def relay_sse(
             if not end:
                 continue
             events, buffer = buffer[:end], buffer[end:]
-            if USAGE_MARK in events:
-                kept = []
+            if spaced is None:
+                spaced = SPACED in events
+            if USAGE_KEY in events:
+                kept, dropped = [], False
                 for event in events.splitlines(keepends=True):
-                    if event.startswith(b"data: {") and USAGE_MARK in event:
-                        usage = json.loads(event[6:]).get("usage") or {}
+                    if dropped and not event.strip():
+                        dropped = False  # the blank line that ended the dropped event
+                        continue
+                    chunk = _usage_chunk(event)
+                    if chunk is not None:
+                        usage = chunk["usage"]
                         prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
                         completion_tokens = int(usage.get("completion_tokens", counted))
                         usage_seen = True
-                        if not client_wants_usage and b'"choices":[]' in event:
+                        dropped = not client_wants_usage and chunk.get("choices") == []
+                        if dropped:
                             continue
                     kept.append(event)
                 events = b"".join(kept)
-            contents = content_chunks(events)
+            contents = content_chunks(events, spaced)
             if contents and not counted:
                 core.metrics.ttft.labels(model=admitted.model).observe(
                     time.monotonic() - admitted.started
