@@ -13,12 +13,7 @@ import platformdirs
 import typer
 from pydantic import ValidationError
 
-from llmops_cli.secret_store import (
-    KUBECTL_ENV,
-    SecretKeyStore,
-    SecretStoreError,
-    parse_secret_ref,
-)
+from llmops_cli.secret_store import SecretKeyStore, SecretStoreError, parse_secret_ref
 from llmops_gateway.keys import EditableKeyStore, FileKeyStore, Tenant
 
 KEYS_FILE_ENV = "LLMOPS_KEYS_FILE"
@@ -26,8 +21,8 @@ SECRET_DATA_KEY = "keys.json"  # noqa: S105 (the name of a data key, not a crede
 
 app = typer.Typer(
     help="Manage gateway API keys and tenants: in a key file (what `llmops up` reads), or with "
-    "--secret in the Kubernetes Secret the chart's gateways read (edited with kubectl; "
-    f"${KUBECTL_ENV} names another binary).",
+    "--secret in the Kubernetes Secret the chart's gateways read (through the kubeconfig, "
+    "$KUBECONFIG or ~/.kube/config, else the pod's service account).",
     no_args_is_help=True,
 )
 
@@ -59,7 +54,8 @@ SecretKeyOption = Annotated[
     str, typer.Option(help="With --secret: the data key holding the key file.")
 ]
 ContextOption = Annotated[
-    str | None, typer.Option(help="With --secret: the kubectl context (default: the current).")
+    str | None,
+    typer.Option(help="With --secret: the kubeconfig context (default: the current one)."),
 ]
 
 
@@ -79,7 +75,8 @@ def _store(
 
 @contextmanager
 def _store_errors() -> Iterator[None]:
-    """A failing kubectl or API server ends the command with its message, not a traceback."""
+    """An unreachable or refusing API server ends the command with its message, not a
+    traceback."""
     try:
         yield
     except SecretStoreError as exc:

@@ -1,4 +1,5 @@
-"""`llmops keys --secret`: the key file in a Kubernetes Secret, edited with the real kubectl."""
+"""`llmops keys --secret`: the key file in a Kubernetes Secret, edited through the
+`kubernetes` client (read, then replace at the resourceVersion read; create when missing)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+import attrs
 import pytest
+from kmock._internal import k8s
 
 from llmops_cli.secret_store import SecretKeyStore
 from llmops_gateway.keys import KeyFile, KeyIndex, Tenant, hash_key
@@ -18,34 +21,51 @@ from tests.integration.operator_fixtures import live
 
 pytestmark = [pytest.mark.kmock(cls=KubeAPI), pytest.mark.timeout(120)]
 
-KUBECTL = Path(sys.executable).parent / "kubectl"
 NAMESPACE, SECRET = "llmops", "llmops-gateway-keys"
+UNREACHABLE = "http://127.0.0.1:9"
 
 
-def kubeconfig(api: KubeAPI, folder: Path) -> Path:
+@attrs.frozen
+class ForbiddenError(k8s.KubernetesError):
+    """HTTP 403 as RBAC answers it (k8s.io/apiserver/pkg/endpoints/handlers/responsewriters,
+    forbiddenMessage)."""
+
+    status: int = 403
+    reason: str = "Forbidden"
+    message: str = (
+        f'secrets "{SECRET}" is forbidden: User "me" cannot get resource "secrets" in API '
+        f'group "" in the namespace "{NAMESPACE}"'
+    )
+
+
+def kubeconfig(api: KubeAPI, folder: Path, current: str = "fake") -> Path:
+    """Contexts ``fake`` (the fake API server) and ``down`` (nothing listens there)."""
     path = folder / "kubeconfig"
+    servers = {"fake": str(api.url), "down": UNREACHABLE}
     path.write_text(
         json.dumps(
             {
                 "apiVersion": "v1",
                 "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": str(api.url)}}],
+                "clusters": [{"name": n, "cluster": {"server": s}} for n, s in servers.items()],
                 "users": [{"name": "me", "user": {}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}],
-                "current-context": "fake",
+                "contexts": [{"name": n, "context": {"cluster": n, "user": "me"}} for n in servers],
+                "current-context": current,
             }
         )
     )
     return path
 
 
-async def llmops(config: Path, *args: str, kubectl: Path = KUBECTL) -> tuple[int, str, str]:
+async def llmops(config: Path, *args: str) -> tuple[int, str, str]:
     """Runs the `llmops` command; the fake API server keeps serving meanwhile."""
+    env = {**os.environ, "KUBECONFIG": str(config)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "llmops_cli", *args),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "KUBECONFIG": str(config), "LLMOPS_KUBECTL": str(kubectl)},
+        env=env,
     )
     out, err = await process.communicate()
     assert process.returncode is not None
@@ -105,7 +125,6 @@ async def test_a_change_made_meanwhile_is_kept_and_ours_is_redone(
     kmock: KubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, collisions: int
 ) -> None:
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig(kmock, tmp_path)))
-    monkeypatch.setenv("LLMOPS_KUBECTL", str(KUBECTL))
     ours, theirs = SecretKeyStore(NAMESPACE, SECRET), SecretKeyStore(NAMESPACE, SECRET)
     await asyncio.to_thread(ours.create, Tenant(name="first"))
     calls = 0
@@ -123,15 +142,45 @@ async def test_a_change_made_meanwhile_is_kept_and_ours_is_redone(
     assert sorted(stored(kmock).tenants) == sorted(["first", "ours", *theirs_names])
 
 
-async def test_missing_kubectl_and_bad_names_are_explained(kmock: KubeAPI, tmp_path: Path) -> None:
-    config = kubeconfig(kmock, tmp_path)
-    code, _, err = await llmops(
-        config,
-        *("keys", "create", "--tenant", "a", "--secret", f"{NAMESPACE}/{SECRET}"),
-        kubectl=tmp_path / "no-kubectl",
-    )
+async def test_the_context_option_picks_the_cluster(kmock: KubeAPI, tmp_path: Path) -> None:
+    """--context goes to the kubernetes package's load_kube_config(context=...)."""
+    config = kubeconfig(kmock, tmp_path, current="down")
+    where = ("--secret", f"{NAMESPACE}/{SECRET}")
+    code, _, err = await llmops(config, "keys", "create", "--tenant", "a", *where)
     assert code == 1
-    assert "kubectl failed" in err
+    assert f"cannot reach the Kubernetes API at {UNREACHABLE}" in err
+    code, _, err = await llmops(
+        config, "keys", "create", "--tenant", "a", *where, "--context", "fake"
+    )
+    assert code == 0, err
+    assert sorted(stored(kmock).tenants) == ["a"]
+    code, _, err = await llmops(config, "keys", "list", *where, "--context", "nowhere")
+    assert code == 1
+    assert "cannot use the kubeconfig" in err
+    assert "nowhere" in err
+
+
+async def test_failures_are_explained_without_tracebacks(kmock: KubeAPI, tmp_path: Path) -> None:
+    where = ("--secret", f"{NAMESPACE}/{SECRET}")
+    config = kubeconfig(kmock, tmp_path)
+    # A Secret that is not there: listing or revoking says so (a misspelt name is no store).
+    for command in (("list",), ("revoke", "abc")):
+        code, _, err = await llmops(config, "keys", *command, *where)
+        assert code == 1, err
+        assert f"Secret {NAMESPACE}/{SECRET} (key keys.json) does not exist" in err
+        assert "Traceback" not in err
+    # RBAC refuses: the verb and the resource are named.
+    kmock["fetch v1/secrets"] << ForbiddenError
+    code, _, err = await llmops(config, "keys", "create", "--tenant", "a", *where)
+    assert code == 1
+    assert f"refused to get secrets in namespace {NAMESPACE} (HTTP 403 Forbidden)" in err
+    assert 'cannot get resource "secrets"' in err
+    assert "Traceback" not in err
+    # No kubeconfig and no pod.
+    code, _, err = await llmops(tmp_path / "absent", "keys", "list", *where)
+    assert code == 1
+    assert "no kubeconfig ($KUBECONFIG or ~/.kube/config) and not running in a pod" in err
+    assert "Traceback" not in err
     code, _, err = await llmops(config, "keys", "list", "--secret", "just-a-name")
     assert code == 2
     assert "NAMESPACE/NAME" in err
