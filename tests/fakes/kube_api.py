@@ -31,6 +31,8 @@ import yaml
 from kmock import KubernetesEmulator
 from kmock._internal import enums, k8s, k8s_dicts, rendering
 
+from tests.fakes import kube_rules
+
 
 @attrs.frozen
 class UnprocessableError(k8s.KubernetesError):
@@ -336,6 +338,13 @@ class KubeAPI(KubernetesEmulator):
         for resource, info in RESOURCES.items():
             if resource not in installed_later:
                 self.resources[resource] = info
+        # Watches resume from a resourceVersion, or answer 410 Gone (tests/fakes/kube_rules.py).
+        self.watch_cache = kube_rules.WatchCache(lambda: str(next(self._versions)))
+        self._buses = kube_rules.RecordingBuses(self.watch_cache)
+        self.cel_rules = True  # False: an older CRD, without x-kubernetes-validations
+
+    def _serve_watch(self, request: rendering.Request) -> Any:
+        return kube_rules.watch(self, request)
 
     def install_crds(self, *names: str) -> None:
         """Installs prerequisite CRDs (KubeRay, KEDA, Prometheus Operator): served from now on."""
@@ -468,12 +477,12 @@ class KubeAPI(KubernetesEmulator):
                 raise k8s.KubernetesObjectNotFoundError()
             current = obj.raw.get("metadata", {})
             sent = data.get("metadata", {}).get("resourceVersion")
-            if sent is not None and sent != current.get("resourceVersion"):
-                raise ConflictError()
             meta = data.setdefault("metadata", {})
             for kept in ("uid", "creationTimestamp", "generation", "managedFields"):
                 if kept in current:
                     meta[kept] = current[kept]
+            data = kube_rules.admitted(self, request, dict(obj.raw), data, sent)
+            meta = data["metadata"]
             meta["resourceVersion"] = str(next(self._versions))
             obj.create(data)  # a new whole version, not a merge into the last one
         assert request.resource is not None
@@ -481,6 +490,7 @@ class KubeAPI(KubernetesEmulator):
         return aiohttp.web.json_response(data)
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        request = kube_rules.as_watch(self, request)  # ?watch=True, as Python clients send
         namespace = NAMESPACE_PATH.fullmatch(request.url.path)
         if namespace and request.method == enums.method.GET:
             # Every namespace exists here (objects may be stored in any of them).
@@ -488,6 +498,8 @@ class KubeAPI(KubernetesEmulator):
             return aiohttp.web.json_response(
                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
             )
+        if request.subresource == "scale" and request.resource is not None and request.name:
+            return await kube_rules.serve_scale(self, request)  # answers Scale objects
         if (
             request.method == enums.method.PUT
             and request.resource is not None
@@ -503,7 +515,9 @@ class KubeAPI(KubernetesEmulator):
         ):
             return await self._server_side_apply(request)
         if request.resource is not None and isinstance(request.data, dict):
+            sent = kube_rules.sent_version(request.data)
             self._apply_server_semantics(request)
+            kube_rules.admit_merge_patch(self, request, sent)  # 409/422 as the API server
         elif request.resource is not None and isinstance(request.data, list):
             self._check_json_patch(request)
         response = await super()._handle(request)
@@ -619,6 +633,8 @@ class KubeAPI(KubernetesEmulator):
             meta["resourceVersion"] = str(next(self._versions))
             if exists and result.get("spec") != current.get("spec"):
                 meta["generation"] = current.get("metadata", {}).get("generation", 1) + 1
+            sent = kube_rules.sent_version(applied)
+            result = kube_rules.admitted(self, request, current if exists else None, result, sent)
             if obj is None:
                 self._objects[key] = result
             else:

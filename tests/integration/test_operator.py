@@ -164,6 +164,11 @@ async def test_spec_update_patches_children(kmock: KubeAPI) -> None:
         await create(kmock, shared("llama-8b-gpu"))
         await eventually(lambda: all(children(kmock).values()), what="children")
         before = children(kmock)
+        # The API server resizes only a Bound claim (ValidatePersistentVolumeClaimUpdate).
+        size = before["PersistentVolumeClaim"]["llama-8b-model-cache"]["spec"]["resources"]
+        bound = {"phase": "Bound", "capacity": {"storage": size["requests"]["storage"]}}
+        pvc = f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims/llama-8b-model-cache"
+        await patch(kmock, f"{pvc}/status", {"status": bound})
         await patch(
             kmock,
             llmd_path("llama-8b"),
@@ -332,6 +337,7 @@ async def test_invalid_spec_is_reported_and_creates_nothing(kmock: KubeAPI) -> N
         # Semantic routing without examples: the CRD's CEL rule refuses it on a real API
         # server; the operator must still report it when it gets one (older CRD, no CEL).
         model["routeExamples"] = []
+    kmock.cel_rules = False
     async with running_operator(kmock):
         await create(kmock, manifest)
         await eventually(
@@ -450,6 +456,7 @@ async def test_rbac_grants_exactly_the_verbs_the_operator_uses(kmock: KubeAPI) -
         invalid = example("semantic-routing")
         for model in invalid["spec"]["models"]:
             model["routeExamples"] = []
+        kmock.cel_rules = False  # an older CRD: the CEL rule would refuse it
         await create(kmock, invalid)
         await eventually(lambda: "invalid spec" in event_messages(kmock), what="invalid")
         async with kmock.delete(llmd_path("llama-8b")) as response:
