@@ -615,7 +615,9 @@ async def relay_sse(
                 continue
             events, buffer = buffer[:end], buffer[end:]
             if spaced is None:
-                spaced = SPACED in events
+                # The first event shows the backend's style (a later error event may differ:
+                # vLLM writes its chunks compact, its error events with json.dumps).
+                spaced = SPACED in events[: events.find(b"\n")]
             if USAGE_KEY in events:
                 kept, dropped = [], False
                 for event in events.splitlines(keepends=True):

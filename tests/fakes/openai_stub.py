@@ -2,8 +2,12 @@
 
 Answers instantly (or after ``--token-delay`` per token) with deterministic text: each
 completion token is the word "tok", at most 12 of them unless the request sets ignore_eos.
-Model ``hang`` never answers (timeouts). Streams honour ``stream_options.include_usage``
-like vLLM.
+Model ``hang`` never answers (timeouts). Answers are shaped as vLLM's: a role-only first chat
+chunk, ``"logprobs": null``, ``finish_reason`` "stop" at a natural end and "length" at the
+limit, ``stream_options.include_usage`` honoured, ``n`` outputs per prompt. Request fields
+for tests: ``stub_fail_after`` (an engine error event after that many chunks, as vLLM sends
+one mid-stream), ``stub_json: "spaced"`` (JSON with spaces, as other servers write it),
+``stub_burst`` (events per write).
 
     python -m tests.fakes.openai_stub --port 9000 [--models a,b] [--token-delay 0.0]
 """
@@ -20,10 +24,10 @@ from aiohttp import web
 
 EMBEDDING_DIM = 8
 NATURAL_LENGTH = 12
+"""Tokens after which the stub "stops" like a model at end-of-sequence (unless ignore_eos)."""
 BURST = 64
 """Events written at once by a stream without a token delay (the request's ``stub_burst``
 field changes it; 1 writes each event on its own, as vLLM does)."""
-"""Tokens after which the stub "stops" like a model at end-of-sequence (unless ignore_eos)."""
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
@@ -82,7 +86,7 @@ def make_app(
         limit = (body.get("max_completion_tokens") if chat else None) or body.get("max_tokens")
         if limit is None:
             limit = max(1, max_model_len - prompt) if max_model_len else 16
-        n_tokens = int(limit)
+        limit = n_tokens = int(limit)
         if not body.get("ignore_eos"):
             n_tokens = min(n_tokens, NATURAL_LENGTH)
         generated = n_tokens * _generations(body)
@@ -93,50 +97,77 @@ def make_app(
         }
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+        # vLLM: "stop" when the model ended by itself, "length" when the limit cut it.
+        finish = "length" if n_tokens == limit else "stop"
+        separators = (", ", ": ") if body.get("stub_json") == "spaced" else (",", ":")
+
+        def dumps(value: dict[str, Any]) -> str:
+            return json.dumps(value, separators=separators)
+
         if not body.get("stream"):
             if token_delay:
                 await asyncio.sleep(token_delay * n_tokens)
             text = " ".join(["tok"] * n_tokens)
-            choice: dict[str, Any] = (
+            choices: list[dict[str, Any]] = [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": "length",
+                    "index": i,
+                    **(
+                        {"message": {"role": "assistant", "content": text}}
+                        if chat
+                        else {"text": text}
+                    ),
+                    "logprobs": None,
+                    "finish_reason": finish,
                 }
-                if chat
-                else {"index": 0, "text": text, "finish_reason": "length"}
-            )
-            return web.json_response(
-                {
-                    "id": "stub-1",
-                    "object": kind,
-                    "created": created,
-                    "model": model,
-                    "choices": [choice],
-                    "usage": usage,
-                }
-            )
+                for i in range(_generations(body))
+            ]
+            reply = {
+                "id": "stub-1",
+                "object": kind,
+                "created": created,
+                "model": model,
+                "choices": choices,
+                "usage": usage,
+            }
+            return web.Response(text=dumps(reply), content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
 
-        def event(last: bool) -> bytes:
-            delta: dict[str, Any] = (
-                {"index": 0, "delta": {"content": "tok "}, "finish_reason": None}
-                if chat
-                else {"index": 0, "text": "tok ", "finish_reason": None}
-            )
-            if last:
-                delta["finish_reason"] = "length"
-            chunk = {
+        def chunk(choice: dict[str, Any]) -> bytes:
+            value = {
                 "id": "stub-1",
                 "object": f"{kind}.chunk",
                 "created": created,
                 "model": model,
-                "choices": [delta],
+                "choices": [{"index": 0, **choice, "logprobs": None}],
             }
-            return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+            return f"data: {dumps(value)}\n\n".encode()
 
+        def event(last: bool) -> bytes:
+            text = {"delta": {"content": "tok "}} if chat else {"text": "tok "}
+            return chunk({**text, "finish_reason": finish if last else None})
+
+        fail_after = body.get("stub_fail_after")
         try:
+            if chat:
+                # vLLM's first chat chunk carries the role only (serving_chat.py).
+                role = {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                await response.write(chunk(role))
+            if fail_after is not None:
+                # An engine error mid-stream, as vLLM reports it: an error event (its
+                # create_streaming_error_response, json.dumps of ErrorResponse), then [DONE].
+                for _ in range(int(fail_after)):
+                    await response.write(event(False))
+                error = {
+                    "error": {
+                        "message": "EngineCore encountered an issue",
+                        "type": "InternalServerError",
+                        "param": None,
+                        "code": 500,
+                    }
+                }
+                await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+                return response
             if token_delay:
                 for i in range(n_tokens):
                     await asyncio.sleep(token_delay)
@@ -149,7 +180,7 @@ def make_app(
                     await response.write(middle * min(burst, n_tokens - 1 - start))
                 await response.write(event(True))
             if (body.get("stream_options") or {}).get("include_usage"):
-                chunk = {
+                final = {
                     "id": "stub-1",
                     "object": f"{kind}.chunk",
                     "created": created,
@@ -157,9 +188,7 @@ def make_app(
                     "choices": [],
                     "usage": usage,
                 }
-                await response.write(
-                    f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
-                )
+                await response.write(f"data: {dumps(final)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             state["cancelled"] += 1

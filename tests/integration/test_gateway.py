@@ -13,6 +13,7 @@ import pytest
 
 from llmops_gateway.keys import FileKeyStore, Tenant
 from tests.integration.gateway_fixtures import Gateway, gateway, stub_upstream
+from tests.integration.gateway_metrics import wait_settled
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +345,51 @@ def test_requests_without_max_tokens_are_capped_at_the_default(
     )
     assert reply.usage is not None
     assert reply.usage.completion_tokens == 20
+
+
+def test_an_engine_error_mid_stream_reaches_the_client_and_is_charged(
+    gw: Gateway, keys: FileKeyStore
+) -> None:
+    """vLLM reports an engine failure inside a started stream as an error event, then [DONE]
+    (serving_chat.py, create_streaming_error_response); the `openai` SDK raises APIError on
+    it (openai/_streaming.py). The chunks relayed before it are charged."""
+    name = f"tenant-{len(keys.load().keys)}"
+    key = keys.create(Tenant(name=name))[1]
+    stream = _client(gw, key).chat.completions.create(
+        model="stub-chat",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=10,
+        stream=True,
+        extra_body={"stub_fail_after": 3},
+    )
+    texts: list[str | None] = []
+
+    def read() -> None:
+        texts.extend(chunk.choices[0].delta.content for chunk in stream)
+
+    with pytest.raises(openai.APIError, match="EngineCore encountered an issue"):
+        read()
+    assert texts == ["", "tok ", "tok ", "tok "]
+    assert wait_settled(gw.metrics_url, name, 3) == 3
+
+
+@pytest.mark.parametrize("spacing", ["compact", "spaced"])
+def test_streams_are_charged_whatever_the_backend_json_spacing(
+    gw: Gateway, keys: FileKeyStore, spacing: str
+) -> None:
+    """vLLM writes compact JSON; servers built on json.dumps write `"usage": {` with a space.
+    Both streams must settle their real usage, with or without the client asking for it."""
+    name = f"tenant-{len(keys.load().keys)}"
+    key = keys.create(Tenant(name=name))[1]
+    chunks = list(
+        _client(gw, key).completions.create(
+            model="stub-chat",
+            prompt="x",
+            max_tokens=5,
+            stream=True,
+            extra_body={"stub_json": spacing, "ignore_eos": True},
+        )
+    )
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert all(c.usage is None for c in chunks)
+    assert wait_settled(gw.metrics_url, name, 5) == 5

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.local import stop_process
 from tests.conftest import free_port
 from tests.integration.gateway_fixtures import Gateway, gateway, wait_http
+from tests.integration.gateway_metrics import wait_settled
 
 CONTEXT = 64
 DEFAULT_MAX_TOKENS = 20
@@ -71,21 +69,6 @@ def _client(gw: Gateway, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0)
 
 
-def _settled_completion_tokens(gw: Gateway, tenant: str) -> float:
-    with urllib.request.urlopen(gw.metrics_url) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = sample.labels
-            if (
-                sample.name == "llmops_gateway_tokens_total"
-                and labels.get("tenant") == tenant
-                and labels.get("direction") == "completion"
-            ):
-                return sample.value
-    return 0.0
-
-
 def test_the_larger_output_limit_is_reserved_and_forwarded(gw: Gateway, keys: FileKeyStore) -> None:
     """vLLM's chat generates up to max_completion_tokens when both names are set
     (vllm/entrypoints/openai/protocol.py, ChatCompletionRequest.to_sampling_params), so a
@@ -128,10 +111,7 @@ def test_every_prompt_and_choice_is_reserved_and_charged(gw: Gateway, keys: File
     )
     assert reply.usage is not None
     assert reply.usage.completion_tokens == 3 * 4 * 5
-    deadline = time.monotonic() + 10
-    while _settled_completion_tokens(gw, name) != 60 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _settled_completion_tokens(gw, name) == 60
+    assert wait_settled(gw.metrics_url, name, 60) == 60
     # 60 of the tenant's 100 tokens a minute are spent: 40 more cannot be reserved.
     with pytest.raises(openai.RateLimitError):
         _client(gw, key).completions.create(model="stub-chat", prompt="x", max_tokens=40)

@@ -110,3 +110,14 @@ async def test_without_usage_the_content_chunks_are_charged(tmp_path: Path, spac
     out, settled = await _relay(tmp_path, [stream], wants_usage=True)
     assert out == stream
     assert settled == [(99, 3)]
+
+
+async def test_an_error_event_in_another_style_does_not_change_the_count(tmp_path: Path) -> None:
+    """vLLM's chunks are compact but its mid-stream error event is json.dumps'd (spaced,
+    serving_engine.py create_streaming_error_response): the chunks before it still count."""
+    stream, _ = _stream(spaced=False, with_usage=False)
+    error = json.dumps({"error": {"message": "engine died", "type": "x", "code": 500}})
+    failed = stream.replace(b"data: [DONE]", f"data: {error}\n\ndata: [DONE]".encode())
+    out, settled = await _relay(tmp_path, [failed], wants_usage=True)
+    assert out == failed
+    assert settled == [(99, 3)]
