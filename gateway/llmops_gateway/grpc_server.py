@@ -335,8 +335,15 @@ def _upstream_error(status: int, data: dict[str, Any]) -> GatewayError:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: GatewayError) -> None:
+    trailing: list[tuple[str, str]] = []
     if error.retry_after_s is not None:
-        context.set_trailing_metadata((("retry-after", str(max(1, round(error.retry_after_s)))),))
+        trailing.append(("retry-after", str(max(1, round(error.retry_after_s)))))
+    if error.should_retry is False:
+        # gRFC A6: a negative pushback tells a client with a retry policy not to retry; the
+        # header REST sends is there too, for clients that read it.
+        trailing += [("grpc-retry-pushback-ms", "-1"), ("x-should-retry", "false")]
+    if trailing:
+        context.set_trailing_metadata(tuple(trailing))
     await context.abort(_CODES[error.grpc_code], error.message)
 
 

@@ -159,3 +159,21 @@ def test_health_and_reflection(channel: grpc.Channel) -> None:
     names = {s.name for s in next(answers).list_services_response.service}
     assert "llmops.v1.Gateway" in names
     assert "grpc.health.v1.Health" in names
+
+
+def test_spent_daily_budget_tells_clients_not_to_retry(
+    channel: grpc.Channel, keys: FileKeyStore
+) -> None:
+    """As REST's 429 insufficient_quota with x-should-retry: false: RESOURCE_EXHAUSTED with a
+    negative grpc-retry-pushback-ms, which gRPC clients with a retry policy must not retry
+    (gRFC A6, "Pushback")."""
+    stub = pb_grpc.GatewayStub(channel)
+    metadata = _auth(keys, tokens_per_day=20)
+    stub.CreateChatCompletion(_chat(max_tokens=12), metadata=metadata)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CreateChatCompletion(_chat(max_tokens=12), metadata=metadata)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(caught.value.trailing_metadata() or ())
+    assert trailing["x-should-retry"] == "false"
+    assert int(trailing["grpc-retry-pushback-ms"]) < 0
+    assert int(trailing["retry-after"]) >= 1
