@@ -339,9 +339,9 @@ class GatewayCore:
     def default_output(self, model: str) -> int:
         """Output tokens to reserve per generation for a request that sets no limit.
 
-        The model's context length where its backend reports it (the engine then generates
-        up to that, less the prompt); otherwise ``default_max_tokens``, which the gateway
-        then also sets upstream so the reservation still bounds the output.
+        The model's context length where the default backend's model list reports it (the
+        engine then generates up to that, less the prompt); otherwise ``default_max_tokens``,
+        which the gateway then also sets upstream so the reservation still bounds the output.
         """
         length = self._context_lengths.get(model)
         return max(1, length - 1) if length is not None else self.settings.default_max_tokens

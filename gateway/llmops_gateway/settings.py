@@ -61,11 +61,12 @@ class GatewaySettings(BaseSettings):
     default_max_tokens: int = Field(
         default=512,
         ge=1,
-        description="Output cap for requests that set no max_tokens, for models whose "
-        "backend does not report a context length in /v1/models (vLLM's max_model_len, Ray "
-        "Serve LLM's max_request_context_length): the gateway sets it upstream, so the tokens "
-        "it reserves bound what the request can use. Where the context length is known, it "
-        "bounds the output instead and nothing is set.",
+        description="Output cap for requests that set no max_tokens, for models without a "
+        "context length in the default backend's /v1/models (vLLM's max_model_len, Ray Serve "
+        "LLM's max_request_context_length; models routed by `backends` or discovery have "
+        "none): the gateway sets it upstream, so the tokens it reserves bound what the "
+        "request can use. Where the context length is known, it bounds the output instead "
+        "and nothing is set.",
     )
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Backend connect timeout.")
     request_timeout_s: float = Field(
