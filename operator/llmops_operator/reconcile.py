@@ -283,6 +283,27 @@ async def ready_workers(
     )
 
 
+async def credentials_version(
+    client: KubeClient, namespace: str, secret: str | None
+) -> tuple[str | None, bool]:
+    """The resourceVersion of the credentials Secret, and whether it is missing.
+
+    The version names the loader Job, so a Secret fixed after a failed download gets a new
+    Job. Without the right to read Secrets (403) the version is unknown, not missing.
+    """
+    if not secret:
+        return None, False
+    try:
+        found = await client.get("v1", "Secret", namespace, secret)
+    except KubeError as exc:
+        if exc.status == 403:
+            return None, False
+        raise
+    if found is None:
+        return None, True
+    return str(found.get("metadata", {}).get("resourceVersion") or "") or None, False
+
+
 async def _prune(
     client: KubeClient,
     children: list[dict[str, Any]],
@@ -446,10 +467,10 @@ async def reconcile(
     generation = meta.get("generation")
     previous = body.get("status", {}) or {}
     old_conditions = previous.get("conditions", [])
-    # Validate and render before touching anything: an invalid spec creates nothing.
+    # Validate before touching anything: an invalid spec creates nothing (rendering, below,
+    # comes before the first write too).
     target = render.parse_manifest(body)
     graph = render.graph_config(target)
-    children = render.render_target(target, defaults, graph)
     base = {
         "observedGeneration": generation,
         "selector": render.worker_selector(name, target.spec.models[0].name),
@@ -478,12 +499,15 @@ async def reconcile(
         kind for kind, present in (("ScaledObject", keda), ("PodMonitor", monitors)) if not present
     }
 
+    secret_name = target.spec.cache.credentials_secret
+    secret_version, secret_missing = await credentials_version(client, namespace, secret_name)
+
     def rendered(active: str | None) -> list[dict[str, Any]]:
-        state = render.Observed(active_cluster=active)
+        state = render.Observed(active_cluster=active, secret_version=secret_version)
         everything = render.render_target(target, defaults, graph, state)
         return [c for c in everything if c["kind"] not in skipped]
 
-    applied = [c for c in children if c["kind"] not in skipped]
+    applied = rendered(None)
     observed, created, patched, deleted = await converge(
         client, applied, namespace, name, keda, say, rendered
     )
@@ -495,7 +519,8 @@ async def reconcile(
     deployments = {llm.name: llm.deployment_name for llm in graph.llms}
     serving, models = _serving(observed.get(f"RayService/{name}"), deployments, generation)
     if render.shared_cache(target.spec):
-        job = observed.get(f"Job/{render.loader_job_name(target)}")
+        state = render.Observed(secret_version=secret_version)
+        job = observed.get(f"Job/{render.loader_job_name(target, state)}")
         cache = _cache_condition(job, generation)
         pvc = observed.get(f"PersistentVolumeClaim/{render.cache_claim_name(name)}")
         pending = pending_for(pvc, datetime.datetime.now(datetime.UTC))
@@ -503,6 +528,13 @@ async def reconcile(
             cache = _volume_pending_condition(target, pvc, pending, generation)
     else:
         cache = _pod_cache_condition(serving, generation)
+    if secret_missing and cache["status"] != "True":
+        message = (
+            f"Secret {secret_name} (spec.cache.credentialsSecret) does not exist in namespace "
+            f"{namespace}: the model download cannot authenticate; create it with the source's "
+            "credentials (HF_TOKEN for gated Hugging Face repos)"
+        )
+        cache = make_condition("ModelCached", False, "CredentialsMissing", message, generation)
     autoscaling = _autoscaling(
         target.spec.autoscaling.enabled, keda, observed.get(f"ScaledObject/{name}"), generation
     )

@@ -130,6 +130,23 @@ def llmd_path(name: str, namespace: str = NAMESPACE) -> str:
     return f"/apis/llmops.dev/v1alpha1/namespaces/{namespace}/llmdeployments/{name}"
 
 
+async def create_secret(
+    api: KubeAPI, name: str, data: dict[str, str], namespace: str = NAMESPACE
+) -> dict[str, Any]:
+    """A Secret as `kubectl create secret generic NAME --from-literal=...` makes it."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace},
+        "type": "Opaque",
+        "stringData": data,
+    }
+    async with api.post(f"/api/v1/namespaces/{namespace}/secrets", json=body) as response:
+        assert response.status < 300, await response.text()
+        created: dict[str, Any] = await response.json()
+        return created
+
+
 # k8s.io/apimachinery/pkg/util/rand: the characters KubeRay's random name suffixes use.
 RAND_ALPHANUMS = "bcdfghjklmnpqrstvwxz2456789"
 
@@ -254,6 +271,7 @@ OPERATOR_NEEDS = {
     ("ray.io", "rayservices"): {"list", "watch", "create", "patch"},
     ("ray.io", "rayclusters"): {"get", "patch"},
     ("", "pods"): {"list"},
+    ("", "secrets"): {"get"},
     ("keda.sh", "scaledobjects"): {"list", "watch", "create", "patch", "delete"},
     ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
     ("monitoring.coreos.com", "podmonitors"): {"create", "patch"},

@@ -17,6 +17,7 @@ from tests.integration.operator_fixtures import (
     NEEDED_ELSEWHERE,
     OPERATOR_NEEDS,
     create,
+    create_secret,
     eventually,
     example,
     kuberay_creates_cluster,
@@ -74,6 +75,7 @@ def serve_config(api: KubeAPI, name: str) -> dict[str, Any]:
 
 async def test_apply_creates_valid_children_with_owner_references(kmock: KubeAPI) -> None:
     kmock.install_crds()
+    await create_secret(kmock, "hf-token", {"HF_TOKEN": "hf_test"})
     async with running_operator(kmock):
         created = await create(kmock, shared("llama-8b-gpu"))
         uid = created["metadata"]["uid"]

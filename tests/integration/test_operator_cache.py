@@ -12,6 +12,7 @@ from tests.fakes.kube_api import KubeAPI
 from tests.integration.operator_fixtures import (
     NAMESPACE,
     create,
+    create_secret,
     eventually,
     example,
     live,
@@ -56,6 +57,7 @@ async def test_a_cache_volume_left_pending_names_the_storage_class_problem(
     claim stays Pending; the condition must say so instead of "downloading"."""
     monkeypatch.setattr(reconcile, "PVC_PENDING_GRACE_S", 1.0)
     kmock.install_crds()
+    await create_secret(kmock, "hf-token", {"HF_TOKEN": "hf_right"})
     async with running_operator(kmock, converge_max_interval_s=1.0):
         await create(kmock, shared_cache("llama-8b-gpu"))
         await eventually(lambda: live(kmock, "v1/persistentvolumeclaims").get(PVC), what="PVC")
@@ -75,4 +77,58 @@ async def test_a_cache_volume_left_pending_names_the_storage_class_problem(
         await eventually(
             lambda: condition(kmock, "llama-8b", "ModelCached")["reason"] == "Loading",
             what="ModelCached back to Loading",
+        )
+
+
+JOBS = "batch/v1/jobs"
+SECRET_PATH = f"/api/v1/namespaces/{NAMESPACE}/secrets/hf-token"
+
+
+@pytest.mark.kmock(cls=KubeAPI)
+async def test_a_changed_secret_replaces_a_failed_loader_job(kmock: KubeAPI) -> None:
+    """A loader Job's pod template is immutable, so a fixed token needs a new Job: its name
+    carries the credentials Secret's resourceVersion; the failed one is pruned."""
+    kmock.install_crds()
+    await create_secret(kmock, "hf-token", {"HF_TOKEN": "hf_wrong"})
+    async with running_operator(kmock, converge_max_interval_s=1.0):
+        await create(kmock, shared_cache("llama-8b-gpu"))
+        first = next(iter(await eventually(lambda: live(kmock, JOBS), what="a loader Job")))
+        failed = {"type": "Failed", "status": "True", "message": "401 from the hub"}
+        job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{first}/status"
+        await patch(kmock, job_path, {"status": {"failed": 1, "conditions": [failed]}})
+        await eventually(
+            lambda: condition(kmock, "llama-8b", "ModelCached")["reason"] == "LoadFailed",
+            what="ModelCached=False LoadFailed",
+        )
+        await patch(kmock, SECRET_PATH, {"stringData": {"HF_TOKEN": "hf_right"}})
+        jobs = await eventually(
+            lambda: set(live(kmock, JOBS)) - {first} and set(live(kmock, JOBS)) - {first},
+            what="a new loader Job",
+        )
+        (second,) = jobs
+        assert second.startswith("llama-8b-load-")
+        await eventually(lambda: first not in live(kmock, JOBS), what="the failed Job pruned")
+        await eventually(
+            lambda: condition(kmock, "llama-8b", "ModelCached")["reason"] == "Loading",
+            what="ModelCached follows the new Job",
+        )
+
+
+@pytest.mark.kmock(cls=KubeAPI)
+async def test_a_missing_credentials_secret_is_a_condition(kmock: KubeAPI) -> None:
+    kmock.install_crds()
+    async with running_operator(kmock, converge_max_interval_s=1.0):
+        await create(kmock, shared_cache("llama-8b-gpu"))  # names Secret hf-token
+        await eventually(
+            lambda: condition(kmock, "llama-8b", "Ready")["reason"] == "CredentialsMissing",
+            what="Ready=False CredentialsMissing",
+        )
+        cached = condition(kmock, "llama-8b", "ModelCached")
+        assert cached["status"] == "False"
+        assert "hf-token" in cached["message"]
+        assert live(kmock, JOBS)  # the children are still applied
+        await create_secret(kmock, "hf-token", {"HF_TOKEN": "hf_right"})
+        await eventually(
+            lambda: condition(kmock, "llama-8b", "ModelCached")["reason"] == "Loading",
+            what="Loading once the Secret exists",
         )

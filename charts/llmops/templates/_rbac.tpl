@@ -3,7 +3,9 @@ What the operator does in a namespace it serves: every verb listed is used by th
 by Kopf itself (finalizers and progress annotations are patches; Events report to users).
 Children are written with server-side apply: a PATCH, which the API server also authorizes as
 "create" when the object does not exist yet.
-No wildcards, and no access to Secrets: loader Jobs reference Secrets by name only.
+No wildcards. Secrets: get only, for the resourceVersion of spec.cache.credentialsSecret (it
+names the loader Job, so a fixed token replaces a failed download); loader Jobs and init
+containers reference the Secret by name, the operator never copies its data.
 */}}
 {{- define "llmops.operator.namespacedRules" -}}
 - apiGroups: ["llmops.dev"]
@@ -43,6 +45,10 @@ No wildcards, and no access to Secrets: loader Jobs reference Secrets by name on
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create", "patch"]
+# The credentials Secret's resourceVersion names the loader Job.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 # status.replicas counts the active cluster's ready worker pods.
 - apiGroups: [""]
   resources: ["pods"]
