@@ -673,7 +673,7 @@ class WatchCache:
     """
 
     next_version: Callable[[], str]
-    capacity: int = 1000
+    capacity: int = 10_000  # upstream sizes it to ~75 s of events, up to 100 Ki
     bookmark_interval_s: float = 60.0
     _events: dict[Any, collections.deque[tuple[int, int, dict[str, Any]]]] = attrs.field(
         factory=dict
