@@ -215,8 +215,26 @@ def active_cluster(rayservice: Mapping[str, Any] | None) -> str | None:
     return str(cluster) if cluster else None
 
 
+def stale_cluster(live: Mapping[str, Any], rayservice: Mapping[str, Any]) -> bool:
+    """True when a RayCluster's pods are of an older spec than the rendered RayService's.
+
+    Compares the cluster hash the renderer stamps on the head pod template (every pod-level
+    change, worker bounds excluded); a cluster without it predates the stamp.
+    """
+
+    def stamp(cluster_spec: Mapping[str, Any]) -> str | None:
+        head = (cluster_spec.get("headGroupSpec") or {}).get("template") or {}
+        value = ((head.get("metadata") or {}).get("annotations") or {}).get(
+            render.CLUSTER_HASH_ANNOTATION
+        )
+        return str(value) if value else None
+
+    wanted = stamp(rayservice["spec"]["rayClusterConfig"])
+    return wanted is not None and stamp(live.get("spec") or {}) != wanted
+
+
 async def sync_worker_bounds(
-    client: KubeClient, namespace: str, cluster: str, rayservice: Mapping[str, Any]
+    client: KubeClient, live: Mapping[str, Any], rayservice: Mapping[str, Any]
 ) -> bool:
     """Copies the rendered worker groups' minReplicas/maxReplicas onto the active RayCluster.
 
@@ -229,9 +247,7 @@ async def sync_worker_bounds(
     Returns:
         True when the RayCluster was patched.
     """
-    live = await client.get("ray.io/v1", "RayCluster", namespace, cluster)
-    if live is None:
-        return False
+    namespace, cluster = live["metadata"]["namespace"], live["metadata"]["name"]
     config = rayservice["spec"]["rayClusterConfig"]
     wanted = {group["groupName"]: group for group in config.get("workerGroupSpecs", [])}
     operations: list[dict[str, Any]] = []
@@ -513,7 +529,21 @@ async def reconcile(
     )
     active = active_cluster(observed.get(f"RayService/{name}"))
     rayservice = next(c for c in applied if c["kind"] == "RayService")
-    if active and await sync_worker_bounds(client, namespace, active, rayservice):
+    live = await client.get("ray.io/v1", "RayCluster", namespace, active) if active else None
+    recreate = target.spec.rollout.strategy == "Recreate"
+    if live is not None and recreate and stale_cluster(live, rayservice):
+        # KubeRay's upgradeStrategy None makes no new cluster for a changed spec; with the
+        # active one gone it creates one from the RayService's current spec.
+        await client.delete("ray.io/v1", "RayCluster", namespace, live["metadata"]["name"])
+        deleted.append(f"RayCluster/{active}")
+        say(
+            "warning",
+            "Recreating",
+            f"rollout Recreate: deleted RayCluster {active}, whose pods were of an older spec; "
+            "KubeRay starts a new one (no serving until its models load)",
+        )
+        live = None
+    if live is not None and await sync_worker_bounds(client, live, rayservice):
         patched.append(f"RayCluster/{active}")
 
     deployments = {llm.name: llm.deployment_name for llm in graph.llms}

@@ -269,7 +269,7 @@ OPERATOR_NEEDS = {
     ("llmops.dev", "llmdeployments/status"): {"patch"},
     ("llmops.dev", "llmdeployments/finalizers"): {"update"},
     ("ray.io", "rayservices"): {"list", "watch", "create", "patch"},
-    ("ray.io", "rayclusters"): {"get", "patch"},
+    ("ray.io", "rayclusters"): {"get", "patch", "delete"},
     ("", "pods"): {"list"},
     ("", "secrets"): {"get"},
     ("keda.sh", "scaledobjects"): {"list", "watch", "create", "patch", "delete"},
@@ -290,5 +290,9 @@ NEEDED_ELSEWHERE = {
     ("llmops.dev", "llmdeployments/finalizers"): (
         {"update"},
         "OwnerReferencesPermissionEnforcement checks it for blockOwnerDeletion: true",
+    ),
+    ("ray.io", "rayclusters"): (
+        {"delete"},
+        "rollout Recreate deletes a stale active cluster (test_operator_recreate.py)",
     ),
 }

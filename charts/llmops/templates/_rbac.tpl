@@ -22,10 +22,11 @@ containers reference the Secret by name, the operator never copies its data.
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
   verbs: ["list", "watch", "create", "patch"]
-# Worker groups' min/max replicas of the active cluster (KubeRay's hash leaves them out).
+# Worker groups' min/max replicas of the active cluster (KubeRay's hash leaves them out);
+# rollout Recreate deletes an active cluster of an older spec.
 - apiGroups: ["ray.io"]
   resources: ["rayclusters"]
-  verbs: ["get", "patch"]
+  verbs: ["get", "patch", "delete"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
   verbs: ["list", "watch", "create", "patch", "delete"]
