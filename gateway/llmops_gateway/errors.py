@@ -172,3 +172,43 @@ def timed_out(message: str) -> GatewayError:
     return GatewayError(
         message, status=504, grpc_code="DEADLINE_EXCEEDED", type="timeout_error", code="timeout"
     )
+
+
+_UPSTREAM = {
+    400: ("INVALID_ARGUMENT", "invalid_request_error"),
+    401: ("UNAUTHENTICATED", "authentication_error"),
+    403: ("PERMISSION_DENIED", "permission_error"),
+    404: ("NOT_FOUND", "not_found_error"),
+    408: ("DEADLINE_EXCEEDED", "timeout_error"),
+    413: ("INVALID_ARGUMENT", "invalid_request_error"),
+    429: ("RESOURCE_EXHAUSTED", "rate_limit_error"),
+    504: ("DEADLINE_EXCEEDED", "timeout_error"),
+}
+
+
+def upstream(status: int, payload: bytes, data: dict[str, Any]) -> GatewayError:
+    """A backend's error answer as the gateway's error, keeping its status and message.
+
+    Backends answer in several shapes: OpenAI's ``{"error": {...}}`` (vLLM today), vLLM's
+    older flat ``{"object": "error", "message": ...}``, FastAPI's ``{"detail": ...}``, or
+    plain text (Ray Serve's "Internal Server Error"); clients get OpenAI's in every case.
+    """
+    inner = data.get("error")
+    found = inner if isinstance(inner, dict) else data
+    message = found.get("message") or found.get("detail")
+    if not isinstance(message, str) or not message:
+        text = payload.decode("utf-8", errors="replace").strip()
+        message = text[:1000] if text and not data else f"the backend answered {status}"
+    server = ("UNAVAILABLE", "server_error")
+    default = ("INVALID_ARGUMENT", "invalid_request_error") if status < 500 else server
+    grpc_code, kind = _UPSTREAM.get(status, default)
+    upstream_type = found.get("type")
+    code = found.get("code")
+    return GatewayError(
+        message,
+        status=status,
+        grpc_code=grpc_code,
+        type=upstream_type if isinstance(inner, dict) and isinstance(upstream_type, str) else kind,
+        code=code if isinstance(code, str) else None,
+        param=found.get("param") if isinstance(found.get("param"), str) else None,
+    )

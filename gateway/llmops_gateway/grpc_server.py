@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmops_gateway import errors
 from llmops_gateway.core import (
     REQUEST_ID_HEADER,
     Admitted,
@@ -30,7 +31,7 @@ from llmops_gateway.core import (
     json_object,
     relay_sse,
 )
-from llmops_gateway.errors import GatewayError, invalid, timed_out
+from llmops_gateway.errors import GatewayError, invalid
 from llmops_gateway.grpc_api import gateway_pb2 as pb
 from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
 
@@ -121,9 +122,9 @@ class GatewayService(pb_grpc.GatewayServicer):
     async def _unary_json(
         self, admitted: Admitted, path: str, body: dict[str, Any], request_id: str
     ) -> dict[str, Any]:
-        status, _, data = await self.core.call(admitted, path, body, request_id)
+        status, payload, data = await self.core.call(admitted, path, body, request_id)
         if status != 200:
-            raise _upstream_error(status, data)
+            raise errors.upstream(status, payload, data)
         return data
 
     async def _stream_json(
@@ -142,7 +143,7 @@ class GatewayService(pb_grpc.GatewayServicer):
                 async with response:
                     payload = await response.read()
                 await self.core.settle(admitted, 0, 0)
-                raise _upstream_error(response.status, json_object(payload))
+                raise errors.upstream(response.status, payload, json_object(payload))
         except GatewayError as error:
             await _abort(context, error)
             return
@@ -321,17 +322,6 @@ def _completion_choice(choice: dict[str, Any]) -> pb.CompletionChoice:
 
 
 _CODES = {name: getattr(grpc.StatusCode, name) for name in grpc.StatusCode.__members__}
-
-
-def _upstream_error(status: int, data: dict[str, Any]) -> GatewayError:
-    message = str((data.get("error") or {}).get("message") or f"backend answered {status}")
-    if status == 404:
-        return GatewayError(message, status=404, grpc_code="NOT_FOUND", type="not_found_error")
-    if status == 504:
-        return timed_out(message)
-    if 400 <= status < 500:
-        return invalid(message)
-    return GatewayError(message, status=502, grpc_code="UNAVAILABLE", type="server_error")
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: GatewayError) -> None:

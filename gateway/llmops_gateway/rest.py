@@ -27,6 +27,7 @@ from llmops_gateway.core import (
     EmbeddingRequest,
     GatewayCore,
     estimate_tokens,
+    json_object,
     model_object,
     parse_body,
     relay_sse,
@@ -371,10 +372,12 @@ async def _unary(
     request_id: str,
     endpoint: str,
 ) -> Response:
-    status, payload, _ = await core.call(admitted, path, data, request_id)
+    status, payload, body = await core.call(admitted, path, data, request_id)
     core.metrics.record(
         endpoint, admitted.model, admitted.caller.tenant.name, status, admitted.started
     )
+    if status != 200 and not isinstance(body.get("error"), dict):
+        return _error(errors.upstream(status, payload, body), request_id)
     return Response(
         payload,
         status_code=status,
@@ -401,6 +404,9 @@ async def _stream(
         async with response:
             payload = await response.read()
         await core.settle(admitted, 0, 0)
+        body = json_object(payload)
+        if response.status != 200 and not isinstance(body.get("error"), dict):
+            return _error(errors.upstream(response.status, payload, body), request_id)
         return Response(
             payload,
             status_code=response.status,

@@ -7,7 +7,8 @@ chunk, ``"logprobs": null``, ``finish_reason`` "stop" at a natural end and "leng
 limit, ``stream_options.include_usage`` honoured, ``n`` outputs per prompt. Request fields
 for tests: ``stub_fail_after`` (an engine error event after that many chunks, as vLLM sends
 one mid-stream), ``stub_json: "spaced"`` (JSON with spaces, as other servers write it),
-``stub_burst`` (events per write).
+``stub_burst`` (events per write), ``stub_error: {"status": 500, "shape": "plain"}`` (an
+error answer: "plain" text, vLLM's older "flat" JSON, or OpenAI's "openai" shape).
 
     python -m tests.fakes.openai_stub --port 9000 [--models a,b] [--token-delay 0.0]
 """
@@ -33,6 +34,18 @@ field changes it; 1 writes each event on its own, as vLLM does)."""
 def _prompt_tokens(body: dict[str, Any]) -> int:
     text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
     return max(1, len(text) // 4)
+
+
+def _failure(status: int, shape: str) -> web.Response:
+    """An error answer in one of the shapes backends use."""
+    if shape == "plain":  # Ray Serve's proxy when a replica fails
+        return web.Response(status=status, text="Internal Server Error")
+    message = f"stub failure {status}"
+    if shape == "flat":  # vLLM before its errors took OpenAI's shape
+        flat = {"object": "error", "message": message, "type": "BadRequestError", "code": status}
+        return web.json_response(flat, status=status)
+    error = {"message": message, "type": "stub_error", "param": None, "code": "stub_code"}
+    return web.json_response({"error": error}, status=status)
 
 
 def _generations(body: dict[str, Any]) -> int:
@@ -80,6 +93,9 @@ def make_app(
                 },
                 status=404,
             )
+        failure = body.get("stub_error")
+        if failure:
+            return _failure(int(failure["status"]), str(failure["shape"]))
         chat = request.path.endswith("/chat/completions")
         prompt = _prompt_tokens(body)
         # vLLM's chat takes max_completion_tokens first (protocol.py, to_sampling_params).

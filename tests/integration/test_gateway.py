@@ -393,3 +393,40 @@ def test_streams_are_charged_whatever_the_backend_json_spacing(
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
     assert all(c.usage is None for c in chunks)
     assert wait_settled(gw.metrics_url, name, 5) == 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("status", "shape", "error", "message"),
+    [
+        (500, "plain", openai.InternalServerError, "Internal Server Error"),
+        (400, "flat", openai.BadRequestError, "stub failure 400"),
+        (429, "openai", openai.RateLimitError, "stub failure 429"),
+    ],
+)
+def test_backend_errors_reach_clients_openai_shaped(
+    gw: Gateway,
+    keys: FileKeyStore,
+    stream: bool,
+    status: int,
+    shape: str,
+    error: type[openai.APIStatusError],
+    message: str,
+) -> None:
+    """Ray Serve's proxy answers a failed replica with plain text and older vLLM with a flat
+    {"object": "error", ...}; the SDK reads error.message and error.type from OpenAI's shape
+    (openai/_client.py, _make_status_error), so the gateway rewrites the others."""
+    with pytest.raises(error) as raised:
+        _client(gw, _key(keys)).chat.completions.create(
+            model="stub-chat",
+            messages=[{"role": "user", "content": "x"}],
+            stream=stream,
+            extra_body={"stub_error": {"status": status, "shape": shape}},
+        )
+    assert raised.value.status_code == status
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["message"] == message
+    assert body["type"] == {"plain": "server_error", "flat": "invalid_request_error"}.get(
+        shape, "stub_error"
+    )

@@ -177,3 +177,28 @@ def test_spent_daily_budget_tells_clients_not_to_retry(
     assert trailing["x-should-retry"] == "false"
     assert int(trailing["grpc-retry-pushback-ms"]) < 0
     assert int(trailing["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (401, grpc.StatusCode.UNAUTHENTICATED),
+        (413, grpc.StatusCode.INVALID_ARGUMENT),
+        (500, grpc.StatusCode.UNAVAILABLE),
+    ],
+)
+def test_backend_errors_map_as_rest_statuses(
+    channel: grpc.Channel, keys: FileKeyStore, status: int, code: grpc.StatusCode
+) -> None:
+    """gRPC's HTTP-to-status mapping (grpc/doc/http-grpc-status-mapping.md: 429 is
+    UNAVAILABLE there, but a rate limit is RESOURCE_EXHAUSTED, as the gateway's own 429)."""
+    request = _chat()
+    failure = struct_pb2.Struct()
+    failure.update({"stub_error": {"status": status, "shape": "openai"}})
+    request.extra.CopyFrom(failure)
+    stub = pb_grpc.GatewayStub(channel)
+    with pytest.raises(grpc.RpcError) as unary:
+        stub.CreateChatCompletion(request, metadata=_auth(keys))
+    assert unary.value.code() == code
+    assert unary.value.details() == f"stub failure {status}"
