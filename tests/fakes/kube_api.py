@@ -276,6 +276,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
         "kind": "PersistentVolumeClaim",
         "namespaced": True,
         "verbs": ["get", "list", "create", "patch", "delete"],
+        "subresources": ["status"],
     },
     "v1/services": {
         "kind": "Service",
@@ -291,6 +292,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
         "kind": "Job",
         "namespaced": True,
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+        "subresources": ["status"],
     },
     "ray.io/v1/rayservices": {
         "kind": "RayService",

@@ -218,6 +218,9 @@ async def test_pvc_spec_is_immutable_except_growing_a_bound_claim(kmock: KubeAPI
     assert code == 422, "a Pending claim cannot be resized"
     bound = {"status": {"phase": "Bound", "capacity": {"storage": "10Gi"}}}
     assert (await call(kmock, "PATCH", path + "/status", bound))[0] == 200
+    # pkg/registry/core/persistentvolumeclaim/strategy.go: the main resource keeps status.
+    assert (await call(kmock, "PATCH", path, {"status": {"phase": "Lost"}}))[0] == 200
+    assert live(kmock, "v1/persistentvolumeclaims")["cache"]["status"]["phase"] == "Bound"
     code, answer = await call(kmock, "PATCH", path, grow)
     assert code == 200, answer
     back = {"spec": {"resources": {"requests": {"storage": "15Gi"}}}}
