@@ -554,10 +554,6 @@ class KubeAPI(KubernetesEmulator):
             if request.subresource == "status":
                 for key in [k for k in data if k != "status"]:
                     del data[key]
-            elif request.subresource == "scale":
-                replicas = data.get("spec", {}).get("replicas")
-                data.clear()
-                data["spec"] = {"replicas": replicas}
             else:
                 if "status" in declared:
                     data.pop("status", None)
