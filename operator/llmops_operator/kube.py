@@ -52,6 +52,9 @@ MAX_REMEMBERED_VERSIONS = 100_000
 # an install is noticed on the next pass; a removal surfaces as a 404 on the next write.
 DISCOVERY_TTL_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
+# Content negotiation for an object's metadata alone (as the metadata informers of the
+# garbage collector ask): the API server answers a meta.k8s.io/v1 PartialObjectMetadata.
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"
 
 
 class KubeError(Exception):
@@ -176,8 +179,9 @@ class KubeClient:
         body: Mapping[str, Any] | list[dict[str, Any]] | None = None,
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
+        accept: str = "application/json",
     ) -> dict[str, Any] | None:
-        return (await self._send(method, path, body, content_type, params))[1]
+        return (await self._send(method, path, body, content_type, params, accept))[1]
 
     async def _send(
         self,
@@ -186,10 +190,11 @@ class KubeClient:
         body: Mapping[str, Any] | list[dict[str, Any]] | None = None,
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
+        accept: str = "application/json",
     ) -> tuple[int, dict[str, Any] | None]:
         """(HTTP status, the object answered; None for 404)."""
         self.calls[method] += 1
-        headers = {"Accept": "application/json", "Content-Type": content_type}
+        headers = {"Accept": accept, "Content-Type": content_type}
         try:
             payload, status, _headers = await self._api.call_api(
                 path,
@@ -219,10 +224,22 @@ class KubeClient:
         return int(status), payload if isinstance(payload, dict) else {}
 
     async def get(
-        self, api_version: str, kind: str, namespace: str | None, name: str
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        metadata_only: bool = False,
     ) -> dict[str, Any] | None:
-        """The object, or None when it does not exist."""
-        return await self._request("GET", resource_path(api_version, kind, namespace, name))
+        """The object, or None when it does not exist.
+
+        Args:
+            metadata_only: Ask for its metadata only (a PartialObjectMetadata): for a Secret,
+                its version without its data.
+        """
+        path = resource_path(api_version, kind, namespace, name)
+        accept = METADATA_ONLY if metadata_only else "application/json"
+        return await self._request("GET", path, accept=accept)
 
     async def apply(self, obj: Mapping[str, Any], force: bool = False) -> Applied:
         """Server-side apply under the operator's field manager: creates or updates in one call.

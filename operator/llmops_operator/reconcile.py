@@ -310,7 +310,7 @@ async def credentials_version(
     if not secret:
         return None, False
     try:
-        found = await client.get("v1", "Secret", namespace, secret)
+        found = await client.get("v1", "Secret", namespace, secret, metadata_only=True)
     except KubeError as exc:
         if exc.status == 403:
             return None, False

@@ -433,7 +433,7 @@ def test_rbac_has_no_wildcards_and_no_secrets(value_set: str) -> None:
 def test_rbac_check_catches_wildcards_and_secrets() -> None:
     role = named(render(), "ClusterRole", "-operator")
     role["rules"] += [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]},
         {"apiGroups": ["ray.io"], "resources": ["*"], "verbs": ["get"]},
         {"apiGroups": ["*"], "resources": ["jobs"], "verbs": ["get"]},
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["*"]},
