@@ -405,9 +405,16 @@ def test_tenants_are_isolated_and_keys_never_leak(tmp_path: Path, store: FileKey
         assert [m["id"] for m in listing_b["data"]] == ["stub-embed"]
         result.ok(2)
         denied = call(key_a, "/v1/embeddings", {"model": "stub-embed", "input": "x"})
-        assert denied.status_code == 403
-        assert "tenant-a may not use model 'stub-embed'" in denied.json()["error"]["message"]
-        result.record("403")
+        # As OpenAI answers: a model the key may not use is indistinguishable from one that
+        # does not exist (nothing about other tenants' models leaks).
+        assert denied.status_code == 404
+        assert denied.json()["error"]["code"] == "model_not_found"
+        assert "tenant-b" not in denied.text
+        unknown = call(key_a, "/v1/embeddings", {"model": "no-such-model", "input": "x"})
+        assert denied.json()["error"]["message"].replace("stub-embed", "M") == unknown.json()[
+            "error"
+        ]["message"].replace("no-such-model", "M")
+        result.record("404")
         assert call(key_a, CHAT, chat_body()).status_code == 200
         result.ok()
         secret_a = key_a.split("_", 2)[2]  # the secret may itself contain "_"
