@@ -747,45 +747,37 @@ class WatchCache:
             labels = meta.get("labels") or {}
             return all(labels.get(k) == v for k, v in wanted.items())
 
+        error: dict[str, Any] | None = None
+        replay: list[dict[str, Any]] = []
         async with self._changed:
             epoch = self._epoch
             position = self._sequence
+            version = _int(since)
+            floor = max(self._floor.get(resource, 0), self._compacted)
             if since == "0" or initial:
                 replay = [{"type": "ADDED", "object": obj} for obj in snapshot() if matches(obj)]
+            elif version is None:
+                error = invalid_version(since)
+            elif version < floor:
+                error = expired(version, floor)
             else:
-                version = _int(since)
-                if version is None:
-                    yield {
-                        "type": "ERROR",
-                        "object": {
-                            "kind": "Status",
-                            "apiVersion": "v1",
-                            "metadata": {},
-                            "status": "Failure",
-                            "message": f"invalid resource version: {since}",
-                            "reason": "BadRequest",
-                            "code": 400,
-                        },
-                    }
-                    return
-                floor = max(self._floor.get(resource, 0), self._compacted)
-                if version < floor:
-                    yield expired(version, floor)
-                    return
                 replay = [
                     event
                     for _, at, event in self._events.get(resource, ())
                     if at > version and matches(event["object"])
                 ]
-            progress = max(self._latest, _int(since) or 0)
+            progress = max(self._latest, version or 0)
+        if error is not None:
+            yield error
+            return
 
         def bookmark(annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
             meta: dict[str, Any] = {"resourceVersion": str(progress)}
             if annotations:
                 meta["annotations"] = dict(annotations)
             group_version = f"{resource.group}/{resource.version}" if resource.group else "v1"
-            return {"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": group_version,
-                                                   "metadata": meta}}  # fmt: skip
+            body = {"kind": kind, "apiVersion": group_version, "metadata": meta}
+            return {"type": "BOOKMARK", "object": body}
 
         for event in replay:
             yield event
@@ -798,21 +790,22 @@ class WatchCache:
                 if bookmarks:
                     yield bookmark()
                 return
-            wake = min(t for t in (deadline, next_bookmark if bookmarks else None) if t) \
-                if (deadline or bookmarks) else None  # fmt: skip
+            timers = [t for t in (deadline, next_bookmark if bookmarks else None) if t is not None]
+            wait_s = max(min(timers) - now, 0.001) if timers else None
             async with self._changed:
                 if self._sequence == position and self._epoch == epoch:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(
-                            self._changed.wait(),
-                            None if wake is None else max(wake - time.monotonic(), 0.001),
-                        )
+                        await asyncio.wait_for(self._changed.wait(), wait_s)
                 if self._epoch != epoch:
                     return
                 if self._evicted.get(resource, 0) > position:
                     return  # fell behind the window: the cacher ends such a watcher
-                events = self._events.get(resource, collections.deque())
-                fresh = [(s, at, e) for s, at, e in events if s > position]
+                fresh: list[tuple[int, int, dict[str, Any]]] = []
+                for entry in reversed(self._events.get(resource, ())):  # newest first
+                    if entry[0] <= position:
+                        break
+                    fresh.append(entry)
+                fresh.reverse()
                 position = self._sequence
                 progress = max(progress, self._latest)
             for _, _, event in fresh:
@@ -821,6 +814,22 @@ class WatchCache:
             if bookmarks and time.monotonic() >= next_bookmark:
                 yield bookmark()
                 next_bookmark = time.monotonic() + self.bookmark_interval_s
+
+
+def invalid_version(text: str) -> dict[str, Any]:
+    """The ERROR event of a watch from a resourceVersion that is not a number."""
+    return {
+        "type": "ERROR",
+        "object": {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": f"invalid resource version: {text}",
+            "reason": "BadRequest",
+            "code": 400,
+        },
+    }
 
 
 def _int(text: Any) -> int | None:
