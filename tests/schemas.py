@@ -113,9 +113,19 @@ def cel_errors(schema: dict[str, Any], obj: Any, path: str = "") -> list[str]:
     first (k8s.io/apiextensions-apiserver/pkg/apiserver/schema/cel/validation.go).
     """
     found = []
-    for rule in schema.get("x-kubernetes-validations", []):
+    rules = schema.get("x-kubernetes-validations", [])
+    if not rules:
+        value = None
+    elif not path and isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
+        # At the root, rules see metadata.name and metadata.generateName only (the rest of
+        # metadata, managedFields included, is not part of the rule's `self`).
+        meta = {k: v for k, v in obj["metadata"].items() if k in ("name", "generateName")}
+        value = celpy.json_to_cel({**obj, "metadata": meta})
+    else:
+        value = celpy.json_to_cel(obj)
+    for rule in rules:
         try:
-            ok = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(obj)})
+            ok = _cel_program(rule["rule"]).evaluate({"self": value})
         except celpy.CELEvalError as exc:
             found.append(f"{path or '<root>'}: rule {rule['rule']!r} failed to evaluate: {exc}")
             continue
