@@ -15,16 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmops_gateway import errors
-from llmops_gateway.admission import Admission, Rejection, Reservation
+from llmops_gateway.abuse import AbuseLimits
+from llmops_gateway.admission import Admission, RedisAdmission, Rejection, Reservation
 from llmops_gateway.discovery import ClusterBackends, KubeAccess
 from llmops_gateway.keys import KeyIndex, KeyRejectedError, KeyStore, Tenant
 from llmops_gateway.metrics import GatewayMetrics
 from llmops_gateway.settings import GatewaySettings
 
 logger = logging.getLogger("llmops.gateway")
+audit = structlog.get_logger("llmops.gateway.audit")
 
 REQUEST_ID_HEADER = "x-request-id"
 MODELS_TTL_S = 10.0
@@ -230,6 +233,12 @@ class GatewayCore:
         self.draining = False
         self.cluster: ClusterBackends | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.abuse = AbuseLimits(
+            settings.client_rate_limit,
+            settings.client_refused_key_limit,
+            settings.trusted_proxies,
+            admission.redis if isinstance(admission, RedisAdmission) else None,
+        )
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Runs background work (usage settlement) that must not be cancelled with a request."""
@@ -293,8 +302,25 @@ class GatewayCore:
         try:
             record, tenant = self._index().authenticate(key.strip())
         except KeyRejectedError as exc:
+            # Never the key: its public id (only for a stored key), its tenant and why.
+            audit.warning(
+                "api key refused", key_id=exc.key_id, tenant=exc.tenant, reason=exc.reason
+            )
             raise errors.unauthenticated(str(exc)) from None
         return Caller(record.id, tenant)
+
+    async def authenticate_client(self, authorization: str | None, address: str) -> Caller:
+        """`authenticate` behind the per-address abuse limits, counting refused keys.
+
+        Raises:
+            GatewayError: 429 when ``address`` is over a limit; else as `authenticate`.
+        """
+        await self.abuse.check(address)
+        try:
+            return self.authenticate(authorization)
+        except errors.GatewayError:
+            await self.abuse.refused(address)
+            raise
 
     # -- routing ---------------------------------------------------------------------------
 

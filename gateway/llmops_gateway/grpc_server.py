@@ -97,6 +97,16 @@ class GatewayService(pb_grpc.GatewayServicer):
             await _abort(context, error)
             raise AssertionError("abort returns only by raising") from None
 
+    def _client_address(self, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> str:
+        """The peer's IP (``ipv4:1.2.3.4:5678`` / ``ipv6:[::1]:5678``), or for a trusted proxy
+        the client its x-forwarded-for names, as REST finds it."""
+        peer = context.peer() or ""
+        kind, _, rest = peer.partition(":")
+        if kind in ("ipv4", "ipv6"):
+            peer = rest.rsplit(":", 1)[0].strip("[]")
+        forwarded = metadata.get("x-forwarded-for")
+        return self.core.abuse.address(peer, str(forwarded) if forwarded else None)
+
     def _request_id(self, context: grpc.aio.ServicerContext) -> str:
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
@@ -111,7 +121,9 @@ class GatewayService(pb_grpc.GatewayServicer):
         stream: bool,
     ) -> Admitted:
         metadata = dict(context.invocation_metadata() or ())
-        caller = self.core.authenticate(metadata.get("authorization"))
+        caller = await self.core.authenticate_client(
+            metadata.get("authorization"), self._client_address(context, metadata)
+        )
         try:
             parsed = kind.model_validate(body)
         except ValueError as exc:
@@ -252,7 +264,9 @@ class GatewayService(pb_grpc.GatewayServicer):
 
         async def work() -> pb.Embeddings:
             metadata = dict(context.invocation_metadata() or ())
-            caller = self.core.authenticate(metadata.get("authorization"))
+            caller = await self.core.authenticate_client(
+                metadata.get("authorization"), self._client_address(context, metadata)
+            )
             if not request.model or not request.input:
                 raise invalid("model and at least one input are required")
             body = {
@@ -285,7 +299,9 @@ class GatewayService(pb_grpc.GatewayServicer):
 
         async def work() -> pb.ListModelsResponse:
             metadata = dict(context.invocation_metadata() or ())
-            caller = self.core.authenticate(metadata.get("authorization"))
+            caller = await self.core.authenticate_client(
+                metadata.get("authorization"), self._client_address(context, metadata)
+            )
             return pb.ListModelsResponse(models=await self.core.models_for(caller))
 
         return await self._guard(context, work)

@@ -30,7 +30,26 @@ T = TypeVar("T")
 
 
 class KeyRejectedError(Exception):
-    """An API key that does not authenticate; the message says why, without the key."""
+    """An API key that does not authenticate; the message says why, without the key.
+
+    Args:
+        message: What the caller is told.
+        reason: ``invalid``, ``revoked``, ``expired`` or ``no_tenant`` (for the audit log).
+        key_id: The key's public id, when the key names a stored one.
+        tenant: The tenant of that key.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        reason: str = "invalid",
+        key_id: str | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.key_id = key_id
+        self.tenant = tenant
 
 
 class Tenant(BaseModel):
@@ -66,11 +85,20 @@ class KeyRecord(BaseModel):
     description: str = Field(default="", description="Free text for operators.")
     created_at: float = Field(description="Unix time of creation.")
     revoked_at: float | None = Field(default=None, description="Unix time of revocation.")
+    expires_at: float | None = Field(
+        default=None, description="Unix time after which the key is refused; None: never."
+    )
 
     @property
     def active(self) -> bool:
         """False once revoked."""
         return self.revoked_at is None
+
+    def expired(self, now: float | None = None) -> bool:
+        """True from ``expires_at`` on."""
+        return (
+            self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at
+        )
 
 
 class KeyFile(BaseModel):
@@ -132,8 +160,15 @@ class EditableKeyStore:
         """Applies ``change`` to the stored document and writes it back."""
         raise NotImplementedError
 
-    def create(self, tenant: Tenant, description: str = "") -> tuple[KeyRecord, str]:
+    def create(
+        self, tenant: Tenant, description: str = "", expires_at: float | None = None
+    ) -> tuple[KeyRecord, str]:
         """Creates a key for ``tenant`` (adding or updating the tenant).
+
+        Args:
+            tenant: The key's tenant.
+            description: Free text for operators.
+            expires_at: Unix time from which the key is refused; None: never.
 
         Returns:
             The stored record and the key itself, which is not kept anywhere.
@@ -145,6 +180,7 @@ class EditableKeyStore:
             tenant=tenant.name,
             description=description,
             created_at=time.time(),
+            expires_at=expires_at,
         )
 
         def add(document: KeyFile) -> None:
@@ -237,15 +273,29 @@ class KeyIndex:
         """The record and tenant of an active key.
 
         Raises:
-            KeyRejectedError: the key is malformed, unknown, revoked, or its tenant is gone.
+            KeyRejectedError: the key is malformed, unknown, revoked, expired, or its tenant is
+                gone.
         """
         key_id = key_id_of(key)
         record = self._by_id.get(key_id) if key_id else None
         if record is None or not hmac.compare_digest(record.sha256, hash_key(key)):
+            # The id of a key that fails its hash is the caller's claim, not a fact: not logged.
             raise KeyRejectedError("invalid API key")
         if not record.active:
-            raise KeyRejectedError(f"API key {record.id} has been revoked")
+            raise KeyRejectedError(
+                f"API key {record.id} has been revoked", "revoked", record.id, record.tenant
+            )
+        if record.expired():
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.expires_at))
+            raise KeyRejectedError(
+                f"API key {record.id} expired at {when}", "expired", record.id, record.tenant
+            )
         tenant = self.tenants.get(record.tenant)
         if tenant is None:
-            raise KeyRejectedError(f"API key {record.id} belongs to no configured tenant")
+            raise KeyRejectedError(
+                f"API key {record.id} belongs to no configured tenant",
+                "no_tenant",
+                record.id,
+                record.tenant,
+            )
         return record, tenant

@@ -101,6 +101,12 @@ def _request_id(request: Request) -> str:
     return request_id
 
 
+def _client_address(core: GatewayCore, request: Request) -> str:
+    """The address the abuse limits count against (X-Forwarded-For only from trusted proxies)."""
+    peer = request.client.host if request.client else None
+    return core.abuse.address(peer, request.headers.get("x-forwarded-for"))
+
+
 def _error(error: GatewayError, request_id: str) -> JSONResponse:
     headers = {REQUEST_ID_HEADER: request_id}
     if error.retry_after_s is not None:
@@ -204,12 +210,16 @@ def create_app(core: GatewayCore) -> GatewayApp:
                 await grpc_server.drain(core.settings.drain_timeout_s)
             await core.close()
 
+    docs = core.settings.docs_enabled
     app = FastAPI(
         title="llmops gateway",
         version="v1",
         description="OpenAI-compatible API of the llmops platform: authenticate with "
         "'Authorization: Bearer <key>'.",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
 
     limit = core.settings.max_body_bytes
@@ -220,7 +230,9 @@ def create_app(core: GatewayCore) -> GatewayApp:
         tenant, model = "unknown", "unknown"
         core.metrics.in_flight.inc()
         try:
-            caller = core.authenticate(request.headers.get("authorization"))
+            caller = await core.authenticate_client(
+                request.headers.get("authorization"), _client_address(core, request)
+            )
             tenant = caller.tenant.name
             data, body = parse_body(await read_body(request, limit), kind, limit)
             admitted = await core.admit_generation(caller, data, body)
@@ -271,7 +283,9 @@ def create_app(core: GatewayCore) -> GatewayApp:
         request_id = _request_id(request)
         tenant, model = "unknown", "unknown"
         try:
-            caller = core.authenticate(request.headers.get("authorization"))
+            caller = await core.authenticate_client(
+                request.headers.get("authorization"), _client_address(core, request)
+            )
             tenant = caller.tenant.name
             raw = await read_body(request, limit)
             data, body = parse_body(raw, EmbeddingRequest, limit)
@@ -291,7 +305,9 @@ def create_app(core: GatewayCore) -> GatewayApp:
         """The models the caller's key may use."""
         request_id = _request_id(request)
         try:
-            caller = core.authenticate(request.headers.get("authorization"))
+            caller = await core.authenticate_client(
+                request.headers.get("authorization"), _client_address(core, request)
+            )
         except GatewayError as error:
             return _error(error, request_id)
         names = await core.models_for(caller)
@@ -302,7 +318,9 @@ def create_app(core: GatewayCore) -> GatewayApp:
         """One model the caller's key may use (the ``openai`` SDK's ``models.retrieve``)."""
         request_id = _request_id(request)
         try:
-            caller = core.authenticate(request.headers.get("authorization"))
+            caller = await core.authenticate_client(
+                request.headers.get("authorization"), _client_address(core, request)
+            )
             return JSONResponse(await core.model_info(caller, model))
         except GatewayError as error:
             return _error(error, request_id)

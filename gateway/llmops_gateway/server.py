@@ -61,6 +61,9 @@ def serve(settings: GatewaySettings) -> None:
         port=settings.port,
         log_level="warning",
         access_log=False,
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1 by default; the abuse limits
+        # read it themselves, from `trusted_proxies` only.
+        proxy_headers=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
         loop="uvloop",
     )

@@ -57,6 +57,48 @@ class GatewaySettings(BaseSettings):
         default="closed",
         description="When Redis is unreachable: 'open' admits requests, 'closed' refuses (503).",
     )
+    redis_timeout_s: float = Field(
+        default=2.0, gt=0, description="Longest a Redis connect or reply may take."
+    )
+    redis_retry_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="After Redis fails, how long calls fail at once (and the failure mode "
+        "answers) before one shared reconnect is tried.",
+    )
+    redis_tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle that signs the Redis server certificate (rediss://)."
+    )
+    redis_tls_cert_file: Path | None = Field(
+        default=None, description="Client certificate for Redis (mutual TLS), PEM."
+    )
+    redis_tls_key_file: Path | None = Field(
+        default=None, description="Private key of the Redis client certificate, PEM."
+    )
+    redis_tls_server_name: str | None = Field(
+        default=None,
+        description="Name the Redis server certificate must carry, when it differs from the "
+        "URL's host (e.g. connecting by IP).",
+    )
+    client_rate_limit: str | None = Field(
+        default=None,
+        description="Requests per client address, before authentication (a `limits` string "
+        "such as '1200/minute'); null: no limit. Behind a proxy missing from "
+        "`trusted_proxies`, every client shares the proxy's address, and so this limit.",
+    )
+    client_refused_key_limit: str | None = Field(
+        default="30/minute",
+        description="Refused (missing, unknown, expired, revoked) keys per client address; "
+        "over it, every request from the address gets 429 until the window ends. null: none.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or CIDR networks of proxies whose X-Forwarded-For names the "
+        "client; the header from anyone else is ignored.",
+    )
+    docs_enabled: bool = Field(
+        default=True, description="Serve the OpenAPI pages (/docs, /redoc, /openapi.json)."
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="Larger bodies get 413.")
     default_max_tokens: int = Field(
         default=512,

@@ -6,6 +6,7 @@ import json
 import stat
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def test_revoked_keys_are_rejected_with_their_id(tmp_path: Path) -> None:
     assert key not in str(caught.value)
     with pytest.raises(KeyError):
         store.revoke("000000000000")
+
+
+def test_expired_keys_are_rejected_saying_so(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "keys.json")
+    now = time.time()
+    expired, old_key = store.create(Tenant(name="acme"), expires_at=now - 1)
+    _, fresh_key = store.create(Tenant(name="acme"), expires_at=now + 3600)
+    index = KeyIndex(store.load())
+    with pytest.raises(KeyRejectedError, match=f"{expired.id} expired at ") as caught:
+        index.authenticate(old_key)
+    assert (caught.value.reason, caught.value.key_id, caught.value.tenant) == (
+        "expired",
+        expired.id,
+        "acme",
+    )
+    assert index.authenticate(fresh_key)[1].name == "acme"
 
 
 def test_concurrent_creates_lose_nothing(tmp_path: Path) -> None:

@@ -1,0 +1,173 @@
+"""Per-client-address abuse limits, checked before a key is even looked at.
+
+Two fixed-window limits per client address: every request counts against ``rate``, and every
+request whose key is refused (missing, unknown, expired, revoked) also counts against
+``refused_rate``; an address over either gets 429 with Retry-After, whatever key it sends
+next, so key guessing is throttled without costing real tenants anything.
+
+The limits are `limits` rate-limit strings (``"600/minute"``), applied by a `slowapi`
+`Limiter` in memory. With the gateway's Redis configured, the counts are shared by every
+replica through one small script on the gateway's own pipelined connection (the `limits`
+Redis storage would open a second, blocking client); while Redis is down, each replica falls
+back to its own memory counts rather than refusing or admitting everyone.
+
+The client address is the TCP peer, unless the peer is a trusted proxy: then the
+X-Forwarded-For entries are read from the right, past trusted proxies, and the first other
+one is the client. A header from anyone else is ignored, since a client can write any value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+from limits import RateLimitItem, parse
+from slowapi import Limiter
+
+from llmops_gateway import errors
+from llmops_gateway.redis_pipe import PipelinedRedis, RedisReplyError, RedisUnavailableError, Script
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# KEYS: the address's request counter, its refused-key counter. ARGV: window and limit of
+# each, and whether this call counts a request (1) or a refused key (0).
+# Returns {allowed (1/0), milliseconds until the blocking window ends}.
+_COUNT = Script(
+    """
+local counted = KEYS[2]
+local window, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+if ARGV[5] == '1' then
+  local refused = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if refused >= tonumber(ARGV[4]) then
+    return {0, redis.call('PTTL', KEYS[2])}
+  end
+  counted, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+end
+local count = redis.call('INCR', counted)
+if count == 1 then redis.call('PEXPIRE', counted, window) end
+if count > limit then return {0, redis.call('PTTL', counted)} end
+return {1, 0}
+"""
+)
+
+
+def _networks(entries: list[str]) -> list[Network]:
+    return [ipaddress.ip_network(entry, strict=False) for entry in entries]
+
+
+class AbuseLimits:
+    """Per-address request and refused-key limits.
+
+    Args:
+        rate: Requests per address (a `limits` string); None: no request limit.
+        refused_rate: Refused keys per address; None: not limited.
+        trusted_proxies: Addresses or CIDR networks whose X-Forwarded-For is believed.
+        redis: The gateway's Redis connection, to share counts between replicas.
+        prefix: Redis key prefix.
+    """
+
+    def __init__(
+        self,
+        rate: str | None,
+        refused_rate: str | None,
+        trusted_proxies: list[str],
+        redis: PipelinedRedis | None = None,
+        prefix: str = "llmops:gw:abuse",
+    ) -> None:
+        self.rate: RateLimitItem | None = parse(rate) if rate else None
+        self.refused_rate: RateLimitItem | None = parse(refused_rate) if refused_rate else None
+        self.trusted = _networks(trusted_proxies)
+        self.redis = redis
+        self.prefix = prefix
+        # slowapi's limiter over `limits`' in-memory storage: no I/O, so its synchronous calls
+        # are safe on the event loop. Its key function is unused: the adapters find addresses.
+        self.memory = Limiter(key_func=lambda: "", storage_uri="memory://", headers_enabled=False)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any limit is configured."""
+        return self.rate is not None or self.refused_rate is not None
+
+    def _trusted(self, address: str) -> bool:
+        if not self.trusted:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
+
+    def address(self, peer: str | None, forwarded_for: str | None) -> str:
+        """The client's address: the peer, or for a trusted proxy, from X-Forwarded-For."""
+        client = peer or "unknown"
+        if not forwarded_for or not self._trusted(client):
+            return client
+        for hop in reversed(forwarded_for.split(",")):
+            hop = hop.strip()
+            if not hop:
+                continue
+            client = hop
+            if not self._trusted(hop):
+                break
+        return client
+
+    async def check(self, address: str) -> None:
+        """Counts one request from ``address``.
+
+        Raises:
+            GatewayError: 429 when the address is over its request or refused-key limit.
+        """
+        if self.enabled:
+            await self._count(address, request=True)
+
+    async def refused(self, address: str) -> None:
+        """Counts a refused key from ``address`` (the request is answered 401 anyway)."""
+        if self.refused_rate is not None:
+            await self._count(address, request=False)
+
+    async def _count(self, address: str, *, request: bool) -> None:
+        if self.redis is not None:
+            try:
+                allowed, retry_ms = await self._count_redis(address, request)
+            except (RedisUnavailableError, RedisReplyError):
+                allowed, retry_s = self._count_memory(address, request)
+            else:
+                retry_s = max(retry_ms, 0) / 1000
+        else:
+            allowed, retry_s = self._count_memory(address, request)
+        if not allowed:
+            raise errors.rate_limited(
+                f"too many requests from {address}"
+                if request
+                else f"too many refused API keys from {address}",
+                "client_rate_limit_exceeded",
+                retry_s,
+            )
+
+    async def _count_redis(self, address: str, request: bool) -> tuple[bool, int]:
+        assert self.redis is not None
+        rate, refused = self.rate, self.refused_rate
+        keys = [f"{self.prefix}:req:{address}", f"{self.prefix}:refused:{address}"]
+        args: list[str | int] = [
+            rate.get_expiry() * 1000 if rate else 1,
+            rate.amount if rate else 2**62,
+            refused.get_expiry() * 1000 if refused else 1,
+            refused.amount if refused else 2**62,
+            1 if request else 0,
+        ]
+        allowed, retry_ms = await self.redis.evalsha(_COUNT, keys, list(args))
+        return bool(allowed), int(retry_ms)
+
+    def _count_memory(self, address: str, request: bool) -> tuple[bool, float]:
+        limiter = self.memory.limiter
+        refused = self.refused_rate
+        if request and refused is not None and not limiter.test(refused, "refused", address):
+            reset = limiter.get_window_stats(refused, "refused", address).reset_time
+            return False, reset - time.time()
+        item = self.rate if request else self.refused_rate
+        namespace = "req" if request else "refused"
+        if item is None:
+            return True, 0.0
+        if limiter.hit(item, namespace, address):
+            return True, 0.0
+        return False, limiter.get_window_stats(item, namespace, address).reset_time - time.time()
