@@ -84,6 +84,43 @@ def _store_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _expiry(expires_in: str | None, expires_at: str | None) -> float | None:
+    """Unix time of ``--expires-in`` (``30d``, ``12h``, ``90m``, ``2w``) or ``--expires-at``
+    (ISO 8601; UTC unless it names a zone), or None for a key that never expires.
+
+    Raises:
+        typer.BadParameter: both given, or a value that does not parse or lies in the past.
+    """
+    if expires_in is not None and expires_at is not None:
+        raise typer.BadParameter("give --expires-in or --expires-at, not both")
+    if expires_in is not None:
+        amount, unit = expires_in[:-1], expires_in[-1:].lower()
+        if unit not in _UNITS_S or not amount.isdigit() or int(amount) == 0:
+            raise typer.BadParameter(
+                f"--expires-in {expires_in!r}: a positive number and a unit (s, m, h, d, w), "
+                "e.g. 30d"
+            )
+        return datetime.datetime.now(tz=datetime.UTC).timestamp() + int(amount) * _UNITS_S[unit]
+    if expires_at is not None:
+        try:
+            moment = datetime.datetime.fromisoformat(expires_at)
+        except ValueError:
+            raise typer.BadParameter(
+                f"--expires-at {expires_at!r}: not an ISO 8601 date or time "
+                "(e.g. 2027-01-31 or 2027-01-31T12:00:00Z)"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=datetime.UTC)
+        when = moment.timestamp()
+        if when <= datetime.datetime.now(tz=datetime.UTC).timestamp():
+            raise typer.BadParameter(f"--expires-at {expires_at!r} is in the past")
+        return when
+    return None
+
+
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
@@ -103,12 +140,21 @@ def create(
     max_concurrent_streams: Annotated[int, typer.Option(help="Open streams at once.")] = 32,
     tokens_per_day: Annotated[int, typer.Option(help="Daily token budget.")] = 5_000_000,
     description: Annotated[str, typer.Option(help="Free text shown by `list`.")] = "",
+    expires_in: Annotated[
+        str | None,
+        typer.Option(help="Refuse the key after this long: 30d, 12h, 90m, 2w. Default: never."),
+    ] = None,
+    expires_at: Annotated[
+        str | None,
+        typer.Option(help="Refuse the key from this ISO 8601 time (UTC unless a zone is given)."),
+    ] = None,
     store: StoreOption = None,
     secret: SecretOption = None,
     secret_key: SecretKeyOption = SECRET_DATA_KEY,
     context: ContextOption = None,
 ) -> None:
     """Create a key and print it once: it is stored only as a hash."""
+    expiry = _expiry(expires_in, expires_at)
     try:
         spec = Tenant(
             name=tenant,
@@ -123,10 +169,11 @@ def create(
         raise typer.BadParameter(problems) from exc
     key_store = _store(store, secret, secret_key, context)
     with _store_errors():
-        record, key = key_store.create(spec, description)
+        record, key = key_store.create(spec, description, expires_at=expiry)
     typer.echo(key)
+    expiring = f", expiring {_when(record.expires_at)}" if record.expires_at else ""
     typer.echo(
-        f"created key {record.id} for tenant {spec.name} in {key_store}; "
+        f"created key {record.id} for tenant {spec.name} in {key_store}{expiring}; "
         "this is the only time the key is shown",
         err=True,
     )
@@ -142,11 +189,11 @@ def list_keys(
     """List keys (ids, tenants, state); never the keys themselves."""
     with _store_errors():
         document = _store(store, secret, secret_key, context).load()
-    typer.echo(f"{'ID':<14}{'TENANT':<20}{'CREATED':<22}{'REVOKED':<22}DESCRIPTION")
+    typer.echo(f"{'ID':<14}{'TENANT':<20}{'CREATED':<22}{'EXPIRES':<22}{'REVOKED':<22}DESCRIPTION")
     for record in document.keys:
         typer.echo(
             f"{record.id:<14}{record.tenant:<20}{_when(record.created_at):<22}"
-            f"{_when(record.revoked_at):<22}{record.description}"
+            f"{_when(record.expires_at):<22}{_when(record.revoked_at):<22}{record.description}"
         )
 
 

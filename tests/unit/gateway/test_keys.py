@@ -140,3 +140,54 @@ def test_keys_command_prints_the_key_once(tmp_path: Path) -> None:
     )
     assert missing.returncode == 1
     assert "llmops keys list" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "low", "high"),
+    [
+        ("--expires-in", "30d", 30 * 86400 - 60, 30 * 86400 + 60),
+        ("--expires-in", "12h", 12 * 3600 - 60, 12 * 3600 + 60),
+        ("--expires-at", "2999-01-31", 10**10, 10**11),
+    ],
+)
+def test_keys_command_sets_an_expiry(
+    tmp_path: Path, option: str, value: str, low: float, high: float
+) -> None:
+    store = tmp_path / "keys.json"
+    llmops = [sys.executable, "-m", "llmops_cli", "keys"]
+    subprocess.run(
+        [*llmops, "create", "--tenant", "acme", option, value, "--store", str(store)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (record,) = FileKeyStore(store).load().keys
+    assert record.expires_at is not None
+    assert low <= record.expires_at - time.time() <= high
+    listed = subprocess.run(
+        [*llmops, "list", "--store", str(store)], capture_output=True, text=True, check=True
+    )
+    assert "EXPIRES" in listed.stdout
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--expires-in", "30x"],
+        ["--expires-in", "0d"],
+        ["--expires-at", "2001-01-01"],
+        ["--expires-at", "soon"],
+        ["--expires-in", "1d", "--expires-at", "2999-01-01"],
+    ],
+)
+def test_keys_command_refuses_bad_expiries(tmp_path: Path, options: list[str]) -> None:
+    store = tmp_path / "keys.json"
+    create = [sys.executable, "-m", "llmops_cli", "keys", "create", "--tenant", "acme"]
+    refused = subprocess.run(
+        [*create, *options, "--store", str(store)],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert "expires" in refused.stderr
+    assert not store.exists()
