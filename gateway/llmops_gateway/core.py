@@ -25,6 +25,13 @@ from llmops_gateway.discovery import ClusterBackends, KubeAccess
 from llmops_gateway.keys import KeyIndex, KeyRejectedError, KeyStore, Tenant
 from llmops_gateway.metrics import GatewayMetrics
 from llmops_gateway.settings import GatewaySettings
+from llmops_gateway.usage_records import (
+    UsageRecord,
+    build_recorder,
+    current_request_id,
+    new_record_id,
+    timestamp,
+)
 
 logger = logging.getLogger("llmops.gateway")
 audit = structlog.get_logger("llmops.gateway.audit")
@@ -132,6 +139,17 @@ class Admitted:
     reservation: Reservation | None
     prompt_estimate: int
     started: float = field(default_factory=time.monotonic)
+    arrived: float = field(default_factory=time.time)
+    record_id: str = field(default_factory=new_record_id)
+    """The dedupe key of its usage record."""
+    request_id: str = ""
+    path: str = ""
+    status: int = 0
+    """The backend's HTTP status, once it answered (or the gateway's error for it)."""
+    first_token: float | None = None
+    cached_tokens: int = 0
+    outcome: str | None = None
+    """``error`` or ``cancelled`` when a response that started failed or was cut."""
 
 
 def context_length(model: dict[str, Any]) -> int | None:
@@ -233,6 +251,7 @@ class GatewayCore:
         self.draining = False
         self.cluster: ClusterBackends | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.usage = build_recorder(settings, admission)
         self.abuse = AbuseLimits(
             settings.client_rate_limit,
             settings.client_refused_key_limit,
@@ -247,7 +266,9 @@ class GatewayCore:
         task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
-        """Opens the upstream connection pool."""
+        """Opens the upstream connection pool and starts the usage records' flush."""
+        if self.usage is not None:
+            self.usage.start()
         timeout = aiohttp.ClientTimeout(
             total=self.settings.request_timeout_s, sock_connect=self.settings.connect_timeout_s
         )
@@ -268,6 +289,8 @@ class GatewayCore:
         """Waits for pending settlements and closes the pool."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.usage is not None:
+            await self.usage.close()  # after the settlements: their records flush too
         if self.cluster is not None:
             await self.cluster.close()
         if self.session is not None:
@@ -457,6 +480,50 @@ class GatewayCore:
         *,
         generations: int = 1,
     ) -> Admitted:
+        """`_admit`, writing a usage record (status ``rejected``) for a refusal.
+
+        Raises:
+            GatewayError: as `_admit`.
+        """
+        arrived = time.time()
+        try:
+            admitted = await self._admit(
+                caller, model, prompt_estimate, max_tokens, stream, generations=generations
+            )
+        except errors.GatewayError as error:
+            if self.usage is not None:
+                record = UsageRecord(
+                    id=new_record_id(),
+                    request_id=current_request_id(),
+                    time=timestamp(arrived),
+                    tenant=caller.tenant.name,
+                    key_id=caller.key_id,
+                    model=model,
+                    endpoint="",
+                    backend="",
+                    status="rejected",
+                    code=error.status,
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    cached_tokens=0,
+                    latency_s=round(time.time() - arrived, 4),
+                    ttft_s=None,
+                )
+                self.spawn(self.usage.write(record))
+            raise
+        admitted.arrived, admitted.request_id = arrived, current_request_id()
+        return admitted
+
+    async def _admit(
+        self,
+        caller: Caller,
+        model: str,
+        prompt_estimate: int,
+        max_tokens: int | None,
+        stream: bool,
+        *,
+        generations: int = 1,
+    ) -> Admitted:
         """Routes and reserves a request: ``prompt_estimate + generations * max_tokens``.
 
         ``max_tokens`` None reserves `default_output` for the model.
@@ -512,13 +579,51 @@ class GatewayCore:
         self.metrics.tokens.labels(tenant=tenant, model=model, direction="completion").inc(
             completion_tokens
         )
+        writes = []
+        if self.usage is not None:
+            record = self.usage_record(admitted, prompt_tokens, completion_tokens)
+            writes.append(self.usage.write(record))  # never raises: queues what fails
         if admitted.reservation is None:
+            await asyncio.gather(*writes)
             return
-        try:
-            await self.admission.settle(admitted.reservation, prompt_tokens + completion_tokens)
-        except Exception as exc:  # the reservation expires with its window anyway
+        # Sent together, so on Redis the record pipelines with the settlement: one round trip.
+        settled, *_ = await asyncio.gather(
+            self.admission.settle(admitted.reservation, prompt_tokens + completion_tokens),
+            *writes,
+            return_exceptions=True,
+        )
+        if isinstance(settled, Exception):  # the reservation expires with its window anyway
             self.metrics.redis_errors.labels(mode=self.settings.redis_failure_mode).inc()
-            logger.error("could not settle usage (%s)", type(exc).__name__)
+            logger.error("could not settle usage (%s)", type(settled).__name__)
+
+    def usage_record(
+        self, admitted: Admitted, prompt_tokens: int, completion_tokens: int
+    ) -> UsageRecord:
+        """The usage record of an admitted request that ended now."""
+        first = admitted.first_token
+        return UsageRecord(
+            id=admitted.record_id,
+            request_id=admitted.request_id,
+            time=timestamp(admitted.arrived),
+            tenant=admitted.caller.tenant.name,
+            key_id=admitted.caller.key_id,
+            model=admitted.model,
+            endpoint=admitted.path,
+            backend=admitted.backend,
+            status=admitted.outcome or ("ok" if admitted.status == 200 else "error"),
+            code=admitted.status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cached_tokens=admitted.cached_tokens,
+            latency_s=round(time.monotonic() - admitted.started, 4),
+            ttft_s=None if first is None else round(first - admitted.started, 4),
+        )
+
+    def _failed(self, admitted: Admitted, error: errors.GatewayError) -> errors.GatewayError:
+        """Settles a request the backend never answered (no tokens), returning ``error``."""
+        admitted.status = error.status
+        self.spawn(self.settle(admitted, 0, 0))
+        return error
 
     # -- upstream --------------------------------------------------------------------------
 
@@ -533,21 +638,32 @@ class GatewayCore:
         assert self.session is not None
         url = f"{admitted.backend}{path}"
         headers = {REQUEST_ID_HEADER: request_id}
+        admitted.request_id, admitted.path = request_id, path
         for attempt in (1, 2):
             try:
-                return await self.session.post(url, json=body, headers=headers)
+                response = await self.session.post(url, json=body, headers=headers)
             except aiohttp.ClientConnectorError as exc:
                 if attempt == 2:
-                    raise errors.unavailable(
-                        f"backend for {admitted.model!r} is unreachable: {exc.strerror or exc}",
-                        retry_after_s=1.0,
+                    reason = exc.strerror or exc
+                    raise self._failed(
+                        admitted,
+                        errors.unavailable(
+                            f"backend for {admitted.model!r} is unreachable: {reason}",
+                            retry_after_s=1.0,
+                        ),
                     ) from None
                 await asyncio.sleep(0.05)
             except TimeoutError:
-                raise errors.timed_out(
-                    f"backend for {admitted.model!r} did not answer in "
-                    f"{self.settings.request_timeout_s:.0f} s"
+                raise self._failed(
+                    admitted,
+                    errors.timed_out(
+                        f"backend for {admitted.model!r} did not answer in "
+                        f"{self.settings.request_timeout_s:.0f} s"
+                    ),
                 ) from None
+            else:
+                admitted.status = response.status
+                return response
         raise AssertionError("unreachable")
 
     async def call(
@@ -558,13 +674,22 @@ class GatewayCore:
         Returns:
             The backend's status, its raw body, and the body as a JSON object ({} if not one).
         """
-        response = await self.post(admitted, path, body, request_id)
-        async with response:
-            payload = await response.read()
-            status = response.status
+        try:
+            response = await self.post(admitted, path, body, request_id)
+            async with response:
+                payload = await response.read()
+                status = response.status
+        except asyncio.CancelledError:  # the client went away (gRPC cancels the handler)
+            admitted.outcome = "cancelled"
+            self.spawn(self.settle(admitted, admitted.prompt_estimate, 0))
+            raise
+        admitted.first_token = time.monotonic()
         data = json_object(payload)
         # Failed requests generated nothing; a success without usage is charged the estimate.
         usage = (data.get("usage") or {}) if status == 200 else {}
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            admitted.cached_tokens = int(details.get("cached_tokens") or 0)
         prompt = int(usage.get("prompt_tokens", admitted.prompt_estimate if status == 200 else 0))
         # Off the response path: until it lands, the reservation (an upper bound) still holds.
         self.spawn(self.settle(admitted, prompt, int(usage.get("completion_tokens", 0))))
@@ -572,6 +697,7 @@ class GatewayCore:
 
 
 USAGE_KEY = b'"usage"'
+ERROR_EVENT = b'data: {"error"'
 SPACED = b', "'
 """A separator only spaced JSON has (``json.dumps`` defaults): inside a JSON string a quote is
 escaped, so these bytes cannot come from generated text."""
@@ -629,7 +755,7 @@ async def relay_sse(
     fails upstream ends with an error event.
     """
     prompt_tokens, completion_tokens, counted = admitted.prompt_estimate, 0, 0
-    usage_seen = False
+    usage_seen = finished = False
     spaced: bool | None = None
     buffer = b""
     core.metrics.streams.inc()
@@ -655,6 +781,9 @@ async def relay_sse(
                         usage = chunk["usage"]
                         prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
                         completion_tokens = int(usage.get("completion_tokens", counted))
+                        details = usage.get("prompt_tokens_details")
+                        if isinstance(details, dict):
+                            admitted.cached_tokens = int(details.get("cached_tokens") or 0)
                         usage_seen = True
                         dropped = not client_wants_usage and chunk.get("choices") == []
                         if dropped:
@@ -663,15 +792,20 @@ async def relay_sse(
                 events = b"".join(kept)
             contents = content_chunks(events, spaced)
             if contents and not counted:
+                admitted.first_token = time.monotonic()
                 core.metrics.ttft.labels(model=admitted.model).observe(
-                    time.monotonic() - admitted.started
+                    admitted.first_token - admitted.started
                 )
             counted += contents
+            if ERROR_EVENT in events:  # the engine failed mid-stream (vLLM's error event)
+                admitted.outcome = "error"
             if events.strip():
                 yield events
         if buffer:
             yield buffer
+        finished = True
     except (aiohttp.ClientError, TimeoutError) as exc:
+        admitted.outcome = "error"
         failure = errors.GatewayError(
             f"the stream failed upstream: {type(exc).__name__}",
             status=502,
@@ -682,6 +816,8 @@ async def relay_sse(
     finally:
         core.metrics.streams.dec()
         response.close()
+        if not finished and admitted.outcome is None:
+            admitted.outcome = "cancelled"
         # A disconnect cancels this generator: settle in a task the cancellation cannot cut.
         core.spawn(
             core.settle(admitted, prompt_tokens, completion_tokens if usage_seen else counted)

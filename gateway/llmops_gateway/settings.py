@@ -120,3 +120,14 @@ class GatewaySettings(BaseSettings):
     drain_timeout_s: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish."
     )
+    usage_retention_days: float = Field(
+        default=90.0,
+        gt=0,
+        description="How long usage records stay in the Redis stream (trimmed by age as "
+        "records are added; `llmops usage` reads them).",
+    )
+    usage_file: Path | None = Field(
+        default=None,
+        description="Without Redis, the JSONL file usage records are appended to; null: "
+        "usage.jsonl beside keys_file (none without a key file).",
+    )
