@@ -17,6 +17,7 @@ from llmops_cli.keys import KEYS_FILE_ENV, default_keys_file
 from llmops_cli.keys import app as keys_app
 from llmops_cli.monitoring import MonitoringError, find_prometheus, run_prometheus
 from llmops_cli.ports import busy_ports, duplicate_ports
+from llmops_cli.usage import usage_command
 from llmops_services import GraphConfig, ModelSourceError, default_graph_config
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.command("render")(cluster.render_command)
 app.command("crd")(cluster.crd_command)
 app.command("operator")(cluster.operator_command)
 app.command("fetch")(cluster.fetch_command)
+app.command("usage")(usage_command)
 
 
 def load_graph_config(path: Path | None) -> GraphConfig:
