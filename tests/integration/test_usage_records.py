@@ -1,0 +1,332 @@
+"""Usage records written by real gateway processes to a real Redis, read back as billing does.
+
+The stub upstream (tests/fakes/openai_stub.py) reports usage as vLLM does (a usage object on
+a whole answer, a final usage chunk on a stream with ``include_usage``); the records must
+carry exactly its counts, once each, whichever of two gateways on one Redis served the
+request, for success, a backend 4xx, a gateway refusal (404, 429) and a client that cancels
+mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from typer.testing import CliRunner
+
+from llmops_cli.main import app
+from llmops_gateway.core import estimate_tokens
+from llmops_gateway.keys import FileKeyStore, Tenant
+from llmops_gateway.redis_pipe import PipelinedRedis
+from llmops_gateway.usage_records import RedisUsageSink, UsageRecord, read_stream
+from tests.conftest import free_port
+from tests.integration.gateway_fixtures import gateway, stub_upstream
+
+MESSAGES = [{"role": "user", "content": "count the tokens of this prompt"}]
+
+
+def _records(url: str) -> list[UsageRecord]:
+    async def read() -> list[UsageRecord]:
+        redis = PipelinedRedis(url)
+        try:
+            return [record async for record in read_stream(redis, 0)]
+        finally:
+            await redis.close()
+
+    return asyncio.run(read())
+
+
+def _wait_records(
+    url: str, tenants: set[str], count: int, timeout_s: float = 15
+) -> list[UsageRecord]:
+    """The records of ``tenants`` once there are ``count`` of them (they land after the reply)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = [r for r in _records(url) if r.tenant in tenants]
+        if len(records) >= count or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def _chat(url: str, key: str, request_id: str, **body: object) -> httpx.Response:
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}", "x-request-id": request_id},
+        json={"model": "stub-chat", "messages": MESSAGES, "max_tokens": 5, **body},
+        timeout=30,
+    )
+
+
+def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_url: str) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    store = FileKeyStore(tmp_path / "keys.json")
+    acme, beta = f"acme-{suffix}", f"beta-{suffix}"
+    acme_key_record, acme_key = store.create(Tenant(name=acme))
+    _, beta_key = store.create(Tenant(name=beta, requests_per_minute=1))
+    settings = {"keys_file": store.path, "redis_url": redis_url}
+    with (
+        stub_upstream() as upstream,
+        stub_upstream(token_delay=0.05, models=("slow",)) as slow,
+        gateway(tmp_path, default_backend=upstream, backends={"slow": slow}, **settings) as a,
+        gateway(tmp_path, default_backend=upstream, backends={"slow": slow}, **settings) as b,
+    ):
+        unary = _chat(a.url, acme_key, "r-unary")
+        assert unary.status_code == 200
+        stream_usage = None
+        with httpx.stream(
+            "POST",
+            f"{b.url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {acme_key}", "x-request-id": "r-stream"},
+            json={
+                "model": "stub-chat",
+                "messages": MESSAGES,
+                "max_tokens": 7,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            timeout=30,
+        ) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: {") and '"usage"' in line:
+                    stream_usage = httpx.Response(200, content=line[6:]).json()["usage"]
+        assert stream_usage is not None
+        failed = _chat(a.url, acme_key, "r-400", stub_error={"status": 400, "shape": "openai"})
+        assert failed.status_code == 400
+        assert _chat(b.url, acme_key, "r-404", model="no-such-model").status_code == 404
+        assert _chat(a.url, beta_key, "r-first").status_code == 200
+        assert _chat(b.url, beta_key, "r-429").status_code == 429
+        # A client that reads three tokens of a slow stream, then goes away.
+        read = 0
+        with httpx.stream(
+            "POST",
+            f"{a.url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {acme_key}", "x-request-id": "r-cancel"},
+            json={
+                "model": "slow",
+                "messages": MESSAGES,
+                "max_tokens": 100,
+                "ignore_eos": True,
+                "stream": True,
+            },
+            timeout=30,
+        ) as stream:
+            for line in stream.iter_lines():
+                if '"content":"tok' in line:
+                    read += 1
+                if read == 3:
+                    break
+        records = _wait_records(redis_url, {acme, beta}, 7)
+    by_request = {r.request_id: r for r in records}
+    assert len(records) == 7, [r.request_id for r in records]  # nothing doubled
+    assert len({r.id for r in records}) == 7
+    assert set(by_request) == {
+        "r-unary",
+        "r-stream",
+        "r-400",
+        "r-404",
+        "r-first",
+        "r-429",
+        "r-cancel",
+    }
+
+    usage = unary.json()["usage"]
+    ok = by_request["r-unary"]
+    assert (ok.status, ok.code, ok.tenant, ok.key_id) == ("ok", 200, acme, acme_key_record.id)
+    assert (ok.prompt_tokens, ok.completion_tokens) == (usage["prompt_tokens"], 5)
+    assert (ok.endpoint, ok.backend, ok.model) == ("/v1/chat/completions", upstream, "stub-chat")
+    assert ok.ttft_s is not None
+    assert 0 < ok.ttft_s <= ok.latency_s
+    streamed = by_request["r-stream"]
+    assert streamed.status == "ok"
+    assert streamed.prompt_tokens == stream_usage["prompt_tokens"]
+    assert streamed.completion_tokens == stream_usage["completion_tokens"] == 7
+    assert streamed.ttft_s is not None
+    bad = by_request["r-400"]
+    assert (bad.status, bad.code, bad.prompt_tokens, bad.completion_tokens) == ("error", 400, 0, 0)
+    unknown = by_request["r-404"]
+    assert (unknown.status, unknown.code, unknown.model) == ("rejected", 404, "no-such-model")
+    limited = by_request["r-429"]
+    assert (limited.status, limited.code, limited.tenant) == ("rejected", 429, beta)
+    assert (limited.prompt_tokens, limited.completion_tokens) == (0, 0)
+    assert by_request["r-first"].status == "ok"
+    cancelled = by_request["r-cancel"]
+    assert (cancelled.status, cancelled.code, cancelled.model) == ("cancelled", 200, "slow")
+    # No usage chunk arrives on a cut stream: the prompt is the gateway's estimate, the
+    # completion the content chunks relayed (at least what the client read, far from 100).
+    assert cancelled.prompt_tokens == estimate_tokens(MESSAGES)
+    assert 3 <= cancelled.completion_tokens < 50
+
+    # What billing sees: the CLI over the same stream.
+    day = by_request["r-unary"].day
+    result = CliRunner().invoke(
+        app,
+        [
+            "usage",
+            "--from",
+            day,
+            "--to",
+            day,
+            "--by",
+            "tenant,model",
+            "--format",
+            "csv",
+            "--redis-url",
+            redis_url,
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith((acme, beta))]
+    acme_prompt = sum(
+        r.prompt_tokens for r in records if r.tenant == acme and r.model == "stub-chat"
+    )
+    acme_completion = sum(
+        r.completion_tokens for r in records if r.tenant == acme and r.model == "stub-chat"
+    )
+    assert rows == [
+        f"{acme},no-such-model,1,1,0,0,0",
+        f"{acme},slow,1,0,{cancelled.prompt_tokens},{cancelled.completion_tokens},0",
+        f"{acme},stub-chat,3,1,{acme_prompt},{acme_completion},0",
+        f"{beta},stub-chat,2,1,{by_request['r-first'].prompt_tokens},5,0",
+    ]
+
+
+def test_a_retried_write_lands_once(redis_url: str) -> None:
+    """A write whose reply was lost is retried from the queue: the record id dedupes it."""
+    record = UsageRecord(
+        id=uuid.uuid4().hex,
+        request_id="same",
+        time="2026-12-01T00:00:00.000Z",
+        tenant=f"dedupe-{uuid.uuid4().hex[:6]}",
+        key_id="k",
+        model="m",
+        endpoint="/v1/completions",
+        backend="http://b",
+        status="ok",
+        code=200,
+        prompt_tokens=1,
+        completion_tokens=2,
+        cached_tokens=0,
+        latency_s=0.1,
+        ttft_s=None,
+    )
+
+    async def write_twice() -> None:
+        redis = PipelinedRedis(redis_url)
+        sink = RedisUsageSink(redis, retention_days=90, owned=True)
+        try:
+            assert await sink.write([record]) == []
+            assert await sink.write([record, record]) == []
+        finally:
+            await sink.close()
+
+    asyncio.run(write_twice())
+    assert [r for r in _records(redis_url) if r.tenant == record.tenant] == [record]
+
+
+@contextmanager
+def _redis_server(port: int, folder: Path) -> Iterator[subprocess.Popen[bytes]]:
+    server = shutil.which("redis-server")
+    assert server is not None, "redis-server is not installed: run .ci/setup"
+    process = subprocess.Popen(
+        [
+            server,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_records_survive_a_redis_restart_and_a_sigterm_mid_stream(tmp_path: Path) -> None:
+    """Redis down when a request ends: the record is written once Redis is back. SIGTERM with
+    a stream in flight: the stream drains and its record is written before the exit."""
+    store = FileKeyStore(tmp_path / "keys.json")
+    tenant = f"blip-{uuid.uuid4().hex[:6]}"
+    _, key = store.create(Tenant(name=tenant))
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with (
+        stub_upstream() as upstream,
+        stub_upstream(token_delay=0.02, models=("slow",)) as slow,
+        gateway(
+            tmp_path,
+            default_backend=upstream,
+            backends={"slow": slow},
+            keys_file=store.path,
+            redis_url=url,
+            redis_failure_mode="open",
+            drain_timeout_s=20,
+        ) as gw,
+    ):
+        with _redis_server(port, tmp_path):
+            assert _chat(gw.url, key, "before").status_code == 200
+            assert [r.request_id for r in _wait_records(url, {tenant}, 1)] == ["before"]
+        assert _chat(gw.url, key, "during").status_code == 200  # admitted: failing open
+        time.sleep(1.5)  # a flush or two fails while Redis is down
+        with _redis_server(port, tmp_path):
+            records = _wait_records(url, {tenant}, 1)
+            assert [(r.request_id, r.completion_tokens) for r in records] == [("during", 5)]
+            # A 50-token stream (~1 s) is in flight when the gateway gets SIGTERM.
+            lines: list[str] = []
+
+            def stream() -> None:
+                with httpx.stream(
+                    "POST",
+                    f"{gw.url}/v1/chat/completions",
+                    headers={"authorization": f"Bearer {key}", "x-request-id": "draining"},
+                    json={
+                        "model": "slow",
+                        "messages": MESSAGES,
+                        "max_tokens": 50,
+                        "ignore_eos": True,
+                        "stream": True,
+                    },
+                    timeout=30,
+                ) as response:
+                    lines.extend(response.iter_lines())
+
+            client = threading.Thread(target=stream)
+            client.start()
+            deadline = time.monotonic() + 10
+            while not any("tok" in line for line in lines) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gw.process.send_signal(signal.SIGTERM)
+            client.join(timeout=30)
+            gw.process.wait(timeout=30)
+            assert "data: [DONE]" in lines
+            drained = [r for r in _records(url) if r.tenant == tenant]
+    assert [(r.request_id, r.status, r.completion_tokens) for r in drained] == [
+        ("during", "ok", 5),
+        ("draining", "ok", 50),
+    ]
