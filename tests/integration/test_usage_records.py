@@ -21,11 +21,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import httpx
 from typer.testing import CliRunner
 
 from llmops_cli.main import app
 from llmops_gateway.core import estimate_tokens
+from llmops_gateway.grpc_api import gateway_pb2 as pb
+from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
 from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.redis_pipe import PipelinedRedis
 from llmops_gateway.usage_records import RedisUsageSink, UsageRecord, read_stream
@@ -105,6 +108,20 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
         assert _chat(b.url, acme_key, "r-404", model="no-such-model").status_code == 404
         assert _chat(a.url, beta_key, "r-first").status_code == 200
         assert _chat(b.url, beta_key, "r-429").status_code == 429
+        # The same core behind gRPC: unary and streaming.
+        with grpc.insecure_channel(b.grpc_target) as channel:
+            stub = pb_grpc.GatewayStub(channel)
+            request = pb.ChatCompletionRequest(
+                model="stub-chat",
+                messages=[pb.Message(role="user", content="hi")],
+                params=pb.SamplingParams(max_tokens=4),
+            )
+            auth = ("authorization", f"Bearer {acme_key}")
+            reply = stub.CreateChatCompletion(request, metadata=[auth, ("x-request-id", "g-unary")])
+            chunks = list(
+                stub.StreamChatCompletion(request, metadata=[auth, ("x-request-id", "g-stream")])
+            )
+        grpc_stream_usage = [c.usage for c in chunks if c.HasField("usage")][-1]
         # A client that reads three tokens of a slow stream, then goes away.
         read = 0
         with httpx.stream(
@@ -125,10 +142,10 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
                     read += 1
                 if read == 3:
                     break
-        records = _wait_records(redis_url, {acme, beta}, 7)
+        records = _wait_records(redis_url, {acme, beta}, 9)
     by_request = {r.request_id: r for r in records}
-    assert len(records) == 7, [r.request_id for r in records]  # nothing doubled
-    assert len({r.id for r in records}) == 7
+    assert len(records) == 9, [r.request_id for r in records]  # nothing doubled
+    assert len({r.id for r in records}) == 9
     assert set(by_request) == {
         "r-unary",
         "r-stream",
@@ -137,6 +154,8 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
         "r-first",
         "r-429",
         "r-cancel",
+        "g-unary",
+        "g-stream",
     }
 
     usage = unary.json()["usage"]
@@ -159,6 +178,12 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
     assert (limited.status, limited.code, limited.tenant) == ("rejected", 429, beta)
     assert (limited.prompt_tokens, limited.completion_tokens) == (0, 0)
     assert by_request["r-first"].status == "ok"
+    g_unary, g_stream = by_request["g-unary"], by_request["g-stream"]
+    assert (g_unary.status, g_unary.completion_tokens) == ("ok", reply.usage.completion_tokens)
+    assert g_unary.prompt_tokens == reply.usage.prompt_tokens
+    assert (g_stream.status, g_stream.completion_tokens) == ("ok", 4)
+    assert g_stream.prompt_tokens == grpc_stream_usage.prompt_tokens
+    assert reply.usage.completion_tokens == grpc_stream_usage.completion_tokens == 4
     cancelled = by_request["r-cancel"]
     assert (cancelled.status, cancelled.code, cancelled.model) == ("cancelled", 200, "slow")
     # No usage chunk arrives on a cut stream: the prompt is the gateway's estimate, the
@@ -195,7 +220,7 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
     assert rows == [
         f"{acme},no-such-model,1,1,0,0,0",
         f"{acme},slow,1,0,{cancelled.prompt_tokens},{cancelled.completion_tokens},0",
-        f"{acme},stub-chat,3,1,{acme_prompt},{acme_completion},0",
+        f"{acme},stub-chat,5,1,{acme_prompt},{acme_completion},0",
         f"{beta},stub-chat,2,1,{by_request['r-first'].prompt_tokens},5,0",
     ]
 
