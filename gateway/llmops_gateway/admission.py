@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from llmops_gateway.keys import Tenant
-from llmops_gateway.redis_pipe import PipelinedRedis, Script
+from llmops_gateway.redis_pipe import PipelinedRedis, Script, TlsOptions
 
 WINDOW_S = 60.0
 DAY_S = 86400
@@ -182,11 +182,22 @@ class RedisAdmission:
         url: ``redis://`` or ``rediss://`` URL (user, password and database optional).
         prefix: Key prefix, so several gateways can share a Redis.
         timeout_s: Longest a Redis call may take before it counts as Redis being down.
+        retry_interval_s: After Redis fails, how long calls fail at once before a reconnect.
+        tls: CA, client certificate and server name for ``rediss://``.
     """
 
-    def __init__(self, url: str, prefix: str = "llmops:gw", timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "llmops:gw",
+        timeout_s: float = 2.0,
+        retry_interval_s: float = 0.5,
+        tls: TlsOptions | None = None,
+    ) -> None:
         self.prefix = prefix
-        self.redis = PipelinedRedis(url, timeout_s=timeout_s)
+        self.redis = PipelinedRedis(
+            url, timeout_s=timeout_s, retry_interval_s=retry_interval_s, tls=tls
+        )
 
     def _keys(self, tenant: str, day: int) -> list[str]:
         base = f"{self.prefix}:{{{tenant}}}"

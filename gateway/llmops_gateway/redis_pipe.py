@@ -7,10 +7,16 @@ path this costs a fraction of a general-purpose client's per-call CPU, which the
 spends on every request (replies are parsed by hiredis, in C).
 
 What it supports is what the gateway needs: ``redis://`` and ``rediss://`` (TLS) URLs with an
-optional user, password and database number, commands, and Lua scripts by SHA with a reload
-when Redis has forgotten them (after a restart). A connection that fails or stops answering
-within the timeout is dropped, every call waiting on it fails with `RedisUnavailableError`, and the
-next call connects again.
+optional user, password and database number, TLS with a private CA, a client certificate and
+a server name, commands, and Lua scripts by SHA with a reload when Redis has forgotten them
+(after a restart).
+
+A connection that fails or stops answering within the timeout is dropped and every call waiting
+on it fails with `RedisUnavailableError`. Then, for ``retry_interval_s``, calls fail at once
+(the gateway's failure mode answers without waiting); the first call after that starts one
+reconnect, which every call arriving meanwhile shares: a Redis that accepts connections but
+never answers costs each request at most one timeout, never one timeout per request queued
+ahead of it.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ import asyncio
 import collections
 import functools
 import hashlib
+import math
 import ssl
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -92,6 +101,30 @@ class Address:
         )
 
 
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS beyond the system CAs, for ``rediss://`` URLs.
+
+    Attributes:
+        ca_file: CA bundle (PEM) that signs the server certificate; None: the system CAs.
+        cert_file: Client certificate (PEM) for mutual TLS.
+        key_file: Its private key (PEM); None: inside ``cert_file``.
+        server_name: Name the server certificate must carry, when it is not the URL's host.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The client-side SSL context (certificate and host name checked)."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader(replyError=RedisReplyError)
@@ -128,23 +161,58 @@ class PipelinedRedis:
     Args:
         url: ``redis://`` or ``rediss://`` URL.
         timeout_s: Longest a connect or a reply may take.
+        retry_interval_s: After a failure, how long calls fail at once before a reconnect.
+        tls: CA, client certificate and server name for ``rediss://``.
+
+    Raises:
+        ValueError: a bad URL, or TLS options with a ``redis://`` URL.
     """
 
-    def __init__(self, url: str, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 2.0,
+        retry_interval_s: float = 0.5,
+        tls: TlsOptions | None = None,
+    ) -> None:
         self.address = Address.from_url(url)
+        if tls is not None and tls != TlsOptions() and not self.address.tls:
+            raise ValueError("Redis TLS options need a rediss:// URL")
         self.timeout_s = timeout_s
+        self.retry_interval_s = retry_interval_s
+        self.tls = tls or TlsOptions()
+        self._ssl = self.tls.context() if self.address.tls else None
         self._protocol: _Protocol | None = None
-        self._connecting = asyncio.Lock()
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._down_until = -math.inf
+        self._down_reason = ""
 
     async def _connection(self) -> _Protocol:
         protocol = self._protocol
         if protocol is not None and protocol.lost is None:
             return protocol
-        async with self._connecting:
-            if self._protocol is not None and self._protocol.lost is None:
-                return self._protocol
+        if self._connecting is None:
+            wait = self._down_until - time.monotonic()
+            if wait > 0:
+                raise RedisUnavailableError(f"{self._down_reason}; next attempt in {wait:.1f} s")
+            # One attempt for every caller: the first starts it, the rest await the same one.
+            self._connecting = asyncio.ensure_future(self._connect_once())
+        # Shielded: a caller that gives up must not cancel the attempt the others wait on.
+        return await asyncio.shield(self._connecting)
+
+    async def _connect_once(self) -> _Protocol:
+        try:
             self._protocol = await self._connect()
             return self._protocol
+        except RedisUnavailableError as exc:
+            self._failed(str(exc))
+            raise
+        finally:
+            self._connecting = None
+
+    def _failed(self, reason: str) -> None:
+        self._down_until = time.monotonic() + self.retry_interval_s
+        self._down_reason = reason
 
     async def _connect(self) -> _Protocol:
         address = self.address
@@ -162,11 +230,12 @@ class PipelinedRedis:
                     _Protocol,
                     address.host,
                     address.port,
-                    ssl=ssl.create_default_context() if address.tls else None,
+                    ssl=self._ssl,
+                    server_hostname=self.tls.server_name if self._ssl else None,
                 )
                 for command in setup:
                     await self._send(protocol, command)
-        except (OSError, TimeoutError, RedisReplyError) as exc:
+        except (OSError, TimeoutError, RedisReplyError, ssl.SSLError) as exc:
             if protocol is not None:
                 self._drop(protocol)
             # The reply to AUTH never holds the password; the URL is not repeated here.
@@ -194,8 +263,11 @@ class PipelinedRedis:
             async with asyncio.timeout(self.timeout_s):
                 return await future
         except TimeoutError:
+            reason = f"Redis did not answer in {self.timeout_s:g} s"
+            if self._protocol is protocol:
+                self._failed(reason)
             self._drop(protocol)
-            raise RedisUnavailableError(f"Redis did not answer in {self.timeout_s:g} s") from None
+            raise RedisUnavailableError(reason) from None
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
         """Runs a script by SHA, loading it first if Redis does not know it (yet, or anymore)."""

@@ -18,6 +18,7 @@ from llmops_gateway.core import GatewayCore
 from llmops_gateway.keys import FileKeyStore, KeyFile
 from llmops_gateway.logs import configure_logging
 from llmops_gateway.metrics import GatewayMetrics
+from llmops_gateway.redis_pipe import TlsOptions
 from llmops_gateway.rest import create_app
 from llmops_gateway.settings import GatewaySettings
 
@@ -33,9 +34,20 @@ class _EmptyStore:
 def build_core(settings: GatewaySettings) -> GatewayCore:
     """Wires settings into a core: key store, admission backend, metrics."""
     store = FileKeyStore(settings.keys_file) if settings.keys_file else _EmptyStore()
-    admission: Admission = (
-        RedisAdmission(settings.redis_url) if settings.redis_url else MemoryAdmission()
-    )
+    admission: Admission = MemoryAdmission()
+    if settings.redis_url:
+        tls = TlsOptions(
+            ca_file=settings.redis_tls_ca_file,
+            cert_file=settings.redis_tls_cert_file,
+            key_file=settings.redis_tls_key_file,
+            server_name=settings.redis_tls_server_name,
+        )
+        admission = RedisAdmission(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_s,
+            retry_interval_s=settings.redis_retry_interval_s,
+            tls=tls,
+        )
     return GatewayCore(settings, store, admission, GatewayMetrics.create())
 
 

@@ -61,7 +61,7 @@ class GatewaySettings(BaseSettings):
         default=2.0, gt=0, description="Longest a Redis connect or reply may take."
     )
     redis_retry_interval_s: float = Field(
-        default=1.0,
+        default=0.5,
         ge=0,
         description="After Redis fails, how long calls fail at once (and the failure mode "
         "answers) before one shared reconnect is tried.",

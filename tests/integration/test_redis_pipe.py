@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import shutil
 import socket
+import subprocess
+import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from llmops_gateway.redis_pipe import (
     Address,
@@ -14,8 +25,10 @@ from llmops_gateway.redis_pipe import (
     RedisReplyError,
     RedisUnavailableError,
     Script,
+    TlsOptions,
     encode,
 )
+from tests.conftest import free_port
 
 
 def test_commands_are_encoded_as_bulk_string_arrays() -> None:
@@ -103,3 +116,186 @@ async def test_credentials_in_the_url_are_used_and_a_wrong_password_is_named_not
     with pytest.raises(RedisUnavailableError, match="WRONGPASS") as caught:
         await bad.call("PING")
     assert "not-the-password" not in str(caught.value)
+
+
+@asynccontextmanager
+async def blackhole() -> AsyncIterator[tuple[int, list[int]]]:
+    """A listener that accepts connections and never answers (a lost Redis node).
+
+    Yields:
+        Its port, and a list that grows by one per accepted connection.
+    """
+    accepted: list[int] = []
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], accepted
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+
+
+@pytest.mark.parametrize("credentials", ["", "user:secret@"])
+async def test_waiters_on_a_silent_redis_share_one_attempt_then_fail_fast(
+    credentials: str,
+) -> None:
+    """With a password, the connect itself hangs (AUTH never answered); without, the first
+    command does. Either way each of 20 concurrent calls fails within one timeout, not the
+    k-th after k timeouts as when each waiter reconnected in turn under a lock."""
+    timeout_s = 0.3
+    async with blackhole() as (port, accepted):
+        redis = PipelinedRedis(
+            f"redis://{credentials}127.0.0.1:{port}/0", timeout_s=timeout_s, retry_interval_s=1.0
+        )
+
+        async def timed_call() -> float:
+            started = time.monotonic()
+            with pytest.raises(RedisUnavailableError):
+                await redis.call("PING")
+            return time.monotonic() - started
+
+        waits = await asyncio.gather(*(timed_call() for _ in range(20)))
+        assert max(waits) < timeout_s + 0.2, waits
+        assert len(accepted) == 1
+        # Within the retry interval, calls fail at once and nothing connects.
+        started = time.monotonic()
+        with pytest.raises(RedisUnavailableError, match="next attempt in"):
+            await redis.call("PING")
+        assert time.monotonic() - started < 0.05
+        assert len(accepted) == 1
+        await asyncio.sleep(1.0)
+        # Then one shared attempt again.
+        again = await asyncio.gather(*(timed_call() for _ in range(5)))
+        assert max(again) < timeout_s + 0.2, again
+        assert len(accepted) == 2
+        await redis.close()
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
+    usage: x509.ObjectIdentifier | None,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_name, issuer_key = issuer or (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    if usage is None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+    else:
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), False)
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _write(
+    folder: Path, name: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> None:
+    (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    """redis-server with TLS only, a private CA, a certificate for ``redis.test`` (not for
+    127.0.0.1) and client certificates required (``tls-auth-clients yes``)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed: run .ci/setup (it installs it)")
+    folder = tmp_path_factory.mktemp("tls")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("llmops test CA", ca_key, None, None)
+    _write(folder, "ca", ca, ca_key)
+    for name, usage in (
+        ("redis.test", ExtendedKeyUsageOID.SERVER_AUTH),
+        ("gateway", ExtendedKeyUsageOID.CLIENT_AUTH),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write(folder, name, _certificate(name, key, ("llmops test CA", ca_key), usage), key)
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            *(server, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"),
+            *("--tls-cert-file", str(folder / "redis.test.crt")),
+            *("--tls-key-file", str(folder / "redis.test.key")),
+            *("--tls-ca-cert-file", str(folder / "ca.crt")),
+            *("--tls-auth-clients", "yes", "--save", "", "--dir", str(folder)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("redis-server with TLS did not start")
+            time.sleep(0.05)
+    try:
+        yield port, folder
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_tls_with_a_private_ca_client_certificate_and_server_name(
+    tls_redis: tuple[int, Path],
+) -> None:
+    port, folder = tls_redis
+    url = f"rediss://127.0.0.1:{port}/0"
+    full = TlsOptions(
+        ca_file=folder / "ca.crt",
+        cert_file=folder / "gateway.crt",
+        key_file=folder / "gateway.key",
+        server_name="redis.test",
+    )
+    redis = PipelinedRedis(url, tls=full)
+    try:
+        assert await redis.call("PING") == b"PONG"
+    finally:
+        await redis.close()
+    # Each part is needed: the CA, the name on the certificate, the client certificate.
+    for lacking, reason in (
+        (
+            TlsOptions(cert_file=full.cert_file, key_file=full.key_file, server_name="redis.test"),
+            "CERTIFICATE_VERIFY_FAILED",
+        ),
+        (
+            TlsOptions(ca_file=full.ca_file, cert_file=full.cert_file, key_file=full.key_file),
+            "CERTIFICATE_VERIFY_FAILED",
+        ),
+        (TlsOptions(ca_file=full.ca_file, server_name="redis.test"), "cannot use|lost"),
+    ):
+        refused = PipelinedRedis(url, timeout_s=1.0, tls=lacking)
+        with pytest.raises(RedisUnavailableError, match=reason):
+            await refused.call("PING")
+        await refused.close()
+
+
+def test_tls_options_need_a_rediss_url(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rediss://"):
+        PipelinedRedis("redis://127.0.0.1:6379/0", tls=TlsOptions(server_name="redis.test"))

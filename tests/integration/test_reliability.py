@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -190,6 +191,91 @@ def test_redis_outage_under_load_follows_the_failure_mode(
         assert statuses.count("429") == 10
         result.measured = {"during outage": len(during), "after recovery rpm 20 of 30": 20}
     assert f"failing {mode}" in gw.log.read_text()
+
+
+@contextmanager
+def blackhole_listener() -> Iterator[int]:
+    """A TCP listener that accepts connections and never answers (a lost Redis node, a
+    half-open network path); yields its port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(512)
+    held: list[socket.socket] = []
+    stopping = False
+
+    def accept() -> None:
+        while not stopping:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stopping = True
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_a_redis_that_never_answers_costs_each_request_one_timeout_at_most(
+    tmp_path: Path, store: FileKeyStore, mode: str
+) -> None:
+    """A Redis that accepts and never answers, with a password in the URL so that the
+    connect itself hangs (AUTH): a burst of 40 concurrent requests, then 20 requests/s for
+    4 s. Every request is answered (503 when failing closed, 200 when open) within the Redis
+    timeout plus a margin; before one reconnect was shared by all waiters, the k-th waiting
+    request waited about k timeouts."""
+    key = unlimited(store, "blackhole")
+    timeout_s, margin_s = 1.0, 0.5
+    result = outcome(
+        f"Redis that accepts and never answers, 40-request burst + 20 rps (fail {mode})"
+    )
+    with (
+        blackhole_listener() as port,
+        stub_upstream() as upstream,
+        gateway(
+            tmp_path,
+            default_backend=upstream,
+            keys_file=store.path,
+            redis_url=f"redis://:secret@127.0.0.1:{port}/0",
+            redis_failure_mode=mode,
+            redis_timeout_s=timeout_s,
+            redis_retry_interval_s=1.0,
+        ) as gw,
+    ):
+
+        async def scenario() -> list[tuple[str, float]]:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+
+                async def timed() -> tuple[str, float]:
+                    started = time.monotonic()
+                    kind = await send(client, CHAT, json=chat_body(), key=key)
+                    return kind, time.monotonic() - started
+
+                answers = await asyncio.gather(*(timed() for _ in range(40)))
+                paced: list[asyncio.Task[tuple[str, float]]] = []
+                for _ in range(80):
+                    paced.append(asyncio.create_task(timed()))
+                    await asyncio.sleep(0.05)
+                return [*answers, *await asyncio.gather(*paced)]
+
+        answers = asyncio.run(scenario())
+    for kind, _ in answers:
+        result.record(kind)
+    kinds = {kind for kind, _ in answers}
+    assert kinds == ({"503"} if mode == "closed" else {"200"}), kinds
+    waits = sorted(wait for _, wait in answers)
+    assert waits[-1] < timeout_s + margin_s, waits[-5:]
+    result.measured = {
+        "slowest answer s": round(waits[-1], 2),
+        "median answer s": round(waits[len(waits) // 2], 3),
+        "answered at once (< 50 ms)": sum(wait < 0.05 for wait in waits),
+    }
 
 
 # --- draining, timeouts, disconnects ------------------------------------------------------
