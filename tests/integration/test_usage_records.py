@@ -355,3 +355,31 @@ def test_records_survive_a_redis_restart_and_a_sigterm_mid_stream(tmp_path: Path
         ("during", "ok", 5),
         ("draining", "ok", 50),
     ]
+
+
+def test_without_redis_records_go_to_a_file_beside_the_keys(tmp_path: Path) -> None:
+    """`llmops up` has no Redis: records are JSON lines in usage.jsonl next to the key file,
+    where `llmops usage` reads them by default."""
+    store = FileKeyStore(tmp_path / "keys.json")
+    _, key = store.create(Tenant(name="local"))
+    with (
+        stub_upstream() as upstream,
+        gateway(tmp_path, default_backend=upstream, keys_file=store.path) as gw,
+    ):
+        reply = _chat(gw.url, key, "local-1")
+        assert reply.status_code == 200
+        path = tmp_path / "usage.jsonl"
+        deadline = time.monotonic() + 10
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    usage = reply.json()["usage"]
+    result = CliRunner().invoke(
+        app,
+        ["usage", "--by", "tenant,model", "--format", "csv"],
+        env={"LLMOPS_KEYS_FILE": str(store.path), "LLMOPS_GATEWAY_REDIS_URL": ""},
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "tenant,model,requests,failed,prompt_tokens,completion_tokens,cached_tokens",
+        f"local,stub-chat,1,0,{usage['prompt_tokens']},{usage['completion_tokens']},0",
+    ]
