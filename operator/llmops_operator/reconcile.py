@@ -81,9 +81,11 @@ def is_subset(desired: Any, observed: Any) -> bool:
 def _applicable(desired: dict[str, Any], live: Mapping[str, Any] | None) -> dict[str, Any]:
     """What to apply for a child: the rendered object, less what the API server refuses to
     change on an existing one. A Job's pod template is immutable (new sources get a new Job
-    name); a PVC's spec is immutable except for the size, which only grows. For those, the
-    fields the operator renders keep the values the live object holds, so the apply neither
-    changes nor drops them.
+    name); a PVC's spec is immutable except for the size, which only grows, and only once the
+    claim is Bound (pkg/apis/core/validation, ValidatePersistentVolumeClaimUpdate: a Pending
+    claim refuses any change, and that refusal would fail every pass). For those, the fields
+    the operator renders keep the values the live object holds, so the apply neither changes
+    nor drops them; a growth waits for the claim to bind.
     """
     kind = desired["kind"]
     if live is None or kind not in {"Job", "PersistentVolumeClaim"}:
@@ -92,7 +94,8 @@ def _applicable(desired: dict[str, Any], live: Mapping[str, Any] | None) -> dict
     if kind == "PersistentVolumeClaim":
         want = desired["spec"]["resources"]["requests"]["storage"]
         have = live.get("spec", {}).get("resources", {}).get("requests", {}).get("storage")
-        if have is None or quantity(want) >= quantity(have):
+        bound = (live.get("status") or {}).get("phase") == "Bound"
+        if have is None or (bound and quantity(want) >= quantity(have)):
             spec["resources"] = desired["spec"]["resources"]
     return {**desired, "spec": spec}
 

@@ -132,3 +132,38 @@ async def test_a_missing_credentials_secret_is_a_condition(kmock: KubeAPI) -> No
             lambda: condition(kmock, "llama-8b", "ModelCached")["reason"] == "Loading",
             what="Loading once the Secret exists",
         )
+
+
+@pytest.mark.kmock(cls=KubeAPI)
+async def test_a_pending_volume_is_resized_once_bound_and_never_blocks_a_pass(
+    kmock: KubeAPI,
+) -> None:
+    """The API server refuses any change to a claim that is not Bound
+    (pkg/apis/core/validation, ValidatePersistentVolumeClaimUpdate; the fake copies it): a
+    larger cache waits for the claim to bind, and the rest of the pass still applies."""
+    kmock.install_crds()
+    async with running_operator(kmock, converge_interval_s=0.5):
+        manifest = shared_cache("llama-8b-gpu")
+        await create_secret(kmock, "hf-token", {"HF_TOKEN": "hf_test"})
+        await create(kmock, manifest)
+        await eventually(lambda: live(kmock, "v1/persistentvolumeclaims").get(PVC), what="PVC")
+        path = f"/apis/llmops.dev/v1alpha1/namespaces/{NAMESPACE}/llmdeployments/llama-8b"
+        change = {"autoscaling": {"maxReplicas": 6}, "cache": {"size": "80Gi"}}
+        await patch(kmock, path, {"spec": change})
+
+        def max_replicas() -> Any:
+            return live(kmock, "keda.sh/v1alpha1/scaledobjects")["llama-8b"]["spec"][
+                "maxReplicaCount"
+            ]
+
+        await eventually(lambda: max_replicas() == 6, what="the rest of the pass applied")
+
+        def size() -> Any:
+            return live(kmock, "v1/persistentvolumeclaims")[PVC]["spec"]["resources"]["requests"][
+                "storage"
+            ]
+
+        assert size() == "40Gi"  # Pending: left as it is
+        bound = {"phase": "Bound", "capacity": {"storage": "40Gi"}}
+        await patch(kmock, f"{PVC_PATH}/status", {"status": bound})
+        await eventually(lambda: size() == "80Gi", what="the bound claim resized")
