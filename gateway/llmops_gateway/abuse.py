@@ -18,6 +18,7 @@ one is the client. A header from anyone else is ignored, since a client can writ
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 
@@ -77,6 +78,8 @@ class AbuseLimits:
         self.rate: RateLimitItem | None = parse(rate) if rate else None
         self.refused_rate: RateLimitItem | None = parse(refused_rate) if refused_rate else None
         self.trusted = _networks(trusted_proxies)
+        # Parsing an address costs more than the counting: remember the recent answers.
+        self._trusted = functools.lru_cache(maxsize=4096)(self._is_trusted)
         self.redis = redis
         self.prefix = prefix
         # slowapi's limiter over `limits`' in-memory storage: no I/O, so its synchronous calls
@@ -88,7 +91,7 @@ class AbuseLimits:
         """Whether any limit is configured."""
         return self.rate is not None or self.refused_rate is not None
 
-    def _trusted(self, address: str) -> bool:
+    def _is_trusted(self, address: str) -> bool:
         if not self.trusted:
             return False
         try:
