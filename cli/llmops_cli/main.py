@@ -259,7 +259,9 @@ def gateway_command() -> None:
     report, read from the Kubernetes API), LLMOPS_GATEWAY_KEYS_FILE, LLMOPS_GATEWAY_REDIS_URL
     (limits shared by replicas; unset keeps them in memory), LLMOPS_GATEWAY_REDIS_FAILURE_MODE
     (open|closed),
-    LLMOPS_GATEWAY_PORT, LLMOPS_GATEWAY_METRICS_PORT, LLMOPS_GATEWAY_DRAIN_TIMEOUT_S.
+    LLMOPS_GATEWAY_PORT, LLMOPS_GATEWAY_METRICS_PORT, LLMOPS_GATEWAY_DRAIN_TIMEOUT_S,
+    LLMOPS_GATEWAY_USAGE_RETENTION_DAYS (usage records kept in Redis), LLMOPS_GATEWAY_USAGE_FILE
+    (without Redis; default usage.jsonl beside the key file).
     """
     from llmops_gateway.server import main as gateway_main
 
