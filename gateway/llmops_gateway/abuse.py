@@ -32,7 +32,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # KEYS: the address's request counter, its refused-key counter. ARGV: window and limit of
 # each, and whether this call counts a request (1) or a refused key (0).
-# Returns {allowed (1/0), milliseconds until the blocking window ends}.
+# Returns {allowed (1/0), milliseconds until the blocking window ends, the blocking limit}.
 _COUNT = Script(
     """
 local counted = KEYS[2]
@@ -40,14 +40,16 @@ local window, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
 if ARGV[5] == '1' then
   local refused = tonumber(redis.call('GET', KEYS[2]) or '0')
   if refused >= tonumber(ARGV[4]) then
-    return {0, redis.call('PTTL', KEYS[2])}
+    return {0, redis.call('PTTL', KEYS[2]), 'refused'}
   end
   counted, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
 end
 local count = redis.call('INCR', counted)
 if count == 1 then redis.call('PEXPIRE', counted, window) end
-if count > limit then return {0, redis.call('PTTL', counted)} end
-return {1, 0}
+if count > limit then
+  return {0, redis.call('PTTL', counted), ARGV[5] == '1' and 'req' or 'refused'}
+end
+return {1, 0, ''}
 """
 )
 
@@ -131,26 +133,27 @@ class AbuseLimits:
     async def _count(self, address: str, *, request: bool) -> None:
         if self.redis is not None:
             try:
-                allowed, retry_ms = await self._count_redis(address, request)
+                blocked, retry_s = await self._count_redis(address, request)
             except (RedisUnavailableError, RedisReplyError):
-                allowed, retry_s = self._count_memory(address, request)
-            else:
-                retry_s = max(retry_ms, 0) / 1000
+                blocked, retry_s = self._count_memory(address, request)
         else:
-            allowed, retry_s = self._count_memory(address, request)
-        if not allowed:
+            blocked, retry_s = self._count_memory(address, request)
+        if blocked:
             raise errors.rate_limited(
-                f"too many requests from {address}"
-                if request
-                else f"too many refused API keys from {address}",
+                f"too many refused API keys from {address}"
+                if blocked == "refused"
+                else f"too many requests from {address}",
                 "client_rate_limit_exceeded",
-                retry_s,
+                max(retry_s, 0.0),
             )
 
-    async def _count_redis(self, address: str, request: bool) -> tuple[bool, int]:
+    async def _count_redis(self, address: str, request: bool) -> tuple[str, float]:
+        """The limit that blocks (``req``, ``refused``; empty: none) and seconds to wait."""
         assert self.redis is not None
         rate, refused = self.rate, self.refused_rate
-        keys = [f"{self.prefix}:req:{address}", f"{self.prefix}:refused:{address}"]
+        # One hash tag per address: both keys in one slot, as a script on Redis Cluster needs.
+        base = f"{self.prefix}:{{{address}}}"
+        keys = [f"{base}:req", f"{base}:refused"]
         args: list[str | int] = [
             rate.get_expiry() * 1000 if rate else 1,
             rate.amount if rate else 2**62,
@@ -158,19 +161,20 @@ class AbuseLimits:
             refused.amount if refused else 2**62,
             1 if request else 0,
         ]
-        allowed, retry_ms = await self.redis.evalsha(_COUNT, keys, list(args))
-        return bool(allowed), int(retry_ms)
+        allowed, retry_ms, limit = await self.redis.evalsha(_COUNT, keys, list(args))
+        blocked = "" if allowed else (limit.decode() if isinstance(limit, bytes) else str(limit))
+        return blocked, int(retry_ms) / 1000
 
-    def _count_memory(self, address: str, request: bool) -> tuple[bool, float]:
+    def _count_memory(self, address: str, request: bool) -> tuple[str, float]:
+        """As `_count_redis`, in this process's memory."""
         limiter = self.memory.limiter
         refused = self.refused_rate
         if request and refused is not None and not limiter.test(refused, "refused", address):
             reset = limiter.get_window_stats(refused, "refused", address).reset_time
-            return False, reset - time.time()
+            return "refused", reset - time.time()
         item = self.rate if request else self.refused_rate
         namespace = "req" if request else "refused"
-        if item is None:
-            return True, 0.0
-        if limiter.hit(item, namespace, address):
-            return True, 0.0
-        return False, limiter.get_window_stats(item, namespace, address).reset_time - time.time()
+        if item is None or limiter.hit(item, namespace, address):
+            return "", 0.0
+        reset = limiter.get_window_stats(item, namespace, address).reset_time
+        return namespace, reset - time.time()

@@ -178,4 +178,6 @@ def test_redis_shares_the_counts_between_replicas(
     with gateway(tmp_path, **settings) as first, gateway(tmp_path, **settings) as second:
         assert _models(first, BAD_KEY, "203.0.113.10").status_code == 401
         assert _models(second, BAD_KEY, "203.0.113.10").status_code == 401
-        _assert_throttled(_models(first, BAD_KEY, "203.0.113.10"))
+        throttled = _models(first, BAD_KEY, "203.0.113.10")
+        _assert_throttled(throttled)
+        assert "too many refused API keys" in throttled.json()["error"]["message"]

@@ -9,11 +9,13 @@ rightmost entry that is not one of our own proxies. Window semantics are those o
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
 from llmops_gateway.abuse import AbuseLimits
 from llmops_gateway.errors import GatewayError
+from llmops_gateway.redis_pipe import PipelinedRedis
 
 
 @pytest.mark.parametrize(
@@ -43,7 +45,7 @@ def test_refused_keys_block_the_address_for_the_rest_of_the_window() -> None:
         for _ in range(2):
             await limits.check("a")
             await limits.refused("a")
-        with pytest.raises(GatewayError) as blocked:
+        with pytest.raises(GatewayError, match="too many refused API keys from a") as blocked:
             await limits.check("a")
         assert blocked.value.status == 429
         assert blocked.value.retry_after_s is not None
@@ -73,3 +75,21 @@ def test_no_limits_configured_counts_nothing() -> None:
             await limits.refused("a")
 
     asyncio.run(scenario())
+
+
+def test_without_redis_each_replica_keeps_limiting_in_memory() -> None:
+    """A Redis that refuses connections: the counts fall back to this process's memory."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: connections are refused
+
+        async def scenario() -> None:
+            redis = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
+            limits = AbuseLimits(None, "2/minute", [], redis)
+            for _ in range(2):
+                await limits.check("a")
+                await limits.refused("a")
+            with pytest.raises(GatewayError, match="too many refused API keys from a"):
+                await limits.check("a")
+
+        asyncio.run(scenario())
