@@ -59,11 +59,12 @@ class ErrorBody(BaseModel):
 def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "Malformed JSON, wrong field types, or a request larger than a limit allows.",
-        401: "Missing, invalid or revoked API key.",
+        401: "Missing, invalid, expired or revoked API key.",
         404: "No such model, or one the key's tenant may not use (not revealed).",
         413: "Body over the size limit.",
-        429: "A rate limit is reached (see Retry-After), or the daily budget is spent "
-        "(type insufficient_quota, x-should-retry: false).",
+        429: "A rate limit is reached (see Retry-After): the tenant's, or the client "
+        "address's (code client_rate_limit_exceeded: too many requests or refused keys); or "
+        "the daily budget is spent (type insufficient_quota, x-should-retry: false).",
         502: "The backend failed.",
         503: "Draining, rate limiter down (fail closed), or backend unreachable.",
         504: "The backend did not answer in time.",
@@ -300,7 +301,7 @@ def create_app(core: GatewayCore) -> GatewayApp:
             core.metrics.record("embeddings", model, tenant, 500, started)
             return _internal_error(request_id)
 
-    @app.get("/v1/models", responses=_responses(401))
+    @app.get("/v1/models", responses=_responses(401, 429))
     async def models(request: Request) -> Response:
         """The models the caller's key may use."""
         request_id = _request_id(request)
@@ -313,7 +314,7 @@ def create_app(core: GatewayCore) -> GatewayApp:
         names = await core.models_for(caller)
         return JSONResponse({"object": "list", "data": [model_object(n) for n in names]})
 
-    @app.get("/v1/models/{model:path}", responses=_responses(401, 404))
+    @app.get("/v1/models/{model:path}", responses=_responses(401, 404, 429))
     async def model(request: Request, model: str) -> Response:
         """One model the caller's key may use (the ``openai`` SDK's ``models.retrieve``)."""
         request_id = _request_id(request)
