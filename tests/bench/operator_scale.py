@@ -45,7 +45,9 @@ from llmops_operator.render import DEPLOYMENT_LABEL
 from tests.conftest import free_port
 from tests.fakes.kube_api import LLMDEPLOYMENTS, KubeAPI
 from tests.integration.operator_fixtures import (
+    NAMESPACE,
     create,
+    create_secret,
     example,
     live,
     llmd_path,
@@ -73,11 +75,21 @@ class RecordingAPI(KubeAPI):
         super().__attrs_post_init__()
         self.log: list[tuple[float, str, str, str]] = []
         self.max_replicas_seen: dict[tuple[str, int], float] = {}
+        self._inflight: set[int] = set()
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         # KMock matches each request against its whole request history (quadratic over a run);
-        # the emulator's own reactions need none of it, so keep only the recent requests.
-        del self._requests[:-1]
+        # the emulator's own reactions need none of it, so keep only the requests still in
+        # flight and the last few (a request no longer in the history matches no reaction).
+        recent = self._requests[-8:]
+        self._requests[:] = [r for r in self._requests[:-8] if id(r) in self._inflight] + recent
+        self._inflight.add(id(request))
+        try:
+            return await self._handle_recorded(request)
+        finally:
+            self._inflight.discard(id(request))
+
+    async def _handle_recorded(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         now = time.monotonic()
         where = f"{request.url.path}?{request.url.query_string} {request.text[:2000]}"
         found = CR_NAME.search(where)
@@ -218,6 +230,7 @@ async def run_phases(
 ) -> None:
     template = example("llama-8b-gpu")
     template["spec"]["cache"]["accessMode"] = "ReadWriteMany"  # a PVC and a loader Job too
+    await create_secret(api, template["spec"]["cache"]["credentialsSecret"], {"HF_TOKEN": "hf_x"})
     for name in names:
         manifest = copy.deepcopy(template)
         manifest["metadata"]["name"] = name
@@ -234,7 +247,11 @@ async def run_phases(
     count = len(names) * len(CHILDREN)
     print(f"initial reconcile: all {count} children in {took:.1f} s", flush=True)
     jobs = {j["metadata"]["labels"][DEPLOYMENT_LABEL]: n for n, j in live(api, CHILDREN[1]).items()}
+    bound = {"status": {"phase": "Bound", "capacity": {"storage": "40Gi"}}}
     for name in names:
+        # What the storage controller and the other controllers report.
+        claim = f"/api/v1/namespaces/{NAMESPACE}/persistentvolumeclaims/{name}-model-cache"
+        await patch(api, f"{claim}/status", bound)
         await report_children_ready(api, name, jobs[name], [LLM_DEPLOYMENT])
 
     def all_ready() -> bool:
