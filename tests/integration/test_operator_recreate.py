@@ -44,6 +44,8 @@ async def test_recreate_replaces_a_cluster_of_an_older_spec_only(kmock: KubeAPI)
     async with running_operator(kmock, converge_interval_s=0.5):
         manifest = example("llama-70b-tp")  # rollout.strategy: Recreate
         await create(kmock, manifest)
+        # The last child a pass applies: every status the test reports has its object.
+        await eventually(lambda: live(kmock, "keda.sh/v1alpha1/scaledobjects"), what="children")
         await eventually(lambda: live(kmock, "batch/v1/jobs"), what="the loader Job")
         job = next(iter(live(kmock, "batch/v1/jobs")))
         cluster = await report_children_ready(kmock, "llama-70b", job, [LLM])
@@ -68,7 +70,10 @@ async def test_recreate_replaces_a_cluster_of_an_older_spec_only(kmock: KubeAPI)
         await eventually(
             lambda: cluster not in live(kmock, RAYCLUSTERS), what="the stale cluster deleted"
         )
-        assert any(cluster in message for message in events(kmock, "Recreating"))
+        await eventually(
+            lambda: any(cluster in message for message in events(kmock, "Recreating")),
+            what="a Recreating Event naming the cluster",  # Events are posted in the background
+        )
 
         # KubeRay's new cluster, from the current spec, is left alone.
         fresh = await report_children_ready(kmock, "llama-70b", None, [LLM])
@@ -81,7 +86,7 @@ async def test_new_cluster_strategy_never_deletes_a_cluster(kmock: KubeAPI) -> N
     kmock.install_crds()
     async with running_operator(kmock, converge_interval_s=0.5):
         await create(kmock, example("llama-8b-gpu"))  # rollout.strategy: NewCluster
-        await eventually(lambda: live(kmock, "ray.io/v1/rayservices"), what="the RayService")
+        await eventually(lambda: live(kmock, "keda.sh/v1alpha1/scaledobjects"), what="children")
         cluster = await report_children_ready(
             kmock, "llama-8b", None, ["llm-llama-3-1-8b-instruct"]
         )
