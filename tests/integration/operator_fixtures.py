@@ -252,12 +252,19 @@ async def report_children_ready(
             }
         },
     )
-    ready = {"type": "Ready", "status": "True", "reason": "ScaledObjectReady"}
-    await patch(
-        api,
-        f"/apis/keda.sh/v1alpha1/{ns}/scaledobjects/{name}/status",
-        {"status": {"conditions": [ready]}},
-    )
+    llmd = live(api, "llmops.dev/v1alpha1/llmdeployments", namespace)[name]
+    if (llmd["spec"].get("autoscaling") or {}).get("enabled", True):
+        # A pass applies the ScaledObject after the RayService: report once it exists.
+        await eventually(
+            lambda: live(api, "keda.sh/v1alpha1/scaledobjects", namespace).get(name),
+            what=f"the ScaledObject {name}",
+        )
+        ready = {"type": "Ready", "status": "True", "reason": "ScaledObjectReady"}
+        await patch(
+            api,
+            f"/apis/keda.sh/v1alpha1/{ns}/scaledobjects/{name}/status",
+            {"status": {"conditions": [ready]}},
+        )
     return cluster
 
 
