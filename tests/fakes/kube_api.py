@@ -44,15 +44,6 @@ class UnprocessableError(k8s.KubernetesError):
 
 
 @attrs.frozen
-class ConflictError(k8s.KubernetesError):
-    """HTTP 409, as the API server answers a write of an outdated resourceVersion."""
-
-    status: int = 409
-    reason: str = "Conflict"
-    message: str = "the object has been modified; apply your changes to the latest version"
-
-
-@attrs.frozen
 class ApplyConflictError(k8s.KubernetesError):
     """HTTP 409 of a server-side apply: fields owned by other managers hold other values."""
 
