@@ -10,15 +10,10 @@ mid-stream.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -32,7 +27,7 @@ from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
 from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.redis_pipe import PipelinedRedis
 from llmops_gateway.usage_records import RedisUsageSink, UsageRecord, read_stream
-from tests.conftest import free_port
+from tests.conftest import free_port, redis_server
 from tests.integration.gateway_fixtures import gateway, stub_upstream
 
 MESSAGES = [{"role": "user", "content": "count the tokens of this prompt"}]
@@ -258,41 +253,6 @@ def test_a_retried_write_lands_once(redis_url: str) -> None:
     assert [r for r in _records(redis_url) if r.tenant == record.tenant] == [record]
 
 
-@contextmanager
-def _redis_server(port: int, folder: Path) -> Iterator[subprocess.Popen[bytes]]:
-    server = shutil.which("redis-server")
-    assert server is not None, "redis-server is not installed: run .ci/setup"
-    process = subprocess.Popen(
-        [
-            server,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        yield process
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
 def test_records_survive_a_redis_restart_and_a_sigterm_mid_stream(tmp_path: Path) -> None:
     """Redis down when a request ends: the record is written once Redis is back. SIGTERM with
     a stream in flight: the stream drains and its record is written before the exit."""
@@ -314,12 +274,12 @@ def test_records_survive_a_redis_restart_and_a_sigterm_mid_stream(tmp_path: Path
             drain_timeout_s=20,
         ) as gw,
     ):
-        with _redis_server(port, tmp_path):
+        with redis_server(port, tmp_path):
             assert _chat(gw.url, key, "before").status_code == 200
             assert [r.request_id for r in _wait_records(url, {tenant}, 1)] == ["before"]
         assert _chat(gw.url, key, "during").status_code == 200  # admitted: failing open
         time.sleep(1.5)  # a flush or two fails while Redis is down
-        with _redis_server(port, tmp_path):
+        with redis_server(port, tmp_path):
             records = _wait_records(url, {tenant}, 1)
             assert [(r.request_id, r.completion_tokens) for r in records] == [("during", 5)]
             # A 50-token stream (~1 s) is in flight when the gateway gets SIGTERM.
