@@ -7,6 +7,9 @@ A source is a URI string in a graph config:
 - ``hf://<org>/<name>[@<revision>]``: a Hugging Face Hub repository, downloaded once into the
   cache folder (or found there already); gated ones need HF_TOKEN, and transient hub errors
   are retried.
+- ``s3://<bucket>/<prefix>``: a model folder in any S3-compatible store (the endpoint from
+  AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, credentials from AWS_ACCESS_KEY_ID and
+  AWS_SECRET_ACCESS_KEY), downloaded once into the cache folder.
 - a local folder: an absolute path, ``file:///path``, or a path relative to the working folder.
 
 ``resolve_source`` turns any of them into a local folder vLLM or transformers can load, and
@@ -15,9 +18,12 @@ raises ``ModelSourceError`` with a message that says what to fix when it cannot.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -31,6 +37,7 @@ from filelock import FileLock
 
 if TYPE_CHECKING:
     import httpx2
+    import pyarrow.fs
 
 Progress = Callable[[str], None]
 """Receives one human-readable line per step of a long operation."""
@@ -51,9 +58,23 @@ retry already: a retry around one of its own would multiply the waits."""
 HUB_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 """The statuses huggingface_hub retries (utils/_http.py ``_DEFAULT_RETRY_ON_STATUS_CODES``)."""
 CREDENTIALS_FIELD = "spec.cache.credentialsSecret"
-"""The LLMDeployment field naming the Secret whose HF_TOKEN the loader Job gets."""
+"""The LLMDeployment field naming the Secret whose HF_TOKEN or AWS_* keys the loader gets."""
+OFFLINE_ENV = "LLMOPS_OFFLINE"
+"""Set (to 1) where the model cache is only read (the Ray pods): an s3:// source missing from
+the cache is an error instead of a download. hf:// sources follow HF_HUB_OFFLINE."""
+S3_ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+"""Where an S3-compatible store is, as the AWS SDKs read it (service-specific first)."""
+S3_ATTEMPTS = 5
+"""Tries per S3 request: the AWS SDK's standard retry strategy (exponential backoff with
+jitter on throttling, 5xx and network errors), which pyarrow's S3 filesystem runs."""
+S3_COMPLETE = ".complete"
+"""Written last into an s3:// cache folder: the listing it was downloaded from."""
 REPORT_LIMIT_BYTES = 4096
 """Kubernetes keeps at most 4096 bytes of a container's termination message."""
+
+
+S3_BUCKET_PATTERN = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+"""S3 bucket names (AWS's rules, which S3-compatible stores follow)."""
 
 
 class ModelSourceError(RuntimeError):
@@ -90,7 +111,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 class ParsedSource:
     """A source URI split into its scheme and location."""
 
-    scheme: Literal["embedded", "hf", "local"]
+    scheme: Literal["embedded", "hf", "s3", "local"]
     location: str
     revision: str | None = None
 
@@ -99,7 +120,8 @@ def parse_source(source: str) -> ParsedSource:
     """Parses a model source URI.
 
     Args:
-        source: ``embedded://name``, ``hf://org/name[@rev]``, ``file:///path`` or a path.
+        source: ``embedded://name``, ``hf://org/name[@rev]``, ``s3://bucket/prefix``,
+            ``file:///path`` or a path.
 
     Returns:
         The parsed source.
@@ -110,7 +132,7 @@ def parse_source(source: str) -> ParsedSource:
     """
     text = source.strip()
     if not text:
-        raise ModelSourceError("model source is empty: give embedded://, hf:// or a folder")
+        raise ModelSourceError("model source is empty: give embedded://, hf://, s3:// or a folder")
     if text.startswith("embedded://"):
         name = text.removeprefix("embedded://").strip("/")
         if name not in EMBEDDED:
@@ -127,13 +149,28 @@ def parse_source(source: str) -> ParsedSource:
                 f"hf:// source must look like hf://org/name[@revision], got {source!r}"
             )
         return ParsedSource("hf", repo, revision or None)
+    if text.startswith("s3://"):
+        location = text.removeprefix("s3://").strip("/")
+        bucket, _, prefix = location.partition("/")
+        if not re.fullmatch(S3_BUCKET_PATTERN, bucket) or not prefix:
+            raise ModelSourceError(
+                f"s3:// source must look like s3://bucket/folder (a bucket name of 3-63 "
+                f"lower-case letters, digits, dots and hyphens, and the model's folder), "
+                f"got {source!r}"
+            )
+        return ParsedSource("s3", location)
     if text.startswith("file://"):
         return ParsedSource("local", text.removeprefix("file://"))
+    if text.startswith("pvc://"):
+        raise ModelSourceError(
+            f"{source!r}: pvc:// sources name a PersistentVolumeClaim of an LLMDeployment "
+            "(the operator mounts it into the Ray pods); on one machine give the folder's path"
+        )
     if "://" in text:
         scheme = text.split("://", 1)[0]
         raise ModelSourceError(
             f"unsupported model source scheme {scheme!r} in {source!r}: "
-            "use embedded://, hf://, file:// or a plain folder path"
+            "use embedded://, hf://, s3://, file:// or a plain folder path"
         )
     return ParsedSource("local", text)
 
@@ -175,6 +212,8 @@ def resolve_source(
         return _check_folder(Path(parsed.location).expanduser().resolve(), source)
     if parsed.scheme == "embedded":
         return _resolve_embedded(parsed.location, cache, say)
+    if parsed.scheme == "s3":
+        return _resolve_s3(parsed.location, cache, say)
     return _resolve_hf(parsed.location, parsed.revision, cache, say)
 
 
@@ -362,6 +401,129 @@ def _resolve_hf(repo: str, revision: str | None, cache: Path, say: Progress) -> 
             time.sleep(delay)
             delay = min(HF_RETRY_CAP_S, delay * 2)
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _offline() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").lower() in {"1", "true", "yes"}
+
+
+def _allowed(relative: str) -> bool:
+    name = relative.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatch(name, pattern) for pattern in HF_ALLOW_PATTERNS)
+
+
+def s3_filesystem() -> pyarrow.fs.S3FileSystem:
+    """pyarrow's S3 filesystem (the AWS C++ SDK) configured as the AWS SDKs read the env.
+
+    Credentials come from the SDK's default chain (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_SESSION_TOKEN, a web identity token, instance metadata); the endpoint from
+    ``S3_ENDPOINT_ENVS`` (``http://`` or ``https://``), the region from AWS_REGION or
+    AWS_DEFAULT_REGION.
+    """
+    from pyarrow import fs
+
+    endpoint = next((os.environ[e] for e in S3_ENDPOINT_ENVS if os.environ.get(e)), None)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return fs.S3FileSystem(
+        endpoint_override=endpoint,
+        region=region,
+        connect_timeout=HF_TIMEOUT_S,
+        request_timeout=60.0,
+        retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+    )
+
+
+def _resolve_s3(location: str, cache: Path, say: Progress) -> Path:
+    source = f"s3://{location}"
+    target = cache / "s3" / location
+    if (target / S3_COMPLETE).is_file():
+        return _check_folder(target, source)
+    if _offline():
+        raise ModelSourceError(
+            f"{source} is not in the model cache {cache} and {OFFLINE_ENV} is set (this "
+            "process only reads the cache): the loader fills it first"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = cache / f".s3-{hashlib.sha256(location.encode()).hexdigest()[:16]}.lock"
+    with FileLock(str(lock)):
+        if (target / S3_COMPLETE).is_file():
+            return _check_folder(target, source)
+        _download_s3(location, target, say)
+    return _check_folder(target, source)
+
+
+def _download_s3(location: str, target: Path, say: Progress) -> None:
+    """Copies the model files under an S3 prefix into ``target``, atomically."""
+    from pyarrow import fs
+
+    source = f"s3://{location}"
+    store = s3_filesystem()
+    try:
+        listing = store.get_file_info(fs.FileSelector(location, recursive=True))
+    except FileNotFoundError as exc:
+        raise ModelSourceError(f"{source} does not exist: check the bucket and folder") from exc
+    except OSError as exc:
+        raise _s3_error(source, exc) from exc
+    files = {
+        info.path.removeprefix(location).lstrip("/"): info
+        for info in listing
+        if info.type == fs.FileType.File
+    }
+    wanted = {rel: info for rel, info in sorted(files.items()) if _allowed(rel)}
+    if not wanted:
+        raise ModelSourceError(
+            f"{source} holds no model files (looked for {', '.join(HF_ALLOW_PATTERNS)} "
+            f"among {len(files)} objects): point it at the model's folder"
+        )
+    total = sum(info.size or 0 for info in wanted.values())
+    say(f"downloading {source} ({len(wanted)} files, {total / 2**20:.1f} MiB) into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        done = 0
+        for rel, info in wanted.items():
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with store.open_input_stream(info.path) as src, dest.open("wb") as out:
+                    shutil.copyfileobj(src, out, length=8 * 2**20)
+            except OSError as exc:
+                raise _s3_error(f"s3://{info.path}", exc) from exc
+            done += info.size or 0
+            say(f"{source}: {rel} ({done / 2**20:.1f} of {total / 2**20:.1f} MiB)")
+        listing_text = {rel: info.size for rel, info in wanted.items()}
+        (staging / S3_COMPLETE).write_text(json.dumps(listing_text, indent=1) + "\n")
+        staging.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _s3_error(source: str, exc: OSError) -> ModelSourceError:
+    """Says what to fix for pyarrow's S3 errors (``AWS Error <CODE> during <operation>``)."""
+    text = _first_line(exc)
+    where = f"put them in a Secret and name it in the LLMDeployment's {CREDENTIALS_FIELD}"
+    if re.search(
+        r"ACCESS_DENIED|INVALID_ACCESS_KEY_ID|SIGNATURE_DOES_NOT_MATCH|"
+        r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|HTTP response code 403",
+        text,
+    ):
+        return ModelSourceError(
+            f"the S3 store refused {source} ({text}): check AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY and the key's read access to the bucket; on a cluster, "
+            f"{where}"
+        )
+    if re.search(r"NO_SUCH_BUCKET|NoSuchBucket", text):
+        return ModelSourceError(f"{source}: the bucket does not exist ({text})")
+    endpoint = next((os.environ[e] for e in S3_ENDPOINT_ENVS if os.environ.get(e)), None)
+    store = f"the S3 endpoint {endpoint}" if endpoint else "AWS S3 (no AWS_ENDPOINT_URL set)"
+    return ModelSourceError(
+        f"could not read {source} from {store} after {S3_ATTEMPTS} attempts ({text}): check "
+        "network access, AWS_ENDPOINT_URL for S3-compatible stores, and AWS_REGION"
+    )
 
 
 def _download_error(repo: str, exc: BaseException, attempts: int) -> ModelSourceError:

@@ -36,6 +36,7 @@ from llmops_services.sources import (
         ("embedded://smollm2-135m-instruct", "embedded", "smollm2-135m-instruct", None),
         ("hf://org/name", "hf", "org/name", None),
         ("hf://org/name@v1.0", "hf", "org/name", "v1.0"),
+        ("s3://my-bucket/models/llama/", "s3", "my-bucket/models/llama", None),
         ("file:///models/x", "local", "/models/x", None),
         ("/models/x", "local", "/models/x", None),
         ("relative/x", "local", "relative/x", None),
@@ -53,7 +54,10 @@ def test_parse_source(uri: str, scheme: str, location: str, revision: str | None
         ("embedded://gpt-5", "unknown embedded model 'gpt-5'; known: embedded://"),
         ("hf://just-a-name", "hf://org/name"),
         ("hf://org/", "hf://org/name"),
-        ("s3://bucket/key", "unsupported model source scheme 's3'"),
+        ("s3://bucket", "s3://bucket/folder"),
+        ("s3://Bad_Bucket/model", "s3://bucket/folder"),
+        ("pvc://models/llama", "PersistentVolumeClaim"),
+        ("gs://bucket/key", "unsupported model source scheme 'gs'"),
     ],
 )
 def test_parse_errors_say_what_to_fix(uri: str, message: str) -> None:
