@@ -7,6 +7,7 @@ official schemas, meet the restricted Pod Security Standard and keep RBAC free o
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import posixpath
@@ -333,6 +334,37 @@ def test_every_setting_reaches_the_process_environment() -> None:
     assert operator_env == {
         f"LLMOPS_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields
     }
+
+
+# --- images -----------------------------------------------------------------------------------
+
+DIGEST = "sha256:" + hashlib.sha256(b"llmops").hexdigest()
+
+
+def _images(objs: list[dict[str, Any]]) -> dict[str, str]:
+    return {where: spec["containers"][0]["image"] for where, spec in pod_specs(objs)}
+
+
+def test_image_digest_wins_over_the_tag() -> None:
+    """A digest pins the pulled content (`repository@sha256:...`, the form the kubelet and
+    containerd resolve without the tag); a tag alone falls back as before."""
+    tagged = _images(render())
+    assert tagged == {
+        "Deployment llmops-operator": "ghcr.io/llmops-dev/llmops-operator:0.1.0",
+        "Deployment llmops-gateway": "ghcr.io/llmops-dev/llmops-gateway:0.1.0",
+        "StatefulSet llmops-redis": "docker.io/library/redis:7.4.2-alpine",
+    }
+    sets = tuple(
+        f"{component}.image.{field}={value}"
+        for component in ("operator", "gateway", "redis")
+        for field, value in (("tag", "9.9.9"), ("digest", DIGEST))
+    )
+    pinned = _images(render(None, sets))
+    assert pinned == {
+        where: f"{image.rsplit(':', 1)[0]}@{DIGEST}" for where, image in tagged.items()
+    }
+    assert "redis.image.tag or redis.image.digest is required" in render_error("redis.image.tag=")
+    assert "does not match pattern" in render_error("gateway.image.digest=sha256:abc")
 
 
 # --- pods ------------------------------------------------------------------------------------

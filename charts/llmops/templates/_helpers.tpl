@@ -74,10 +74,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-A platform image reference. Call with (dict "ctx" $ "image" .Values.gateway.image).
+An image reference: repository@digest when a digest is set (it wins over the tag: the kubelet
+pulls exactly that content), else repository:tag. The platform's own images default the tag
+to the chart's appVersion; third-party images (redis) pass "path" and must set a tag or a
+digest. Call with (dict "ctx" $ "image" .Values.gateway.image).
 */}}
 {{- define "llmops.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else if .path }}
+{{- printf "%s:%s" .image.repository (required (printf "%s.tag or %s.digest is required" .path .path) .image.tag) }}
+{{- else }}
 {{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/*
