@@ -25,10 +25,12 @@ from llmops_gateway.discovery import ClusterBackends, KubeAccess
 from llmops_gateway.keys import KeyIndex, KeyRejectedError, KeyStore, Tenant
 from llmops_gateway.metrics import GatewayMetrics
 from llmops_gateway.settings import GatewaySettings
+from llmops_gateway.tracing import TRACEPARENT, RequestTrace, Tracing, trace_id_of
 from llmops_gateway.usage_records import (
     UsageRecord,
     build_recorder,
     current_request_id,
+    gpu_seconds,
     new_record_id,
     timestamp,
 )
@@ -150,6 +152,10 @@ class Admitted:
     cached_tokens: int = 0
     outcome: str | None = None
     """``error`` or ``cancelled`` when a response that started failed or was cut."""
+    trace: RequestTrace | None = None
+    """Its spans, with tracing on; settlement ends them."""
+    trace_headers: dict[str, str] | None = None
+    """With tracing off, the client's ``traceparent``/``tracestate``, forwarded unchanged."""
 
 
 def context_length(model: dict[str, Any]) -> int | None:
@@ -252,6 +258,7 @@ class GatewayCore:
         self.cluster: ClusterBackends | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.usage = build_recorder(settings, admission)
+        self.tracing = Tracing.from_settings(settings)
         self.abuse = AbuseLimits(
             settings.client_rate_limit,
             settings.client_refused_key_limit,
@@ -295,6 +302,8 @@ class GatewayCore:
             await self.cluster.close()
         if self.session is not None:
             await self.session.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.close)  # exports the spans still batched
 
     # -- authentication --------------------------------------------------------------------
 
@@ -332,12 +341,20 @@ class GatewayCore:
             raise errors.unauthenticated(str(exc)) from None
         return Caller(record.id, tenant)
 
-    async def authenticate_client(self, authorization: str | None, address: str) -> Caller:
+    async def authenticate_client(
+        self, authorization: str | None, address: str, trace: RequestTrace | None = None
+    ) -> Caller:
         """`authenticate` behind the per-address abuse limits, counting refused keys.
 
         Raises:
             GatewayError: 429 when ``address`` is over a limit; else as `authenticate`.
         """
+        if trace is None:
+            return await self._authenticate_client(authorization, address)
+        with trace.step("auth"):
+            return await self._authenticate_client(authorization, address)
+
+    async def _authenticate_client(self, authorization: str | None, address: str) -> Caller:
         await self.abuse.check(address)
         try:
             return self.authenticate(authorization)
@@ -436,7 +453,11 @@ class GatewayCore:
     # -- admission -------------------------------------------------------------------------
 
     async def admit_generation(
-        self, caller: Caller, data: dict[str, Any], body: GenerationRequest
+        self,
+        caller: Caller,
+        data: dict[str, Any],
+        body: GenerationRequest,
+        trace: RequestTrace | None = None,
     ) -> Admitted:
         """Routes and reserves a chat or text completion, bounding all it can generate.
 
@@ -450,6 +471,7 @@ class GatewayCore:
             caller: The authenticated caller.
             data: The JSON body, normalised in place for the upstream request.
             body: ``data`` validated.
+            trace: The request's spans (tracing on), given to the admitted request.
 
         Raises:
             GatewayError: as `admit`.
@@ -465,6 +487,7 @@ class GatewayCore:
             limit,
             body.streaming,
             generations=body.generations(),
+            trace=trace,
         )
         if limit is None and not self.knows_context(admitted.model):
             data["max_tokens"] = self.settings.default_max_tokens
@@ -479,6 +502,7 @@ class GatewayCore:
         stream: bool,
         *,
         generations: int = 1,
+        trace: RequestTrace | None = None,
     ) -> Admitted:
         """`_admit`, writing a usage record (status ``rejected``) for a refusal.
 
@@ -487,9 +511,17 @@ class GatewayCore:
         """
         arrived = time.time()
         try:
-            admitted = await self._admit(
-                caller, model, prompt_estimate, max_tokens, stream, generations=generations
-            )
+            if trace is None:
+                admitted = await self._admit(
+                    caller, model, prompt_estimate, max_tokens, stream, generations=generations
+                )
+            else:
+                trace.model(model, max_tokens)
+                with trace.step("admission"):
+                    admitted = await self._admit(
+                        caller, model, prompt_estimate, max_tokens, stream, generations=generations
+                    )
+                admitted.trace = trace
         except errors.GatewayError as error:
             if self.usage is not None:
                 record = UsageRecord(
@@ -508,6 +540,7 @@ class GatewayCore:
                     cached_tokens=0,
                     latency_s=round(time.time() - arrived, 4),
                     ttft_s=None,
+                    trace_id="" if trace is None else trace.trace_id,
                 )
                 self.spawn(self.usage.write(record))
             raise
@@ -561,6 +594,22 @@ class GatewayCore:
 
     async def settle(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int) -> None:
         """Records real usage; never raises (usage must not break a finished response)."""
+        trace = admitted.trace
+        if trace is None:
+            await self._settle(admitted, prompt_tokens, completion_tokens)
+            return
+        trace.end_relay(admitted.status)
+        with trace.step("settlement"):
+            await self._settle(admitted, prompt_tokens, completion_tokens)
+        first = admitted.first_token
+        usage = {
+            "input_tokens": prompt_tokens,
+            "output_tokens": completion_tokens,
+            "ttft_s": None if first is None else round(first - admitted.started, 4),
+        }
+        trace.end(admitted.status, usage)
+
+    async def _settle(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int) -> None:
         tenant, model = admitted.caller.tenant.name, admitted.model
         logger.info(
             "request settled",
@@ -601,6 +650,8 @@ class GatewayCore:
     ) -> UsageRecord:
         """The usage record of an admitted request that ended now."""
         first = admitted.first_token
+        latency = round(time.monotonic() - admitted.started, 4)
+        gpu = self.settings.gpu_models.get(admitted.model)
         return UsageRecord(
             id=admitted.record_id,
             request_id=admitted.request_id,
@@ -615,9 +666,20 @@ class GatewayCore:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cached_tokens=admitted.cached_tokens,
-            latency_s=round(time.monotonic() - admitted.started, 4),
+            latency_s=latency,
             ttft_s=None if first is None else round(first - admitted.started, 4),
+            gpu_seconds=0.0 if gpu is None else gpu_seconds(latency, gpu.gpus, gpu.slots),
+            trace_id=self._trace_id(admitted),
         )
+
+    @staticmethod
+    def _trace_id(admitted: Admitted) -> str:
+        """The trace id of a request: its spans', or with tracing off, its caller's if sent."""
+        if admitted.trace is not None:
+            return admitted.trace.trace_id
+        if admitted.trace_headers is not None:
+            return trace_id_of(admitted.trace_headers.get(TRACEPARENT)) or ""
+        return ""
 
     def _failed(self, admitted: Admitted, error: errors.GatewayError) -> errors.GatewayError:
         """Settles a request the backend never answered (no tokens), returning ``error``."""
@@ -638,6 +700,10 @@ class GatewayCore:
         assert self.session is not None
         url = f"{admitted.backend}{path}"
         headers = {REQUEST_ID_HEADER: request_id}
+        if admitted.trace is not None:
+            headers.update(admitted.trace.start_relay(url))
+        elif admitted.trace_headers is not None:
+            headers.update(admitted.trace_headers)
         admitted.request_id, admitted.path = request_id, path
         for attempt in (1, 2):
             try:

@@ -33,6 +33,7 @@ from llmops_gateway.core import (
     relay_sse,
 )
 from llmops_gateway.errors import GatewayError
+from llmops_gateway.tracing import TRACEPARENT, TRACESTATE, RequestTrace, trace_id_of
 
 logger = logging.getLogger("llmops.gateway")
 CHAT_PATH = "/v1/chat/completions"
@@ -100,6 +101,29 @@ def _request_id(request: Request) -> str:
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
     structlog.contextvars.bind_contextvars(request_id=request_id)
     return request_id
+
+
+def _trace(core: GatewayCore, request: Request, operation: str) -> RequestTrace | None:
+    """The request's spans with tracing on (their trace id bound into its log lines); with it
+    off, None, and the trace id of a ``traceparent`` the client sent is logged."""
+    if core.tracing is None:
+        trace_id = trace_id_of(request.headers.get(TRACEPARENT))
+        if trace_id is not None:
+            structlog.contextvars.bind_contextvars(trace_id=trace_id)
+        return None
+    trace = core.tracing.start(request.headers, operation)
+    structlog.contextvars.bind_contextvars(trace_id=trace.trace_id)
+    return trace
+
+
+def _pass_trace(request: Request, admitted: Admitted) -> None:
+    """With tracing off, forwards the client's trace context unchanged (if it sent one)."""
+    traceparent = request.headers.get(TRACEPARENT)
+    if traceparent is not None:
+        admitted.trace_headers = {TRACEPARENT: traceparent}
+        tracestate = request.headers.get(TRACESTATE)
+        if tracestate is not None:
+            admitted.trace_headers[TRACESTATE] = tracestate
 
 
 def _client_address(core: GatewayCore, request: Request) -> str:
@@ -225,18 +249,24 @@ def create_app(core: GatewayCore) -> GatewayApp:
 
     limit = core.settings.max_body_bytes
 
-    async def generate(request: Request, endpoint: str, path: str, kind: type[Any]) -> Response:
+    async def generate(
+        request: Request, endpoint: str, path: str, kind: type[Any], operation: str
+    ) -> Response:
         started = time.monotonic()
         request_id = _request_id(request)
+        trace = _trace(core, request, operation)
+        admitted: Admitted | None = None
         tenant, model = "unknown", "unknown"
         core.metrics.in_flight.inc()
         try:
             caller = await core.authenticate_client(
-                request.headers.get("authorization"), _client_address(core, request)
+                request.headers.get("authorization"), _client_address(core, request), trace
             )
             tenant = caller.tenant.name
             data, body = parse_body(await read_body(request, limit), kind, limit)
-            admitted = await core.admit_generation(caller, data, body)
+            admitted = await core.admit_generation(caller, data, body, trace)
+            if trace is None:
+                _pass_trace(request, admitted)
             model = admitted.model
             if body.streaming:
                 wants_usage = bool((data.get("stream_options") or {}).get("include_usage"))
@@ -248,11 +278,17 @@ def create_app(core: GatewayCore) -> GatewayApp:
             return await _unary(core, admitted, path, data, request_id, endpoint)
         except GatewayError as error:
             core.metrics.record(endpoint, model, tenant, error.status, started)
+            if trace is not None and admitted is None:  # settlement ends an admitted one's
+                trace.end(error.status)
             return _error(error, request_id)
         except ClientDisconnect:
+            if trace is not None and admitted is None:
+                trace.end(0)
             raise
         except Exception:
             core.metrics.record(endpoint, model, tenant, 500, started)
+            if trace is not None and admitted is None:
+                trace.end(500)
             return _internal_error(request_id)
         finally:
             core.metrics.in_flight.dec()
@@ -264,7 +300,7 @@ def create_app(core: GatewayCore) -> GatewayApp:
     )
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
-        return await generate(request, "chat", CHAT_PATH, ChatRequest)
+        return await generate(request, "chat", CHAT_PATH, ChatRequest, "chat")
 
     @app.post(
         COMPLETIONS_PATH,
@@ -273,7 +309,9 @@ def create_app(core: GatewayCore) -> GatewayApp:
     )
     async def completions(request: Request) -> Response:
         """OpenAI text completions, streaming (SSE) or not."""
-        return await generate(request, "completions", COMPLETIONS_PATH, CompletionRequest)
+        return await generate(
+            request, "completions", COMPLETIONS_PATH, CompletionRequest, "text_completion"
+        )
 
     @app.post(
         EMBEDDINGS_PATH, openapi_extra=_body_schema(EmbeddingRequest), responses=GENERATION_ERRORS
@@ -282,23 +320,35 @@ def create_app(core: GatewayCore) -> GatewayApp:
         """OpenAI embeddings."""
         started = time.monotonic()
         request_id = _request_id(request)
+        trace = _trace(core, request, "embeddings")
+        admitted: Admitted | None = None
         tenant, model = "unknown", "unknown"
         try:
             caller = await core.authenticate_client(
-                request.headers.get("authorization"), _client_address(core, request)
+                request.headers.get("authorization"), _client_address(core, request), trace
             )
             tenant = caller.tenant.name
             raw = await read_body(request, limit)
             data, body = parse_body(raw, EmbeddingRequest, limit)
-            admitted = await core.admit(caller, body.model, estimate_tokens(body.input), 0, False)
+            admitted = await core.admit(
+                caller, body.model, estimate_tokens(body.input), 0, False, trace=trace
+            )
+            if trace is None:
+                _pass_trace(request, admitted)
             return await _unary(core, admitted, EMBEDDINGS_PATH, data, request_id, "embeddings")
         except GatewayError as error:
             core.metrics.record("embeddings", model, tenant, error.status, started)
+            if trace is not None and admitted is None:
+                trace.end(error.status)
             return _error(error, request_id)
         except ClientDisconnect:
+            if trace is not None and admitted is None:
+                trace.end(0)
             raise
         except Exception:
             core.metrics.record("embeddings", model, tenant, 500, started)
+            if trace is not None and admitted is None:
+                trace.end(500)
             return _internal_error(request_id)
 
     @app.get("/v1/models", responses=_responses(401, 429))

@@ -5,8 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GpuModel(BaseModel):
+    """What one replica of a GPU model holds, for the GPU-seconds of its usage records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: float = Field(gt=0, description="GPUs one replica holds (tensor x pipeline parallel).")
+    slots: int = Field(
+        ge=1, description="Sequences one replica runs at once (the engine's max_num_seqs)."
+    )
 
 
 class GatewaySettings(BaseSettings):
@@ -130,4 +141,21 @@ class GatewaySettings(BaseSettings):
         default=None,
         description="Without Redis, the JSONL file usage records are appended to; null: "
         "usage.jsonl beside keys_file (none without a key file).",
+    )
+    otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP (protobuf) URL spans are sent to, e.g. "
+        "http://otel-collector:4318/v1/traces; null: no tracing (and no cost).",
+    )
+    trace_sample: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded; a request with a W3C traceparent follows "
+        "its sampled flag instead.",
+    )
+    gpu_models: dict[str, GpuModel] = Field(
+        default_factory=dict,
+        description="Model name -> GPUs and concurrent sequences of one replica (JSON); each "
+        "usage record of these models is charged latency x gpus / slots GPU-seconds.",
     )

@@ -73,6 +73,11 @@ class UsageRecord:
     stream); ``rejected`` (the gateway refused it: a limit, an unknown model, draining);
     ``cancelled`` (the client went away). ``code`` is the HTTP status the response started
     with (the gRPC API maps from the same), 0 when none was sent.
+
+    ``gpu_seconds`` is what the request is charged of its model's GPUs, by `gpu_seconds`;
+    ``trace_id`` the W3C trace id of its spans (with tracing off,
+    its caller's ``traceparent``'s, or empty). Records written before
+    these fields existed read as 0 and empty.
     """
 
     id: str
@@ -91,6 +96,8 @@ class UsageRecord:
     cached_tokens: int
     latency_s: float
     ttft_s: float | None
+    gpu_seconds: float = 0.0
+    trace_id: str = ""
 
     @property
     def day(self) -> str:
@@ -113,6 +120,8 @@ class UsageRecord:
         """
         values: dict[str, Any] = {}
         for spec in fields(cls):
+            if spec.name not in data and spec.name in _ADDED_FIELDS:
+                continue  # an older record: the field's default
             raw = data[spec.name]
             if isinstance(raw, bytes):
                 raw = raw.decode()
@@ -125,6 +134,28 @@ class UsageRecord:
             else:
                 values[spec.name] = str(raw)
         return cls(**values)
+
+
+_ADDED_FIELDS = frozenset({"gpu_seconds", "trace_id"})
+"""Fields records did not always have."""
+
+
+def gpu_seconds(latency_s: float, gpus: float, slots: int) -> float:
+    """GPU-seconds charged to one request: its share of a full replica for as long as it ran.
+
+    ``latency_s * gpus / slots``: a replica of ``gpus`` GPUs runs up to ``slots`` sequences at
+    once (vLLM's ``max_num_seqs``), and each request holds one slot from arrival to its last
+    byte. A replica that runs full is charged exactly its GPU time across its requests; idle
+    capacity is charged to nobody (it is the platform's cost, not a tenant's), and a request
+    alone on a replica is not charged the whole replica. The charge does not depend on what
+    else ran at the time, so the same request always costs the same.
+
+    Args:
+        latency_s: The request's latency (arrival to last byte).
+        gpus: GPUs one replica of the model holds.
+        slots: Sequences one replica runs at once.
+    """
+    return round(latency_s * gpus / max(slots, 1), 6)
 
 
 def timestamp(epoch_s: float) -> str:

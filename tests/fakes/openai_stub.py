@@ -63,7 +63,7 @@ def make_app(
     With ``max_model_len``, /v1/models reports it as vLLM does and a request without an
     output limit may generate up to it, less the prompt (vLLM's default).
     """
-    state = {"requests": 0, "cancelled": 0}
+    state: dict[str, Any] = {"requests": 0, "cancelled": 0}
 
     async def list_models(_: web.Request) -> web.Response:
         extra = {"max_model_len": max_model_len} if max_model_len else {}
@@ -78,6 +78,8 @@ def make_app(
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         state["requests"] += 1
+        # The trace context the gateway forwarded (the tracing tests read it from /stats).
+        state["traceparent"] = request.headers.get("traceparent", "")
         model = body.get("model")
         if model == "hang":
             await asyncio.sleep(3600)
