@@ -21,6 +21,8 @@ import yaml
 
 from llmops_gateway.keys import KeyFile, KeyIndex
 from llmops_gateway.settings import GatewaySettings
+from llmops_operator.crd import CRD_FILE_NAME, crd_manifest, crd_yaml
+from llmops_operator.models import GROUP
 from llmops_operator.settings import OperatorSettings
 from tests.exported_metrics import exported as exported_metrics
 from tests.exported_metrics import used_in
@@ -127,7 +129,7 @@ def test_default_install_has_every_component() -> None:
         "PrometheusRule": len(list((ROOT / "deploy" / "rules").glob("*.yaml"))),
         "ClusterRole": 2,  # the operator's and the gateway's (read-only discovery)
         "ClusterRoleBinding": 2,
-        "CustomResourceDefinition": 2,
+        "CustomResourceDefinition": 3,  # LLMDeployment and Kopf's two peering kinds
         "ClusterKopfPeering": 1,
         "NetworkPolicy": 4,
     }.items():
@@ -565,7 +567,11 @@ def test_gateway_discovery_per_namespace_or_off() -> None:
 
 def test_peering_objects_exist_for_active_standby() -> None:
     objs = render()
-    crds = {crd["metadata"]["name"]: crd for crd in by_kind(objs, "CustomResourceDefinition")}
+    crds = {
+        crd["metadata"]["name"]: crd
+        for crd in by_kind(objs, "CustomResourceDefinition")
+        if crd["spec"]["group"] == "kopf.dev"
+    }
     assert set(crds) == {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"}
     for crd in crds.values():
         # Shared by every Kopf operator in the cluster: uninstalling must not delete them.
@@ -579,7 +585,45 @@ def test_peering_objects_exist_for_active_standby() -> None:
     assert [p["metadata"]["name"] for p in by_kind(served, "ClusterKopfPeering")] == ["llmops-ha"]
     standalone = render(VALUE_SETS["minimal"])
     assert not by_kind(standalone, "ClusterKopfPeering")
-    assert not by_kind(standalone, "CustomResourceDefinition")
+    assert [crd["spec"]["group"] for crd in by_kind(standalone, "CustomResourceDefinition")] == [
+        "llmops.dev"
+    ]
+
+
+# --- the LLMDeployment CRD ------------------------------------------------------------------------
+
+
+def test_llmdeployment_crd_upgrades_with_the_release_and_outlives_it() -> None:
+    """Helm installs a chart's crds/ once and never upgrades or deletes it
+    (helm.sh/docs/chart_best_practices/custom_resource_definitions); a template is part of the
+    release manifest that `helm upgrade` applies, and `helm.sh/resource-policy: keep` makes
+    `helm uninstall` leave it (pkg/action/resource_policy.go)."""
+    show = helm("show", "crds", str(CHART))
+    assert show.returncode == 0, show.stderr
+    assert show.stdout.strip() == "", "Helm would install crds/ once and never upgrade it"
+    (crd,) = [
+        crd
+        for crd in by_kind(render(), "CustomResourceDefinition")
+        if crd["spec"]["group"] == GROUP
+    ]
+    # `llmops crd --write charts/llmops/crds` writes the file the template reads.
+    written = CHART / "crds" / CRD_FILE_NAME
+    assert (CHART / "files" / "crds" / CRD_FILE_NAME).resolve() == written.resolve()
+    committed = yaml.safe_load(written.read_text())
+    assert crd["spec"] == committed["spec"]
+    assert (
+        crd["metadata"]["name"]
+        == committed["metadata"]["name"]
+        == crd_manifest()["metadata"]["name"]
+    )
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert written.read_text() == crd_yaml(), "run `llmops crd --write charts/llmops/crds`"
+    managed_elsewhere = render(None, ("crds.create=false",))
+    assert [c["spec"]["group"] for c in by_kind(managed_elsewhere, "CustomResourceDefinition")] == [
+        "kopf.dev",
+        "kopf.dev",
+    ]
 
 
 # --- network policies ----------------------------------------------------------------------------
