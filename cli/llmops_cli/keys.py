@@ -13,11 +13,17 @@ import platformdirs
 import typer
 from pydantic import ValidationError
 
-from llmops_cli.secret_store import SecretKeyStore, SecretStoreError, parse_secret_ref
 from llmops_gateway.keys import EditableKeyStore, FileKeyStore, Tenant
 
 KEYS_FILE_ENV = "LLMOPS_KEYS_FILE"
 SECRET_DATA_KEY = "keys.json"  # noqa: S105 (the name of a data key, not a credential)
+
+
+class SecretStoreError(Exception):
+    """No way to the API server holding the keys' Secret, or it refused; the message says what
+    to do. Raised by secret_store.py, defined here so that a key file needs no Kubernetes
+    client."""
+
 
 app = typer.Typer(
     help="Manage gateway API keys and tenants: in a key file (what `llmops up` reads), or with "
@@ -66,6 +72,10 @@ def _store(
         return FileKeyStore(path or default_keys_file())
     if path is not None:
         raise typer.BadParameter("use --store or --secret, not both", param_hint="--secret")
+    # The official sync client, only for --secret: installs without it (the images) still
+    # manage key files.
+    from llmops_cli.secret_store import SecretKeyStore, parse_secret_ref
+
     try:
         namespace, name = parse_secret_ref(secret)
     except ValueError as exc:

@@ -26,6 +26,7 @@ from typing import TypeVar
 import urllib3
 from kubernetes import client, config
 
+from llmops_cli.keys import SecretStoreError
 from llmops_gateway.keys import EditableKeyStore, KeyFile, KeyRecord, dump_document
 
 RETRY_SECONDS = 60.0
@@ -33,10 +34,6 @@ BACKOFF_SECONDS = (0.05, 2.0)  # first and largest wait between two attempts
 REQUEST_TIMEOUT = (10.0, 30.0)  # connect, read
 CONFLICT, NOT_FOUND = 409, 404
 T = TypeVar("T")
-
-
-class SecretStoreError(Exception):
-    """No way to the API server, or it refused; the message says what to do."""
 
 
 def parse_secret_ref(ref: str) -> tuple[str, str]:

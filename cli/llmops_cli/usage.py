@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
@@ -27,8 +27,11 @@ from rich.console import Console
 from rich.table import Table
 
 from llmops_cli.keys import default_keys_file
-from llmops_gateway.redis_pipe import PipelinedRedis, RedisReplyError, RedisUnavailableError
-from llmops_gateway.usage_records import USAGE_FILE_NAME, UsageRecord, read_file, read_stream
+
+if TYPE_CHECKING:
+    # Imported where records are read: the gateway's Redis client needs the `gateway` extra,
+    # and `llmops --help` must work without it.
+    from llmops_gateway.usage_records import UsageRecord
 
 GROUPS = {"tenant": "tenant", "key": "key_id", "model": "model", "day": "day"}
 """``--by`` names -> the record attribute each groups on."""
@@ -179,6 +182,9 @@ def load_prices(path: Path) -> PriceList:
 
 
 async def _stream_records(url: str, since: datetime) -> list[UsageRecord]:
+    from llmops_gateway.redis_pipe import PipelinedRedis
+    from llmops_gateway.usage_records import read_stream
+
     redis = PipelinedRedis(url, timeout_s=30.0)
     try:
         since_ms = int((since - STREAM_SLACK).timestamp() * 1000)
@@ -231,7 +237,7 @@ def usage_command(
         Path | None,
         typer.Option(
             "--file",
-            help=f"JSONL records of a gateway without Redis (default: {USAGE_FILE_NAME} "
+            help="JSONL records of a gateway without Redis (default: its usage file "
             "beside the key file `llmops up` uses).",
         ),
     ] = None,
@@ -253,6 +259,9 @@ def usage_command(
     if start > end:
         raise typer.BadParameter("--from is after --to", param_hint="--from")
     price_list = load_prices(prices) if prices is not None else None
+    from llmops_gateway.redis_pipe import RedisReplyError, RedisUnavailableError
+    from llmops_gateway.usage_records import USAGE_FILE_NAME, read_file
+
     try:
         if redis_url:
             records: Iterable[UsageRecord] = asyncio.run(_stream_records(redis_url, start))

@@ -14,8 +14,10 @@ COPY cli cli
 COPY services services
 COPY gateway gateway
 COPY operator operator
-# accelerate (a base dependency) pulls torch: the CPU build is enough outside the workers.
-RUN /opt/llmops/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu .
+# One wheel holds every package (pure Python, under 1 MB); the `gateway` extra installs
+# the gateway's dependencies only: no Ray, torch, transformers or vLLM
+# (their absence is tested: tests/unit/test_install_extras.py).
+RUN /opt/llmops/bin/pip install ".[gateway]"
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 llmops \

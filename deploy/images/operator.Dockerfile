@@ -13,8 +13,10 @@ COPY cli cli
 COPY services services
 COPY gateway gateway
 COPY operator operator
-# accelerate (a base dependency) pulls torch: the CPU build is enough outside the workers.
-RUN /opt/llmops/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu .
+# One wheel holds every package (pure Python, under 1 MB); the `operator` extra installs
+# the operator's dependencies only (Kopf, the asyncio Kubernetes client):
+# no Ray, torch, transformers or vLLM (tested: tests/unit/test_install_extras.py).
+RUN /opt/llmops/bin/pip install ".[operator]"
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 llmops \
