@@ -13,17 +13,20 @@ import os
 import posixpath
 import re
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from llmops_gateway.keys import KeyFile, KeyIndex
+from llmops_gateway.keys import FileKeyStore, KeyFile, KeyIndex, Tenant
 from llmops_gateway.settings import GatewaySettings
 from llmops_operator.crd import CRD_FILE_NAME, crd_manifest, crd_yaml
 from llmops_operator.models import GROUP
 from llmops_operator.settings import OperatorSettings
+from tests.conftest import free_port
 from tests.exported_metrics import exported as exported_metrics
 from tests.exported_metrics import used_in
 from tests.integration.chart_fixtures import (
@@ -48,6 +51,7 @@ from tests.integration.chart_fixtures import (
     validation_errors,
     value_sets,
 )
+from tests.integration.gateway_fixtures import Gateway, gateway, stub_upstream
 from tests.integration.operator_fixtures import DISCOVERY_NEEDS, OPERATOR_NEEDS
 
 VALUE_SETS = value_sets()
@@ -355,6 +359,7 @@ def test_image_digest_wins_over_the_tag() -> None:
         "Deployment llmops-operator": "ghcr.io/llmops-dev/llmops-operator:0.1.0",
         "Deployment llmops-gateway": "ghcr.io/llmops-dev/llmops-gateway:0.1.0",
         "StatefulSet llmops-redis": "docker.io/library/redis:7.4.2-alpine",
+        "Pod llmops-test-models": "ghcr.io/llmops-dev/llmops-gateway:0.1.0",  # `helm test`
     }
     sets = tuple(
         f"{component}.image.{field}={value}"
@@ -451,6 +456,87 @@ def test_operator_probes_and_ports_follow_its_settings() -> None:
     assert not [
         m for m in by_kind(quiet, "PodMonitor") if m["metadata"]["name"].endswith("-operator")
     ]
+
+
+# --- helm test -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, str]]:
+    """The gateway process in front of the stub upstream, with one tenant's key."""
+    folder = tmp_path_factory.mktemp("helm-test")
+    keys = FileKeyStore(folder / "keys.json")
+    _, key = keys.create(Tenant(name="helm-test"))
+    with (
+        stub_upstream(models=("stub-chat", "stub-embed")) as upstream,
+        gateway(folder, default_backend=upstream, keys_file=keys.path) as running,
+    ):
+        yield running, key
+
+
+def _run_hook(
+    sets: tuple[str, ...], url: str, secrets: dict[str, str] | None = None, timeout_s: int = 30
+) -> subprocess.CompletedProcess[str]:
+    """Runs the rendered test Pod's command here, with its environment, against ``url``."""
+    objs = render(None, sets)
+    (pod,) = by_kind(objs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (main,) = pod["spec"]["containers"]
+    assert main["image"] == container(objs, "Deployment", "-gateway")["image"]
+    env = container_env(main, secrets or {})
+    service = named(objs, "Service", "-gateway")
+    port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "http")
+    assert env["LLMOPS_TEST_URL"] == f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{port}"
+    env.update(LLMOPS_TEST_URL=url, LLMOPS_TEST_TIMEOUT_S=str(timeout_s))
+    assert main["command"][:2] == ["python", "-c"]
+    return subprocess.run(
+        [sys.executable, *main["command"][1:]],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s + 30,
+        check=False,
+    )
+
+
+def test_helm_test_hook_asks_the_gateway_for_its_models(
+    live_gateway: tuple[Gateway, str],
+) -> None:
+    """The `helm test` Pod (a `helm.sh/hook: test` Pod, which Helm runs and judges by its exit
+    code) passes against the real gateway process and fails where a broken install would."""
+    gw, key = live_gateway
+    without_key = _run_hook((), gw.url)
+    assert without_key.returncode == 0, without_key.stderr
+    assert "401 without a key" in without_key.stdout
+
+    keyed = ("helmTest.apiKeySecret.name=helm-test-key", "helmTest.expectModels={stub-chat}")
+    with_key = _run_hook(keyed, gw.url, {"helm-test-key/api-key": key})
+    assert with_key.returncode == 0, with_key.stderr
+    assert "stub-chat" in with_key.stdout
+
+    wrong_key = _run_hook(keyed, gw.url, {"helm-test-key/api-key": "llmops_wrong"})
+    assert wrong_key.returncode == 1
+    assert "expected 200 with the key, got HTTP 401" in wrong_key.stderr
+    missing = _run_hook(
+        ("helmTest.apiKeySecret.name=helm-test-key", "helmTest.expectModels={stub-chat,absent}"),
+        gw.url,
+        {"helm-test-key/api-key": key},
+    )
+    assert missing.returncode == 1
+    assert "models ['absent'] are not listed" in missing.stderr
+    # Something that answers without checking keys is not the gateway.
+    with stub_upstream() as stub:
+        unauthenticated = _run_hook((), stub)
+    assert unauthenticated.returncode == 1
+    assert "expected 401 invalid_api_key, got HTTP 200" in unauthenticated.stderr
+    down = _run_hook((), f"http://127.0.0.1:{free_port()}", timeout_s=1)
+    assert down.returncode == 1
+    assert "no answer" in down.stderr
+
+    assert "helmTest.expectModels needs helmTest.apiKeySecret.name" in render_error(
+        "helmTest.expectModels={stub-chat}"
+    )
+    assert not by_kind(render(None, ("helmTest.enabled=false",)), "Pod")
 
 
 # --- RBAC ------------------------------------------------------------------------------------
