@@ -150,6 +150,12 @@ def crd_manifest() -> dict[str, Any]:
     spec_schema["properties"]["autoscaling"]["x-kubernetes-validations"] = AUTOSCALING_RULES
     spec_schema["x-kubernetes-validations"] = SPEC_RULES
     status_schema = openapi_schema(LLMDeploymentStatus)
+    # Lists keyed as metav1.Condition's are: server-side apply merges them by key.
+    for listed, key in (("conditions", "type"), ("models", "name"), ("sources", "source")):
+        status_schema["properties"][listed]["x-kubernetes-list-type"] = "map"
+        status_schema["properties"][listed]["x-kubernetes-list-map-keys"] = [key]
+    condition = status_schema["properties"]["conditions"]["items"]["properties"]
+    condition["lastTransitionTime"]["format"] = "date-time"
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -196,6 +202,11 @@ def crd_manifest() -> dict[str, Any]:
                     },
                     "additionalPrinterColumns": [
                         {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+                        {
+                            "name": "Reason",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+                        },
                         {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
                         {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
                         {"name": "Models", "type": "string", "jsonPath": ".status.modelsSummary"},

@@ -29,7 +29,9 @@ MAX_NAME_LENGTH = 47
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Model names become Ray worker group names and label values: short DNS-1123 subdomains.
 MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,38}[a-z0-9])?$"
-SOURCE_PATTERN = r"^(embedded://|hf://|file://|/).+"
+SOURCE_PATTERN = (
+    r"^(embedded://|hf://|s3://|file://|/).+|^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
+)
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 
 
@@ -77,8 +79,12 @@ class ModelSpec(CRDModel):
     source: str = Field(
         pattern=SOURCE_PATTERN,
         max_length=512,
-        description="Where the weights come from: hf://org/name[@revision], embedded://name "
-        "or an absolute path in the image. Downloaded once into the model cache.",
+        description="Where the weights come from: hf://org/name[@revision] (Hugging Face "
+        "Hub), s3://bucket/folder (any S3-compatible store; AWS_ENDPOINT_URL and keys from "
+        "cache.credentialsSecret), embedded://name, pvc://claim/folder (an existing "
+        "PersistentVolumeClaim of this namespace, mounted read-only; ReadOnlyMany or "
+        "ReadWriteMany when pods land on several nodes) or an absolute path in the image. "
+        "Downloaded once into the model cache (pvc:// and paths are read in place).",
     )
     engine: EngineConfig = Field(
         default_factory=EngineConfig,
@@ -247,7 +253,9 @@ class CacheSpec(CRDModel):
         default=None,
         max_length=253,
         description="Secret whose keys become the loader's environment: HF_TOKEN for gated "
-        "Hugging Face repos. Only the loader sees it; serving pods read the cache offline.",
+        "Hugging Face repos; AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL, "
+        "AWS_REGION for S3-compatible stores) for s3:// sources. Only the loader sees it; "
+        "serving pods read the cache offline.",
     )
 
 
@@ -360,6 +368,15 @@ class Endpoints(CRDModel):
     http: str | None = Field(default=None, description="OpenAI-compatible HTTP base URL.")
 
 
+class SourceStatus(CRDModel):
+    """What a model source resolved to when the loader fetched it."""
+
+    source: str = Field(description="The source as the spec gives it.")
+    revision: str | None = Field(
+        default=None, description="The commit an hf:// source resolved to (the cache's)."
+    )
+
+
 class LLMDeploymentStatus(CRDModel):
     """What the operator observed; written on every reconcile."""
 
@@ -373,6 +390,11 @@ class LLMDeploymentStatus(CRDModel):
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
     endpoints: Endpoints = Field(default_factory=Endpoints, description="Endpoints.")
     models: list[ModelStatus] = Field(default_factory=list, description="Per-model state.")
+    sources: list[SourceStatus] = Field(
+        default_factory=list,
+        description="Every fetched source and the commit it resolved to, from the loader's "
+        "report (the loader Job's or the Ray pods' fetch-models termination message).",
+    )
 
 
 def parse_spec(spec: dict[str, Any]) -> LLMDeploymentSpec:

@@ -16,6 +16,8 @@ Status layout (``status`` of the LLMDeployment)::
     models[]            name, state (Pending, Loading, Ready, Failed), message, replicas (ready
                         worker pods of the active cluster's group, while its Serve deployment
                         is HEALTHY)
+    sources[]           source, revision: the commit each hf:// source resolved to, from the
+                        loader's report (its termination message)
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import collections
 import copy
 import datetime
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -279,18 +282,19 @@ async def sync_worker_bounds(
     return True
 
 
-async def ready_workers(
+async def worker_pods(
     client: KubeClient, namespace: str, cluster: str | None
-) -> collections.Counter[str]:
-    """Ready worker pods of the active cluster, by worker group (= model name).
-
-    Selected by KubeRay's labels (ray.io/cluster, ray.io/node-type, ray.io/group), never by
-    name; a pending cluster's pods do not serve yet and are not counted.
-    """
+) -> list[dict[str, Any]]:
+    """The active cluster's worker pods, selected by KubeRay's labels (ray.io/cluster,
+    ray.io/node-type), never by name; a pending cluster's pods do not serve yet."""
     if cluster is None:
-        return collections.Counter()
+        return []
     labels = {render.RAY_CLUSTER_LABEL: cluster, render.RAY_NODE_TYPE_LABEL: "worker"}
-    pods = await client.list("v1", "Pod", namespace, labels)
+    return await client.list("v1", "Pod", namespace, labels)
+
+
+def ready_workers(pods: list[dict[str, Any]]) -> collections.Counter[str]:
+    """Ready pods by worker group (= model name)."""
     return collections.Counter(
         pod["metadata"]["labels"].get(render.RAY_GROUP_LABEL, "")
         for pod in pods
@@ -300,6 +304,111 @@ async def ready_workers(
             for c in (pod.get("status") or {}).get("conditions") or []
         )
     )
+
+
+@dataclass
+class FetchReports:
+    """What the loader containers said when they ended (their termination messages).
+
+    A loader writes ``{"sources": {SOURCE: {"revision": ...}}}`` there on success
+    (`llmops fetch --report`); on failure the kubelet puts the end of its log there
+    (terminationMessagePolicy FallbackToLogsOnError).
+    """
+
+    revisions: dict[str, collections.Counter[str]] = field(default_factory=dict)
+    error: str | None = None
+
+    def add(self, pod: Mapping[str, Any], container: str) -> None:
+        status = pod.get("status") or {}
+        for entry in status.get("initContainerStatuses", []) + status.get("containerStatuses", []):
+            if entry.get("name") != container:
+                continue
+            # The state first: a container that failed before and ended well since counts
+            # as ended well; lastState holds the failure of a container now restarting.
+            for state in (entry.get("state") or {}, entry.get("lastState") or {}):
+                ended = state.get("terminated")
+                if ended is None:
+                    continue
+                message = str(ended.get("message") or "").strip()
+                if ended.get("exitCode") == 0:
+                    self._add_report(message)
+                else:
+                    self.error = _last_error(message) or (
+                        f"container {container} of pod {pod['metadata']['name']} exited with "
+                        f"{ended.get('exitCode')} ({ended.get('reason') or 'no reason'})"
+                    )
+                return
+
+    def _add_report(self, message: str) -> None:
+        try:
+            found = json.loads(message).get("sources", {})
+        except (ValueError, AttributeError):
+            return
+        if not isinstance(found, dict):
+            return
+        for source, entry in found.items():
+            revision = entry.get("revision") if isinstance(entry, dict) else None
+            counted = self.revisions.setdefault(str(source), collections.Counter())
+            if revision:
+                counted[str(revision)] += 1
+
+    def sources_status(
+        self, wanted: list[str], previous: list[Mapping[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        """status.sources for the wanted sources, and a warning per source whose pods
+        resolved it to different commits (an unpinned hf:// branch that moved)."""
+        before = {str(e.get("source")): e for e in previous if isinstance(e, Mapping)}
+        entries, warnings = [], []
+        for source in wanted:
+            seen = self.revisions.get(source)
+            if seen is None:
+                if source in before:
+                    entries.append(dict(before[source]))
+                continue
+            entry: dict[str, Any] = {"source": source}
+            if seen:
+                entry["revision"] = seen.most_common(1)[0][0]
+            if len(seen) > 1:
+                warnings.append(
+                    f"{source} resolved to {len(seen)} commits across the Ray pods "
+                    f"({', '.join(sorted(seen))}): pin one (hf://org/name@<commit>) so every "
+                    "replica serves the same weights"
+                )
+            entries.append(entry)
+        return entries, warnings
+
+
+def _last_error(message: str) -> str | None:
+    """The loader's error line from the end of its log (`llmops fetch` prints "error: ...")."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line.removeprefix("error:").strip()[:1000]
+    return lines[-1][:1000] if lines else None
+
+
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+"""The label the Job controller sets on a Job's pods (Kubernetes >= 1.27)."""
+
+
+async def loader_reports(
+    client: KubeClient, namespace: str, job: Mapping[str, Any] | None, needed: bool
+) -> FetchReports:
+    """The loader Job's reports: read once it ended and its report is not in status yet."""
+    reports = FetchReports()
+    if job is None:
+        return reports
+    status = job.get("status") or {}
+    finished = any(
+        c.get("type") in {"Complete", "Failed"} and c.get("status") == "True"
+        for c in status.get("conditions", [])
+    )
+    if not (finished and needed) and not status.get("failed"):
+        return reports
+    pods = await client.list("v1", "Pod", namespace, {JOB_NAME_LABEL: job["metadata"]["name"]})
+    for pod in sorted(pods, key=lambda p: str(p["metadata"].get("creationTimestamp") or "")):
+        reports.add(pod, render.LOADER_CONTAINER)
+    return reports
 
 
 async def credentials_version(
@@ -351,7 +460,9 @@ async def _prune(
     return deleted
 
 
-def _cache_condition(job: Mapping[str, Any] | None, generation: int | None) -> dict[str, Any]:
+def _cache_condition(
+    job: Mapping[str, Any] | None, reports: FetchReports, generation: int | None
+) -> dict[str, Any]:
     status = (job or {}).get("status", {})
     for cond in status.get("conditions", []):
         if cond.get("type") == "Complete" and cond.get("status") == "True":
@@ -360,11 +471,16 @@ def _cache_condition(job: Mapping[str, Any] | None, generation: int | None) -> d
             )
         if cond.get("type") == "Failed" and cond.get("status") == "True":
             message = cond.get("message") or "the loader Job failed; see its pod logs"
+            if reports.error:
+                message = f"{message}: {reports.error}"
             return make_condition("ModelCached", False, "LoadFailed", message, generation)
     if status.get("succeeded"):
         return make_condition(
             "ModelCached", True, "Loaded", "every model is in the cache", generation
         )
+    if reports.error:
+        message = f"the loader Job's last try failed and is retried with backoff: {reports.error}"
+        return make_condition("ModelCached", False, "LoadRetrying", message, generation)
     return make_condition(
         "ModelCached", False, "Loading", "the loader Job is downloading the models", generation
     )
@@ -397,12 +513,20 @@ def _volume_pending_condition(
     return make_condition("ModelCached", False, "CacheVolumePending", message, generation)
 
 
-def _pod_cache_condition(serving: Mapping[str, Any], generation: int | None) -> dict[str, Any]:
+def _pod_cache_condition(
+    serving: Mapping[str, Any], reports: FetchReports, generation: int | None
+) -> dict[str, Any]:
     """ModelCached with a volume per Ray pod: each pod's init container fills its own cache."""
     if serving["status"] == "True":
         return make_condition(
             "ModelCached", True, "Loaded", "every Ray pod fetched its models", generation
         )
+    if reports.error:
+        message = (
+            f"a Ray pod could not fetch its models (init container {render.FETCH_CONTAINER}, "
+            f"retried with backoff): {reports.error}"
+        )
+        return make_condition("ModelCached", False, "FetchFailed", message, generation)
     message = (
         "each Ray pod fetches its models into its own volume before Ray starts "
         "(init container fetch-models; see its logs)"
@@ -551,16 +675,23 @@ async def reconcile(
 
     deployments = {llm.name: llm.deployment_name for llm in graph.llms}
     serving, models = _serving(observed.get(f"RayService/{name}"), deployments, generation)
+    pods = await worker_pods(client, namespace, active)
+    fetched = render.sources(target.spec)
+    recorded = {e.get("source") for e in previous.get("sources") or [] if isinstance(e, Mapping)}
     if render.shared_cache(target.spec):
         state = render.Observed(secret_version=secret_version)
         job = observed.get(f"Job/{render.loader_job_name(target, state)}")
-        cache = _cache_condition(job, generation)
+        reports = await loader_reports(client, namespace, job, not set(fetched) <= recorded)
+        cache = _cache_condition(job, reports, generation)
         pvc = observed.get(f"PersistentVolumeClaim/{render.cache_claim_name(name)}")
         pending = pending_for(pvc, datetime.datetime.now(datetime.UTC))
         if pvc is not None and pending is not None and pending > PVC_PENDING_GRACE_S:
             cache = _volume_pending_condition(target, pvc, pending, generation)
     else:
-        cache = _pod_cache_condition(serving, generation)
+        reports = FetchReports()
+        for pod in pods:
+            reports.add(pod, render.FETCH_CONTAINER)
+        cache = _pod_cache_condition(serving, reports, generation)
     if secret_missing and cache["status"] != "True":
         message = (
             f"Secret {secret_name} (spec.cache.credentialsSecret) does not exist in namespace "
@@ -584,16 +715,21 @@ async def reconcile(
         overall = make_condition("Ready", False, first["reason"], first["message"], generation)
     conditions = stamp_transitions([cache, serving, autoscaling, overall], old_conditions)
     _announce(conditions, old_conditions, say)
-    workers = await ready_workers(client, namespace, active)
+    workers = ready_workers(pods)
     for model in models:
         model["replicas"] = workers[model["name"]] if model["state"] == "Ready" else 0
     replicas = min((model["replicas"] for model in models), default=0)
+    source_entries, differ = reports.sources_status(fetched, previous.get("sources") or [])
+    if source_entries != (previous.get("sources") or []):
+        for warning in differ:
+            say("warning", "SourceRevisionsDiffer", warning)
     status = {
         **base,
         "replicas": replicas,
         "ready": overall["status"],
         "conditions": conditions,
         "models": models,
+        "sources": source_entries,
     }
     if not monitors and f"RayService/{name}" in created:
         say(

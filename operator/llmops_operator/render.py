@@ -45,6 +45,14 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = "llmops-operator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 CACHE_MOUNT = "/models"
+SOURCES_MOUNT = "/mnt/llmops-sources"
+"""Where pvc:// sources' claims are mounted (read-only) in Ray pods: /mnt/llmops-sources/<claim>."""
+PVC_SOURCE = re.compile(r"pvc://(?P<claim>[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?)(?P<path>/.*)?")
+LOADER_CONTAINER = "loader"
+FETCH_CONTAINER = "fetch-models"
+TERMINATION_LOG = "/dev/termination-log"
+"""The loader's report goes to its termination message (at most 4096 bytes, which
+`llmops fetch --report` keeps to), where the operator reads the commits sources resolved to."""
 READY_MARKER_DIR = ".llmops"
 SERVE_PORT = 8000
 METRICS_PORT = 8080
@@ -259,7 +267,7 @@ def graph_config(target: Target) -> GraphConfig:
     llms = [
         {
             "name": model.name,
-            "source": model.source,
+            "source": served_source(model.source),
             "engine": model.engine.model_dump(mode="json"),
             "resources": {
                 "cpus": 1.0,
@@ -280,7 +288,7 @@ def graph_config(target: Target) -> GraphConfig:
         "llms": llms,
         "encoder": {
             "name": encoder.name,
-            "source": encoder.source,
+            "source": served_source(encoder.source),
             "max_batch_size": encoder.max_batch_size,
             "device": "cuda" if encoder.gpus else "cpu",
             "resources": {"cpus": 1.0, "gpus": encoder.gpus},
@@ -356,8 +364,11 @@ def serve_replicas(replicas: int) -> dict[str, Any]:
 
 
 def shared_cache(spec: LLMDeploymentSpec) -> bool:
-    """One cache volume for every pod (ReadWriteMany), or one volume per Ray pod."""
-    return spec.cache.access_mode == "ReadWriteMany"
+    """One cache volume for every pod (ReadWriteMany), or one volume per Ray pod.
+
+    With nothing to fetch (every source pvc://) there is no loader to share.
+    """
+    return spec.cache.access_mode == "ReadWriteMany" and bool(sources(spec))
 
 
 def cache_claim_name(name: str) -> str:
@@ -365,12 +376,53 @@ def cache_claim_name(name: str) -> str:
     return f"{name}-model-cache"
 
 
-def sources(spec: LLMDeploymentSpec) -> list[str]:
-    """Every model source the cache must hold, in a stable order."""
+def all_sources(spec: LLMDeploymentSpec) -> list[str]:
+    """Every model source of the graph, in a stable order."""
     found = [model.source for model in spec.models]
     if spec.encoder.enabled:
         found.append(spec.encoder.source)
     return sorted(set(found))
+
+
+def sources(spec: LLMDeploymentSpec) -> list[str]:
+    """The sources the model cache must hold: all but pvc:// ones, which are mounted."""
+    return [s for s in all_sources(spec) if not s.startswith("pvc://")]
+
+
+def source_claim(source: str) -> tuple[str, str] | None:
+    """``(claim, path inside it)`` of a ``pvc://<claim>[/<path>]`` source; None otherwise.
+
+    Raises:
+        RenderError: a pvc:// source that is not a claim name and a clean path.
+    """
+    if not source.startswith("pvc://"):
+        return None
+    match = PVC_SOURCE.fullmatch(source)
+    parts = (match.group("path") or "").strip("/").split("/") if match else []
+    if match is None or any(part in {".", ".."} for part in parts):
+        raise RenderError(
+            f"model source {source!r}: use pvc://<claim>[/<folder>], a PersistentVolumeClaim "
+            "name in the LLMDeployment's namespace and a folder in it without '.' or '..'"
+        )
+    return match.group("claim"), "/".join(p for p in parts if p)
+
+
+def served_source(source: str) -> str:
+    """The source as the graph loads it: a pvc:// source becomes its folder in the mount."""
+    found = source_claim(source)
+    if found is None:
+        return source
+    claim, path = found
+    return "/".join(p for p in (SOURCES_MOUNT, claim, path) if p)
+
+
+def source_claims(spec: LLMDeploymentSpec) -> list[str]:
+    """The PersistentVolumeClaims pvc:// sources name, in a stable order."""
+    return sorted({found[0] for s in all_sources(spec) if (found := source_claim(s))})
+
+
+def _claim_volume(claim: str) -> str:
+    return f"source-{hashlib.sha256(claim.encode()).hexdigest()[:10]}"
 
 
 def cache_key(spec: LLMDeploymentSpec) -> str:
@@ -434,13 +486,15 @@ def _fetch_container(
     target: Target, name: str, image: str, wanted: list[str], marker: str | None
 ) -> dict[str, Any]:
     """`llmops fetch` of some sources into the cache mount, with the credentials Secret."""
-    command = ["llmops", "fetch", "--cache-dir", CACHE_MOUNT]
+    command = ["llmops", "fetch", "--cache-dir", CACHE_MOUNT, "--report", TERMINATION_LOG]
     if marker:
         command += ["--marker", marker]
     container: dict[str, Any] = {
         "name": name,
         "image": image,
         "command": [*command, *wanted],
+        # The report on success; the end of the log (the error) on failure.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": [{"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"}],
         "resources": {
             "requests": {"cpu": "1", "memory": "4Gi"},
@@ -465,7 +519,7 @@ def cache_loader(
         "restartPolicy": "OnFailure",
         "securityContext": _pod_security(),
         "containers": [
-            _fetch_container(target, "loader", image, sources(spec), ready_marker(spec))
+            _fetch_container(target, LOADER_CONTAINER, image, sources(spec), ready_marker(spec))
         ],
         "volumes": [
             {
@@ -522,6 +576,7 @@ def _ray_container(
             {"name": "LLMOPS_MODEL_CACHE", "value": CACHE_MOUNT},
             # Workers only read the cache the loader filled.
             {"name": "HF_HUB_OFFLINE", "value": "1"},
+            {"name": "LLMOPS_OFFLINE", "value": "1"},
             {"name": "RAY_SERVE_ENABLE_TASK_EVENTS", "value": "0"},
         ],
         "resources": resources,
@@ -532,6 +587,10 @@ def _ray_container(
         "volumeMounts": [
             {"name": "model-cache", "mountPath": CACHE_MOUNT, "readOnly": True},
             {"name": "shm", "mountPath": "/dev/shm"},  # noqa: S108 (Ray's object store)
+            *(
+                {"name": _claim_volume(c), "mountPath": f"{SOURCES_MOUNT}/{c}", "readOnly": True}
+                for c in source_claims(target.spec)
+            ),
         ],
     }
 
@@ -561,6 +620,13 @@ def _pod_volumes(target: Target) -> list[dict[str, Any]]:
     return [
         {"name": "model-cache", **volume},
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        *(
+            {
+                "name": _claim_volume(claim),
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+            }
+            for claim in source_claims(target.spec)
+        ),
     ]
 
 
@@ -598,16 +664,18 @@ def _pod_template(
     """
     image, loader_image = images
     spec = target.spec
+    init: list[dict[str, Any]] = []
     if shared_cache(spec):
-        init = _wait_for_cache(target, image)
+        init.append(_wait_for_cache(target, image))
     else:
         skip = {m.source for m in spec.models if m.resources.gpus} if gpus == 0 else set()
         wanted = [s for s in sources(spec) if s not in skip]
-        init = _fetch_container(target, "fetch-models", loader_image, wanted, None)
+        if wanted:
+            init.append(_fetch_container(target, FETCH_CONTAINER, loader_image, wanted, None))
     pod: dict[str, Any] = {
         "securityContext": _pod_security(),
         "terminationGracePeriodSeconds": spec.rollout.drain_seconds + 30,
-        "initContainers": [init],
+        "initContainers": init,
         "containers": [container],
         "volumes": _pod_volumes(target),
     }

@@ -101,7 +101,9 @@ def test_crd_schema_rejects_bad_values_with_the_field_named() -> None:
         (lambda s: s["router"].update(policy="semantic"), "needs routeExamples"),
         (lambda s: s["autoscaling"].update(minReplicas=5, maxReplicas=2), "below minReplicas"),
         (lambda s: s["router"].update(defaultModel="nope"), "is not one of the llms"),
-        (lambda s: s["models"][0].update(source="s3://bucket/model"), "spec.models.0.source"),
+        (lambda s: s["models"][0].update(source="gs://bucket/model"), "spec.models.0.source"),
+        (lambda s: s["models"][0].update(source="s3://Bucket_1/m"), "s3://bucket/folder"),
+        (lambda s: s["models"][0].update(source="pvc://models/../etc"), "without '.' or '..'"),
     ],
 )
 def test_invalid_specs_fail_with_a_message_that_says_what_to_fix(change: Any, message: str) -> None:

@@ -266,6 +266,64 @@ def test_shared_cache_has_a_loader_job_renamed_by_a_new_secret_version() -> None
     assert re.fullmatch(r"llama-70b-load-[0-9a-f]{10}", jobs[0].split("/")[1])
 
 
+def _ray_pods(objs: dict[str, dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    cluster = objs[f"RayService/{name}"]["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [group["template"]["spec"] for group in groups]
+
+
+@pytest.mark.parametrize("access_mode", ["ReadWriteOnce", "ReadWriteMany"])
+def test_pvc_sources_are_mounted_read_only_and_never_fetched(access_mode: str) -> None:
+    """pvc://<claim>/<folder> is read in place: every Ray pod mounts the claim read-only and the
+    graph loads the folder there; no loader copies it. With every source on claims there is
+    no cache to fill, so no loader Job even for ReadWriteMany."""
+    manifest = load("tiny-cpu.yaml")
+    manifest["spec"]["models"][0]["source"] = "pvc://team-models/smollm2/v1"
+    manifest["spec"]["encoder"] = {"source": "pvc://shared.models/minilm"}
+    manifest["spec"]["cache"]["accessMode"] = access_mode
+    objs = children(manifest)
+    assert_valid(list(objs.values()))
+    assert not any(key.startswith(("Job/", "PersistentVolumeClaim/")) for key in objs)
+    for pod in _ray_pods(objs, "tiny"):
+        assert not pod["initContainers"]  # nothing to fetch or wait for
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]: v["name"]
+            for v in pod["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        assert set(claims) == {"team-models", "shared.models"}
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        for claim, volume in claims.items():
+            assert mounts[volume] == {
+                "name": volume,
+                "mountPath": f"/mnt/llmops-sources/{claim}",
+                "readOnly": True,
+            }
+    graph = serve_config(manifest)["applications"][0]["args"]
+    assert graph["llms"][0]["source"] == "/mnt/llmops-sources/team-models/smollm2/v1"
+    assert graph["encoder"]["source"] == "/mnt/llmops-sources/shared.models/minilm"
+    ServeDeploySchema.model_validate(serve_config(manifest))
+
+
+def test_s3_sources_are_fetched_with_the_credentials_and_read_offline() -> None:
+    """s3:// goes through the loader like hf://: the Secret's AWS_* keys reach the fetch
+    container only; Ray containers read the cache with LLMOPS_OFFLINE=1."""
+    manifest = load("tiny-cpu.yaml")
+    manifest["spec"]["models"][0]["source"] = "s3://models/smollm2/v1"
+    manifest["spec"]["cache"]["credentialsSecret"] = "s3-keys"
+    objs = children(manifest)
+    assert_valid(list(objs.values()))
+    for pod in _ray_pods(objs, "tiny"):
+        (fetch,) = pod["initContainers"]
+        assert "s3://models/smollm2/v1" in fetch["command"]
+        assert fetch["command"][fetch["command"].index("--report") + 1] == "/dev/termination-log"
+        assert fetch["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        assert fetch["envFrom"] == [{"secretRef": {"name": "s3-keys"}}]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["LLMOPS_OFFLINE"] == "1"
+        assert "envFrom" not in pod["containers"][0]
+
+
 # --- network access ----------------------------------------------------------------------------
 
 

@@ -70,8 +70,8 @@ def test_model_names_must_be_dns_like(name: str) -> None:
 
 
 def test_bad_source_is_rejected_at_validation() -> None:
-    with pytest.raises(ValidationError, match="unsupported model source scheme 's3'"):
-        LLMSpec(name="chat", source="s3://bucket/model")
+    with pytest.raises(ValidationError, match="unsupported model source scheme 'gs'"):
+        LLMSpec(name="chat", source="gs://bucket/model")
 
 
 def test_default_model_must_be_an_llm() -> None:
