@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port
+from tests.reliability import processes
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = [sys.executable, "-m", "tests.bench.vllm_bench_serve"]
@@ -167,6 +168,48 @@ def _wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes]) -> 
     raise TimeoutError(f"{url} not ready after {timeout_s:.0f} s")
 
 
+TICKS = os.sysconf("SC_CLK_TCK")
+# Process trees whose CPU a point reports apart from the rest of the machine: pid -> name.
+ROOTS: dict[int, str] = {}
+
+
+def _kind(argv: list[str]) -> str:
+    """A process's kind: its Ray or vLLM title, or its module or program."""
+    if argv and argv[0].startswith(("ray::", "VLLM::")):
+        return re.sub(r"#[0-9a-z]{8}", "", argv[0].split(" ")[0].split(".")[0])
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return Path(argv[0]).name if argv else "?"
+
+
+def _cpu_snapshot() -> dict[int, tuple[str, int]]:
+    """pid -> (group/kind, CPU ticks so far); group is the ROOTS tree it is in, else "other"."""
+    found = processes()
+    snapshot = {}
+    for pid, process in found.items():
+        group, up = "other", pid
+        for _ in range(64):
+            if up in ROOTS:
+                group = ROOTS[up]
+                break
+            if up not in found or up <= 1:
+                break
+            up = found[up].parent
+        snapshot[pid] = (f"{group}/{_kind(process.argv)}", process.cpu_ticks)
+    return snapshot
+
+
+def _cpu_used(before: dict[int, tuple[str, int]], seconds: float) -> dict[str, float]:
+    """Cores used on average since ``before``, by group/kind (>= 0.02 core), largest first."""
+    used: dict[str, float] = {}
+    for pid, (kind, ticks) in _cpu_snapshot().items():
+        delta = ticks - before.get(pid, (kind, 0))[1]
+        if delta > 0:
+            used[kind] = used.get(kind, 0.0) + delta / TICKS / seconds
+    ranked = sorted(used.items(), key=lambda item: -item[1])
+    return {kind: round(cores, 2) for kind, cores in ranked if cores >= 0.02}
+
+
 def _children(pid: int) -> set[int]:
     """Every live descendant of ``pid``, from /proc."""
     parents: dict[int, int] = {}
@@ -242,6 +285,7 @@ def direct_server(logs: Path) -> Iterator[tuple[Target, list[str]]]:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **extra)
         )
+    ROOTS[process.pid] = "direct"
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/health", 900, process)
@@ -269,6 +313,7 @@ def llmops_up(
     log_path = logs / f"{name}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    ROOTS[process.pid] = "llmops-up"
     try:
         deadline = time.monotonic() + 900
         text = ""
@@ -361,9 +406,10 @@ def measure(
     backend: str = "openai-chat",
     seed: int = 0,
     label: str | None = None,
+    num_prompts: int = 0,
 ) -> dict[str, Any]:
     """One `vllm bench serve` run; its metrics, command and the load around it."""
-    num_prompts = max(args.min_prompts, math.ceil(rate * profile.seconds))
+    num_prompts = num_prompts or max(args.min_prompts, math.ceil(rate * profile.seconds))
     label = label or target.name
     result = args.logs / f"{label}-{rate:g}-{seed}.json"
     result.unlink(missing_ok=True)
@@ -377,7 +423,16 @@ def measure(
     load_before = load_average()
     started = time.monotonic()
     with open(args.logs / f"{label}-{rate:g}.log", "wb") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True, cwd=ROOT)
+        bench = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        ROOTS[bench.pid] = "load-generator"
+        # vLLM bench loads the tokenizer and sends its warm-ups first: CPU is counted from then
+        # to the end, so it covers the measured requests (and a few seconds of set-up).
+        time.sleep(min(8.0, profile.seconds / 2))
+        cpu_before, cpu_started = _cpu_snapshot(), time.monotonic()
+        if bench.wait():
+            raise subprocess.CalledProcessError(bench.returncode, command)
+        cpu = _cpu_used(cpu_before, time.monotonic() - cpu_started)
+        del ROOTS[bench.pid]
     wall = time.monotonic() - started
     data = json.loads(result.read_text())
     point: dict[str, Any] = {
@@ -389,6 +444,12 @@ def measure(
         "wall_s": round(wall, 1),
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(command[1:]).replace(str(ROOT) + "/", ""),
+        # Cores used on average while it ran, by process tree and kind; "other/..." is work
+        # on the machine that is none of the servers' nor the load generator's.
+        "cores_used": cpu,
+        "cores_used_by_other_work": round(
+            sum(v for k, v in cpu.items() if k.startswith("other/")), 2
+        ),
     }
     for key in METRICS:
         if key in data:
@@ -426,7 +487,7 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Every rate against every target, the order rotating from one rate to the next."""
     for target in targets:  # warm-up: not recorded, another seed than the sweep's
-        measure(target, profile, rates[0], tokenizer, args, backend, seed=1000)
+        measure(target, profile, 2.0, tokenizer, args, backend, seed=1000, num_prompts=6)
     points = []
     for i, rate in enumerate(rates):
         order = targets[i % len(targets) :] + targets[: i % len(targets)]
@@ -617,6 +678,28 @@ def run_embeddings(
     return {"servers": {"llmops_up": command}, "points": points, "goals": {}}
 
 
+def run_gateway_stub(args: argparse.Namespace, passthrough: list[str]) -> int:
+    """`tests.bench.gateway_overhead` with ``passthrough``; its JSON kept with date and load."""
+    command = [sys.executable, "-m", "tests.bench.gateway_overhead", *passthrough]
+    result: dict[str, Any] = {
+        "case": args.case,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python -m tests.bench.serving_sweep " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+    }
+    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        return done.returncode
+    result["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout
+    result["uptime_after"] = result["uptime_after"].strip()
+    result["results"] = json.loads(done.stdout)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.case}.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(done.stdout)
+    return 0
+
+
 def main() -> None:
     argv = sys.argv[1:]
     passthrough: list[str] = []
@@ -645,9 +728,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--logs", type=Path, default=Path("/tmp/llmops-sweep"))
     args = parser.parse_args(argv)
+    # SIGTERM stops the sweep like Ctrl-C: the servers it started are stopped on the way out
+    # (a background job started from a script ignores SIGINT).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.case == "gateway-stub":
-        command = [sys.executable, "-m", "tests.bench.gateway_overhead", *passthrough]
-        raise SystemExit(subprocess.run(command, cwd=ROOT).returncode)
+        raise SystemExit(run_gateway_stub(args, passthrough))
     args.logs.mkdir(parents=True, exist_ok=True)
     base = PROFILES[args.profile]
     profile = Profile(
