@@ -38,7 +38,9 @@ GROUPS = {"tenant": "tenant", "key": "key_id", "model": "model", "day": "day"}
 STREAM_SLACK = timedelta(hours=1)
 """How far before ``--from`` the stream is read: clock skew between gateways and Redis."""
 MILLION = Decimal(1_000_000)
+HOUR_S = Decimal(3600)
 COST_PLACES = Decimal("0.000001")
+GPU_SECONDS_PLACES = Decimal("0.001")
 
 
 class Format(StrEnum):
@@ -50,14 +52,20 @@ class Format(StrEnum):
 
 
 class ModelPrice(BaseModel):
-    """A model's prices, per million tokens."""
+    """A model's prices: per million tokens, per GPU-hour, or both (the charges add up)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    input: Decimal = Field(ge=0, description="Per 1M prompt tokens.")
-    output: Decimal = Field(ge=0, description="Per 1M completion tokens.")
+    input: Decimal = Field(default=Decimal(0), ge=0, description="Per 1M prompt tokens.")
+    output: Decimal = Field(default=Decimal(0), ge=0, description="Per 1M completion tokens.")
     cached_input: Decimal | None = Field(
         default=None, ge=0, description="Per 1M cached prompt tokens; default: `input`."
+    )
+    gpu_hour: Decimal = Field(
+        default=Decimal(0),
+        ge=0,
+        description="Per GPU-hour, on the GPU-seconds each record was charged (the gateway's "
+        "`gpu_models` rule: latency x GPUs per replica / concurrent sequences per replica).",
     )
 
 
@@ -76,11 +84,12 @@ class PriceList(BaseModel):
             return None
         cached = min(record.cached_tokens, record.prompt_tokens)
         cached_price = price.input if price.cached_input is None else price.cached_input
-        return (
+        tokens = (
             (record.prompt_tokens - cached) * price.input
             + cached * cached_price
             + record.completion_tokens * price.output
         ) / MILLION
+        return tokens + Decimal(str(record.gpu_seconds)) * price.gpu_hour / HOUR_S
 
 
 @dataclass
@@ -92,6 +101,7 @@ class Row:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    gpu_seconds: Decimal = field(default_factory=Decimal)
     cost: Decimal = field(default_factory=Decimal)
 
     def add(self, record: UsageRecord, cost: Decimal | None) -> None:
@@ -101,6 +111,7 @@ class Row:
         self.prompt_tokens += record.prompt_tokens
         self.completion_tokens += record.completion_tokens
         self.cached_tokens += record.cached_tokens
+        self.gpu_seconds += Decimal(str(record.gpu_seconds))
         self.cost += cost or 0
 
 
@@ -137,11 +148,12 @@ def render(
 ) -> str:
     """The summary in ``output`` format (the table as plain text)."""
     counts = ["requests", "failed", "prompt_tokens", "completion_tokens", "cached_tokens"]
-    header = [*by, *counts] + (["cost"] if prices is not None else [])
+    header = [*by, *counts, "gpu_seconds"] + (["cost"] if prices is not None else [])
     lines: list[list[str]] = []
     objects: list[dict[str, object]] = []
     for group, row in rows:
         values: list[object] = [getattr(row, name) for name in counts]
+        values.append(row.gpu_seconds.quantize(GPU_SECONDS_PLACES))
         if prices is not None:
             values.append(row.cost.quantize(COST_PLACES))
         lines.append([*group, *(str(v) for v in values)])
@@ -221,8 +233,9 @@ def usage_command(
     prices: Annotated[
         Path | None,
         typer.Option(
-            help="YAML or JSON price list, per 1M tokens: {currency: USD, models: {<model>: "
-            "{input: 0.5, output: 1.5, cached_input: 0.25}}}; adds a cost column.",
+            help="YAML or JSON price list, per 1M tokens and per GPU-hour: {currency: USD, "
+            "models: {<model>: {input: 0.5, output: 1.5, cached_input: 0.25, gpu_hour: 2.5}}}; "
+            "adds a cost column.",
             dir_okay=False,
         ),
     ] = None,
@@ -246,7 +259,9 @@ def usage_command(
 
     Each request a gateway admitted, or refused at admission (a limit, an unknown model),
     is one record: `failed` counts backend errors and refusals; a cancelled request is
-    charged what it generated. Days are the UTC days the requests arrived.
+    charged what it generated. `gpu_seconds` sums what the records of GPU models were
+    charged (latency x GPUs per replica / concurrent sequences per replica). Days are the UTC
+    days the requests arrived.
     """
     groups = [name.strip() for name in by.split(",") if name.strip()]
     unknown = [name for name in groups if name not in GROUPS]

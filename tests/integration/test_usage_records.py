@@ -14,10 +14,12 @@ import signal
 import threading
 import time
 import uuid
+from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from llmops_cli.main import app
@@ -71,7 +73,9 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
     acme, beta = f"acme-{suffix}", f"beta-{suffix}"
     acme_key_record, acme_key = store.create(Tenant(name=acme))
     _, beta_key = store.create(Tenant(name=beta, requests_per_minute=1))
-    settings = {"keys_file": store.path, "redis_url": redis_url}
+    # "slow" is a GPU model: 2 GPUs a replica, 4 sequences at once.
+    gpu_models = {"slow": {"gpus": 2, "slots": 4}}
+    settings = {"keys_file": store.path, "redis_url": redis_url, "gpu_models": gpu_models}
     with (
         stub_upstream() as upstream,
         stub_upstream(token_delay=0.05, models=("slow",)) as slow,
@@ -185,6 +189,10 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
     # completion the content chunks relayed (at least what the client read, far from 100).
     assert cancelled.prompt_tokens == estimate_tokens(MESSAGES)
     assert 3 <= cancelled.completion_tokens < 50
+    # GPU-seconds: latency x GPUs per replica / sequences per replica; none for other models.
+    assert cancelled.gpu_seconds == pytest.approx(cancelled.latency_s * 2 / 4, abs=1e-6)
+    assert cancelled.gpu_seconds > 0
+    assert all(r.gpu_seconds == 0 for r in records if r.model != "slow")
 
     # What billing sees: the CLI over the same stream.
     day = by_request["r-unary"].day
@@ -212,11 +220,12 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
     acme_completion = sum(
         r.completion_tokens for r in records if r.tenant == acme and r.model == "stub-chat"
     )
+    slow_gpu = Decimal(str(cancelled.gpu_seconds)).quantize(Decimal("0.001"))
     assert rows == [
-        f"{acme},no-such-model,1,1,0,0,0",
-        f"{acme},slow,1,0,{cancelled.prompt_tokens},{cancelled.completion_tokens},0",
-        f"{acme},stub-chat,5,1,{acme_prompt},{acme_completion},0",
-        f"{beta},stub-chat,2,1,{by_request['r-first'].prompt_tokens},5,0",
+        f"{acme},no-such-model,1,1,0,0,0,0.000",
+        f"{acme},slow,1,0,{cancelled.prompt_tokens},{cancelled.completion_tokens},0,{slow_gpu}",
+        f"{acme},stub-chat,5,1,{acme_prompt},{acme_completion},0,0.000",
+        f"{beta},stub-chat,2,1,{by_request['r-first'].prompt_tokens},5,0,0.000",
     ]
 
 
@@ -340,6 +349,154 @@ def test_without_redis_records_go_to_a_file_beside_the_keys(tmp_path: Path) -> N
     )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "tenant,model,requests,failed,prompt_tokens,completion_tokens,cached_tokens",
-        f"local,stub-chat,1,0,{usage['prompt_tokens']},{usage['completion_tokens']},0",
+        "tenant,model,requests,failed,prompt_tokens,completion_tokens,cached_tokens,gpu_seconds",
+        f"local,stub-chat,1,0,{usage['prompt_tokens']},{usage['completion_tokens']},0,0.000",
     ]
+
+
+def _stream_chat(
+    url: str,
+    key: str,
+    request_id: str,
+    lines: list[str],
+    stop_after: int | None = None,
+    **body: object,
+) -> None:
+    """Streams a chat into ``lines``; with ``stop_after``, goes away after that many tokens."""
+    payload = {"model": "stub-chat", "messages": MESSAGES, "max_tokens": 5, "stream": True, **body}
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}", "x-request-id": request_id},
+        json=payload,
+        timeout=30,
+    ) as response:
+        for line in response.iter_lines():
+            lines.append(line)
+            if stop_after is not None and sum('"content":"tok' in x for x in lines) >= stop_after:
+                return
+
+
+def _stream_usage(lines: list[str]) -> dict[str, int]:
+    (usage,) = [
+        httpx.Response(200, content=line[6:]).json()["usage"]
+        for line in lines
+        if line.startswith("data: {") and '"usage"' in line
+    ]
+    return dict(usage)
+
+
+def test_three_replicas_on_one_redis_lose_and_double_nothing(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Three gateways share one Redis: every outcome (success, backend 4xx, 429 from the
+    shared limit, a client cancel, a SIGTERM with a stream in flight) is one record, with the
+    counts the engine reported, whichever replica served it; none is missing or written twice.
+    """
+    suffix = uuid.uuid4().hex[:6]
+    store = FileKeyStore(tmp_path / "keys.json")
+    acme, beta = f"acme3-{suffix}", f"beta3-{suffix}"
+    _, acme_key = store.create(Tenant(name=acme))
+    _, beta_key = store.create(Tenant(name=beta, requests_per_minute=2))
+    settings = {"keys_file": store.path, "redis_url": redis_url, "drain_timeout_s": 20}
+    with (
+        stub_upstream() as upstream,
+        stub_upstream(token_delay=0.02, models=("slow",)) as slow,
+        gateway(tmp_path, default_backend=upstream, backends={"slow": slow}, **settings) as g1,
+        gateway(tmp_path, default_backend=upstream, backends={"slow": slow}, **settings) as g2,
+        gateway(tmp_path, default_backend=upstream, backends={"slow": slow}, **settings) as g3,
+    ):
+        replicas = [g1, g2, g3]
+        replies: dict[str, httpx.Response] = {}
+        streamed: dict[str, list[str]] = {}
+        for n, gw in enumerate(replicas):
+            replies[f"ok-{n}"] = _chat(gw.url, acme_key, f"ok-{n}")
+            streamed[f"stream-{n}"] = []
+            _stream_chat(
+                gw.url,
+                acme_key,
+                f"stream-{n}",
+                streamed[f"stream-{n}"],
+                max_tokens=6,
+                stream_options={"include_usage": True},
+            )
+            replies[f"bad-{n}"] = _chat(
+                gw.url, acme_key, f"bad-{n}", stub_error={"status": 400, "shape": "openai"}
+            )
+            replies[f"limited-{n}"] = _chat(gw.url, beta_key, f"limited-{n}")
+        # The limit is shared: two requests pass, the third (on another replica) is refused.
+        assert [replies[f"limited-{n}"].status_code for n in range(3)] == [200, 200, 429]
+        assert all(replies[f"ok-{n}"].status_code == 200 for n in range(3))
+        assert all(replies[f"bad-{n}"].status_code == 400 for n in range(3))
+        # A client that reads three tokens of a slow stream on g2, then goes away.
+        _stream_chat(
+            g2.url,
+            acme_key,
+            "cancel",
+            [],
+            stop_after=3,
+            model="slow",
+            max_tokens=100,
+            ignore_eos=True,
+        )
+        # SIGTERM to g3 with a 40-token stream (~1 s) in flight: it drains, then exits.
+        draining: list[str] = []
+        client = threading.Thread(
+            target=_stream_chat,
+            args=(g3.url, acme_key, "sigterm", draining),
+            kwargs={
+                "model": "slow",
+                "max_tokens": 40,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+        client.start()
+        deadline = time.monotonic() + 10
+        while not any("tok" in line for line in draining) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        g3.process.send_signal(signal.SIGTERM)
+        client.join(timeout=30)
+        g3.process.wait(timeout=30)
+        assert "data: [DONE]" in draining
+        records = _wait_records(redis_url, {acme, beta}, 14)
+        time.sleep(1.5)  # a retried write would land within a flush interval: none may
+        records = [r for r in _records(redis_url) if r.tenant in {acme, beta}]
+
+    by_request = {r.request_id: r for r in records}
+    assert len(records) == len(by_request) == 14, sorted(r.request_id for r in records)
+    assert len({r.id for r in records}) == 14
+    for n in range(3):
+        ok, usage = by_request[f"ok-{n}"], replies[f"ok-{n}"].json()["usage"]
+        assert (ok.status, ok.code) == ("ok", 200)
+        assert (ok.prompt_tokens, ok.completion_tokens) == (
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+        )
+        stream, usage = by_request[f"stream-{n}"], _stream_usage(streamed[f"stream-{n}"])
+        assert (stream.status, stream.completion_tokens) == ("ok", usage["completion_tokens"])
+        assert stream.prompt_tokens == usage["prompt_tokens"]
+        bad = by_request[f"bad-{n}"]
+        assert (bad.status, bad.code, bad.prompt_tokens, bad.completion_tokens) == (
+            "error",
+            400,
+            0,
+            0,
+        )
+    limited = [by_request[f"limited-{n}"] for n in range(3)]
+    assert [(r.status, r.code) for r in limited] == [("ok", 200), ("ok", 200), ("rejected", 429)]
+    cancelled = by_request["cancel"]
+    assert (cancelled.status, cancelled.model) == ("cancelled", "slow")
+    assert 3 <= cancelled.completion_tokens < 100
+    drained, usage = by_request["sigterm"], _stream_usage(draining)
+    assert (drained.status, drained.completion_tokens) == ("ok", usage["completion_tokens"])
+    assert usage["completion_tokens"] == 40
+    # What the engine generated, request for request, is what was recorded.
+    engine_total = (
+        sum(replies[f"ok-{n}"].json()["usage"]["completion_tokens"] for n in range(3))
+        + sum(_stream_usage(streamed[f"stream-{n}"])["completion_tokens"] for n in range(3))
+        + sum(replies[f"limited-{n}"].json()["usage"]["completion_tokens"] for n in range(2))
+        + usage["completion_tokens"]
+    )
+    recorded = sum(r.completion_tokens for r in records if r.request_id != "cancel")
+    assert recorded == engine_total

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from llmops_cli.main import app
-from llmops_gateway.usage_records import FileUsageSink, UsageRecord
+from llmops_gateway.usage_records import FileUsageSink, UsageRecord, gpu_seconds
 
 PRICES = """\
 currency: EUR
 models:
-  m-a: {input: 0.5, output: 1.5, cached_input: 0.25}
+  m-a: {input: 0.5, output: 1.5, cached_input: 0.25, gpu_hour: 3.6}
   m-b: {input: 2, output: 6}
 """
 
@@ -34,6 +35,7 @@ def _record(
     completion: int,
     cached: int = 0,
     status: str = "ok",
+    gpu_seconds: float = 0.0,
 ) -> UsageRecord:
     return UsageRecord(
         id=f"rec-{n}",
@@ -51,14 +53,17 @@ def _record(
         cached_tokens=cached,
         latency_s=0.5,
         ttft_s=0.1,
+        gpu_seconds=gpu_seconds,
     )
 
 
 RECORDS = [
     _record(1, "2026-12-01T10:00:00.000Z", "acme", "k1", "m-a", 1000, 500, cached=200),
-    _record(2, "2026-12-03T12:30:00.250Z", "acme", "k2", "m-a", 3000, 1500),
+    _record(2, "2026-12-03T12:30:00.250Z", "acme", "k2", "m-a", 3000, 1500, gpu_seconds=1.5),
     _record(3, "2026-12-07T23:59:59.999Z", "acme", "k1", "m-b", 100, 0, status="error"),
-    _record(4, "2026-12-05T08:00:00.000Z", "beta", "k3", "m-a", 2000, 1000, 1000, "cancelled"),
+    _record(
+        4, "2026-12-05T08:00:00.000Z", "beta", "k3", "m-a", 2000, 1000, 1000, "cancelled", 0.75
+    ),
     _record(5, "2026-11-30T23:59:59.999Z", "beta", "k3", "m-a", 9, 9),  # before --from
     _record(6, "2026-12-08T00:00:00.000Z", "acme", "k1", "m-a", 9, 9),  # after --to
     _record(7, "2026-12-02T00:00:00.000Z", "beta", "k3", "m-c", 10, 10),  # no price
@@ -88,13 +93,15 @@ def test_csv_by_tenant_and_model_with_costs(usage_file: Path, tmp_path: Path) ->
         *("--format", "csv", "--prices", str(prices), "--file", str(usage_file)),
     )
     assert code == 0, err
-    # m-a: (prompt - cached) * 0.5 + cached * 0.25 + completion * 1.5, per 1M tokens.
+    # m-a: (prompt - cached) * 0.5 + cached * 0.25 + completion * 1.5, per 1M tokens, plus
+    # 3.6 per GPU-hour (0.001 per GPU-second).
     assert out == (
-        "tenant,model,requests,failed,prompt_tokens,completion_tokens,cached_tokens,cost\n"
-        "acme,m-a,2,0,4000,2000,200,0.004950\n"
-        "acme,m-b,1,1,100,0,0,0.000200\n"
-        "beta,m-a,1,0,2000,1000,1000,0.002250\n"
-        "beta,m-c,1,0,10,10,0,0.000000\n"
+        "tenant,model,requests,failed,prompt_tokens,completion_tokens,cached_tokens,"
+        "gpu_seconds,cost\n"
+        "acme,m-a,2,0,4000,2000,200,1.500,0.006450\n"
+        "acme,m-b,1,1,100,0,0,0.000,0.000200\n"
+        "beta,m-a,1,0,2000,1000,1000,0.750,0.003000\n"
+        "beta,m-c,1,0,10,10,0,0.000,0.000000\n"
     )
     assert "no price for m-c" in err
 
@@ -106,10 +113,10 @@ def test_by_key_and_day_without_prices(usage_file: Path) -> None:
     )
     assert code == 0, err
     assert out == (
-        "key,day,requests,failed,prompt_tokens,completion_tokens,cached_tokens\n"
-        "k1,2026-12-01,1,0,1000,500,200\n"
-        "k2,2026-12-03,1,0,3000,1500,0\n"
-        "k3,2026-12-02,1,0,10,10,0\n"
+        "key,day,requests,failed,prompt_tokens,completion_tokens,cached_tokens,gpu_seconds\n"
+        "k1,2026-12-01,1,0,1000,500,200,0.000\n"
+        "k2,2026-12-03,1,0,3000,1500,0,1.500\n"
+        "k3,2026-12-02,1,0,10,10,0,0.000\n"
     )
 
 
@@ -131,6 +138,7 @@ def test_json_and_table(usage_file: Path, tmp_path: Path) -> None:
                 "prompt_tokens": 2000,
                 "completion_tokens": 1000,
                 "cached_tokens": 1000,
+                "gpu_seconds": 0.75,
                 "cost": 0.004,
             }
         ],
@@ -139,7 +147,7 @@ def test_json_and_table(usage_file: Path, tmp_path: Path) -> None:
     assert code == 0
     assert out.splitlines()[1].split() == [
         *("┃", "tenant", "┃", "model", "┃", "requests", "┃", "failed", "┃", "prompt_tokens"),
-        *("┃", "completion_tokens", "┃", "cached_tokens", "┃"),
+        *("┃", "completion_tokens", "┃", "cached_tokens", "┃", "gpu_seconds", "┃"),
     ]
     assert "│ acme   │ m-a   │ 2        │ 0      │ 4000" in out
 
@@ -164,3 +172,36 @@ def test_a_line_that_is_no_record_is_an_error(tmp_path: Path) -> None:
     code, _, err = _usage("--file", str(path))
     assert code == 1
     assert "usage.jsonl:1: not a usage record" in err
+
+
+def test_gpu_hours_priced_alone_and_records_from_before_gpu_seconds(tmp_path: Path) -> None:
+    """A model priced per GPU-hour only; a record written before the gpu_seconds and trace_id
+    fields existed reads as 0 GPU-seconds (so it costs no GPU time) and no trace."""
+    old = {k: v for k, v in asdict(RECORDS[0]).items() if k not in ("gpu_seconds", "trace_id")}
+    path = tmp_path / "usage.jsonl"
+    path.write_text(json.dumps(old) + "\n")
+    assert asyncio.run(FileUsageSink(path).write([RECORDS[1]])) == []
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("models:\n  m-a: {gpu_hour: 7.2}\n")
+    code, out, err = _usage(
+        *("--from", "2026-12-01", "--to", "2026-12-07", "--by", "day", "--format", "csv"),
+        *("--prices", str(prices), "--file", str(path)),
+    )
+    assert code == 0, err
+    assert out.splitlines()[1:] == [
+        "2026-12-01,1,0,1000,500,200,0.000,0.000000",
+        f"2026-12-03,1,0,3000,1500,0,1.500,{1.5 * 7.2 / 3600:.6f}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("latency_s", "gpus", "slots", "expected"),
+    [(2.0, 4, 16, 0.5), (2.0, 1, 1, 2.0), (0.3, 8, 64, 0.0375)],
+)
+def test_gpu_seconds_are_a_share_of_a_full_replica(
+    latency_s: float, gpus: float, slots: int, expected: float
+) -> None:
+    """latency x GPUs per replica / sequences per replica: a replica running all its slots
+    for a second is charged its GPUs' second, split over the requests in those slots."""
+    assert gpu_seconds(latency_s, gpus, slots) == pytest.approx(expected)
+    assert gpu_seconds(latency_s, gpus, slots) * slots == pytest.approx(latency_s * gpus)
