@@ -392,9 +392,15 @@ JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 
 async def loader_reports(
-    client: KubeClient, namespace: str, job: Mapping[str, Any] | None, needed: bool
+    client: KubeClient,
+    namespace: str,
+    job: Mapping[str, Any] | None,
+    wanted: list[str],
+    recorded: set[str],
 ) -> FetchReports:
-    """The loader Job's reports: read once it ended and its report is not in status yet."""
+    """The loader Job's reports: read once it ended and its sources are not in status yet,
+    and while its tries fail (their errors)."""
+    needed = not set(wanted) <= recorded
     reports = FetchReports()
     if job is None:
         return reports
@@ -408,6 +414,11 @@ async def loader_reports(
     pods = await client.list("v1", "Pod", namespace, {JOB_NAME_LABEL: job["metadata"]["name"]})
     for pod in sorted(pods, key=lambda p: str(p["metadata"].get("creationTimestamp") or "")):
         reports.add(pod, render.LOADER_CONTAINER)
+    if status.get("succeeded"):
+        # A finished Job whose pod is gone (or said nothing) is not asked again each pass:
+        # its sources are recorded, without the commits nobody reported.
+        for source in wanted:
+            reports.revisions.setdefault(source, collections.Counter())
     return reports
 
 
@@ -681,7 +692,7 @@ async def reconcile(
     if render.shared_cache(target.spec):
         state = render.Observed(secret_version=secret_version)
         job = observed.get(f"Job/{render.loader_job_name(target, state)}")
-        reports = await loader_reports(client, namespace, job, not set(fetched) <= recorded)
+        reports = await loader_reports(client, namespace, job, fetched, recorded)
         cache = _cache_condition(job, reports, generation)
         pvc = observed.get(f"PersistentVolumeClaim/{render.cache_claim_name(name)}")
         pending = pending_for(pvc, datetime.datetime.now(datetime.UTC))
