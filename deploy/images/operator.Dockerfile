@@ -9,6 +9,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/llmops
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract contract
 COPY cli cli
 COPY services services
 COPY gateway gateway

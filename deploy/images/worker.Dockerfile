@@ -21,6 +21,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 USER root
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract contract
 COPY cli cli
 COPY services services
 COPY gateway gateway

@@ -30,9 +30,10 @@ from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
 
+from llmops_contract import AUTO_MODEL, GROUP, PLURAL, VERSION
+
 logger = logging.getLogger("llmops.gateway.discovery")
 
-GROUP, VERSION, PLURAL = "llmops.dev", "v1alpha1", "llmdeployments"
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 WATCH_TIMEOUT_S = 300
 LIST_TIMEOUT_S = 30
@@ -95,9 +96,9 @@ def backends_from(objects: Iterable[Mapping[str, Any]]) -> dict[str, Backend]:
                     )
                 continue
             table[name] = Backend(str(url), where, states.get(name, "Pending"))
-        if (spec.get("router") or {}).get("policy") == "semantic" and "auto" not in table:
+        if (spec.get("router") or {}).get("policy") == "semantic" and AUTO_MODEL not in table:
             ready = any(table[n].ready for n in names if table[n].deployment == where)
-            table["auto"] = Backend(str(url), where, "Ready" if ready else "Pending")
+            table[AUTO_MODEL] = Backend(str(url), where, "Ready" if ready else "Pending")
     return table
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmops_contract import ApiError
 
-class GatewayError(Exception):
-    """An error the caller should see.
+
+class GatewayError(ApiError):
+    """An error the caller should see: OpenAI's error shape (`llmops_contract.ApiError`, as
+    the graph's router answers) plus what the gateway adds.
 
     Args:
         message: What went wrong and what to change; never contains a key.
@@ -32,27 +35,10 @@ class GatewayError(Exception):
         retry_after_s: float | None = None,
         should_retry: bool | None = None,
     ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
+        super().__init__(message, status=status, type=type, param=param, code=code)
         self.grpc_code = grpc_code
-        self.type = type
-        self.code = code
-        self.param = param
         self.retry_after_s = retry_after_s
         self.should_retry = should_retry
-
-    def body(self, request_id: str) -> dict[str, Any]:
-        """OpenAI-shaped JSON body with the request id."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            },
-            "request_id": request_id,
-        }
 
 
 def unauthenticated(message: str) -> GatewayError:

@@ -21,13 +21,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from llmops_contract import LLM_DEPLOYMENT_PREFIX
+
 # vLLM metrics as Ray exports them: "vllm:" becomes "ray_vllm_".
 VLLM_WAITING = "ray_vllm_num_requests_waiting"
 VLLM_RUNNING = "ray_vllm_num_requests_running"
 VLLM_KV_CACHE_USAGE = "ray_vllm_kv_cache_usage_perc"
 SERVE_QUEUED = "ray_serve_deployment_queued_queries"
 DCGM_GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"
-LLM_DEPLOYMENT_PREFIX = "llm-"
 
 MetricType = Literal["Value", "AverageValue"]
 

@@ -12,13 +12,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from llmops_contract import ENCODER_DEPLOYMENT, ROUTER_DEPLOYMENT
 from llmops_services.config import GraphConfig
 from llmops_services.encoder import EncoderDeployment
 from llmops_services.llm import LLMDeployment, deployment_options
 from llmops_services.router import Router
-
-ROUTER_DEPLOYMENT = "router"
-ENCODER_DEPLOYMENT = "encoder"
 
 
 def build_app(args: GraphConfig | dict[str, Any]) -> Application:

@@ -7,15 +7,16 @@ are errors, and well-known misspellings get a hint.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# AUTO_MODEL: also importable from here, as before the contract module held it.
+from llmops_contract import AUTO_MODEL as AUTO_MODEL
+from llmops_contract import llm_deployment_name
 from llmops_services.sources import ModelSourceError, parse_source
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
-AUTO_MODEL = "auto"
 DEFAULT_LLM_NAME = "smollm2-135m-instruct"
 DEFAULT_ENCODER_NAME = "all-minilm-l6-v2"
 
@@ -250,7 +251,7 @@ class LLMSpec(StrictModel):
     @property
     def deployment_name(self) -> str:
         """The Serve deployment's name, derived from the model name."""
-        return "llm-" + re.sub(r"[^a-z0-9-]", "-", self.name)
+        return llm_deployment_name(self.name)
 
 
 class EncoderSpec(StrictModel):

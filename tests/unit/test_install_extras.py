@@ -134,3 +134,16 @@ def test_images_install_their_extra_only() -> None:
     worker = (images / "worker.Dockerfile").read_text()
     assert '"${wheel}[cpu]"' in worker
     assert '"${wheel}[gpu]"' in worker
+
+
+@pytest.mark.parametrize("image", ["gateway", "operator", "worker"])
+def test_images_copy_every_package_of_the_wheel(image: str) -> None:
+    """The one wheel lists every package (pyproject's wheel packages): an image whose build
+    context or COPY lines miss one (the contract module, say) fails to build its wheel."""
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    folders = {path.split("/")[0] for path in build["targets"]["wheel"]["packages"]}
+    dockerfile = (ROOT / "deploy" / "images" / f"{image}.Dockerfile").read_text().splitlines()
+    ignore = (ROOT / "deploy" / "images" / f"{image}.Dockerfile.dockerignore").read_text()
+    for folder in sorted(folders):
+        assert f"COPY {folder} {folder}" in dockerfile, folder
+        assert f"!{folder}" in ignore.splitlines(), folder

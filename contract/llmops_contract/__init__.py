@@ -1,0 +1,41 @@
+"""What the llmops deployables agree on: names, the OpenAI error shape, the graph config.
+
+The gateway, the operator and the serving graph never import one another; each imports this
+package, which needs nothing beyond pydantic (the base install).
+"""
+
+from llmops_contract.api import ApiError, RequestBodyError, parse_request_body
+from llmops_contract.names import (
+    API_VERSION,
+    APP_NAME,
+    AUTO_MODEL,
+    ENCODER_DEPLOYMENT,
+    GROUP,
+    KIND,
+    LLM_DEPLOYMENT_PREFIX,
+    PLURAL,
+    REQUEST_ID_HEADER,
+    ROUTED_MODEL_HEADER,
+    ROUTER_DEPLOYMENT,
+    VERSION,
+    llm_deployment_name,
+)
+
+__all__ = [
+    "API_VERSION",
+    "APP_NAME",
+    "AUTO_MODEL",
+    "ENCODER_DEPLOYMENT",
+    "GROUP",
+    "KIND",
+    "LLM_DEPLOYMENT_PREFIX",
+    "PLURAL",
+    "REQUEST_ID_HEADER",
+    "ROUTED_MODEL_HEADER",
+    "ROUTER_DEPLOYMENT",
+    "VERSION",
+    "ApiError",
+    "RequestBodyError",
+    "llm_deployment_name",
+    "parse_request_body",
+]
