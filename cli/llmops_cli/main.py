@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 
-from llmops_cli import cluster
+from llmops_cli import cluster, placement
 from llmops_cli.keys import KEYS_FILE_ENV, default_keys_file
 from llmops_cli.keys import app as keys_app
 from llmops_cli.monitoring import MonitoringError, find_prometheus, run_prometheus
@@ -132,24 +132,35 @@ def up(
     ray_metrics_port: Annotated[
         int, typer.Option(help="Port where Ray serves the graph's Prometheus metrics.")
     ] = 9465,
+    reserve_engine_cpus: Annotated[
+        bool | None,
+        typer.Option(
+            "--reserve-engine-cpus/--no-reserve-engine-cpus",
+            show_default=False,
+            help="Keep the graph's other processes off the CPUs vLLM binds its compute "
+            f"threads to (default: ${placement.RESERVE_ENGINE_CPUS_ENV}=1 turns it on, else off). "
+            "Opt-in: its measured gain is within a 2-core machine's noise "
+            "(docs/benchmarks.md).",
+        ),
+    ] = None,
 ) -> None:
     """Start Ray, the serving graph and the gateway locally; serve until Ctrl-C.
 
     Prints the API URL, a fresh API key (keys printed by earlier runs are revoked) and
     copy-pasteable curl and Python examples; with --monitoring, also the Prometheus URL.
 
-    On one machine the graph's processes keep off the CPUs vLLM binds its compute threads to
-    ($LLMOPS_RESERVE_ENGINE_CPUS=0 lets them run anywhere), and Ray's housekeeping runs 10
-    steps of niceness below the graph ($LLMOPS_HOUSEKEEPING_NICE, 0-19; 0 leaves it as Ray
-    starts it).
+    On one machine Ray's housekeeping runs 10 steps of niceness below the graph
+    ($LLMOPS_HOUSEKEEPING_NICE, 0-19; 0 leaves it as Ray starts it); with
+    --reserve-engine-cpus the graph's other processes also keep off the CPUs vLLM binds its
+    compute threads to.
     """
-    from llmops_services.local import run_local
-    from llmops_services.placement import housekeeping_nice, reserve_engine_cpus
+    from llmops_cli.local_graph import run_local
 
     graph = load_graph_config(config)
     try:
-        housekeeping_nice()
-        reserve_engine_cpus()
+        nice_steps = placement.housekeeping_nice()
+        if reserve_engine_cpus is None:
+            reserve_engine_cpus = placement.reserve_engine_cpus()
     except ValueError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -195,6 +206,8 @@ def up(
                     progress=on_progress,
                     on_status=on_status,
                     metrics_port=ray_metrics_port,
+                    housekeeping_nice=nice_steps,
+                    reserve_engine_cpus=reserve_engine_cpus,
                 )
             )
             url, key = running.url, "unused"

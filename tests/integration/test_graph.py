@@ -13,7 +13,7 @@ import openai
 import psutil
 import pytest
 
-from llmops_services.placement import is_engine_worker, is_housekeeping
+from llmops_cli.placement import is_engine_worker, is_housekeeping
 from tests.conftest import RunningGraph
 
 pytestmark = pytest.mark.slow

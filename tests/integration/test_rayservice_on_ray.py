@@ -36,9 +36,9 @@ import psutil
 import pytest
 import yaml
 
+from llmops_cli.local_graph import logical_cpus, prefetch
 from llmops_operator import render
 from llmops_services.config import GraphConfig
-from llmops_services.local import logical_cpus, prefetch
 from llmops_services.sources import default_cache_dir
 from tests.conftest import free_port
 

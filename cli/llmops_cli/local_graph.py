@@ -1,4 +1,8 @@
-"""Runs the serving graph on a local Ray instance: what `llmops up` and the tests use."""
+"""Runs the serving graph on a local Ray instance: what `llmops up` and the tests use.
+
+Single-machine helpers live here, with the CLI, not in the serving package: a cluster's
+graph runs without any of them (KubeRay starts Ray, each engine has its pod).
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmops_cli.placement import DEFAULT_HOUSEKEEPING_NICE, Placer
+from llmops_contract import APP_NAME
 from llmops_services.config import GraphConfig
-from llmops_services.placement import Placer, housekeeping_nice, reserve_engine_cpus
 from llmops_services.sources import Progress, resolve_source
 
-APP_NAME = "llmops"
 THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 logger = logging.getLogger(__name__)
 StatusCallback = Callable[[str], None]
@@ -98,6 +102,8 @@ def run_local(
     progress: Progress | None = None,
     on_status: StatusCallback | None = None,
     metrics_port: int | None = None,
+    housekeeping_nice: int = DEFAULT_HOUSEKEEPING_NICE,
+    reserve_engine_cpus: bool = False,
 ) -> Iterator[LocalGraph]:
     """Starts Ray and the graph, yields once it is ready, and shuts both down after.
 
@@ -109,6 +115,9 @@ def run_local(
         on_status: Receives deployment states about once a second while replicas start.
         metrics_port: Where Ray's metrics agent serves Prometheus metrics (Serve, vLLM engine,
             router and encoder); None leaves Ray's choice.
+        housekeeping_nice: Steps of niceness Ray's housekeeping runs below the graph (0-19).
+        reserve_engine_cpus: Keep the graph's other processes off the CPUs vLLM binds its
+            compute threads to (placement.py; opt-in).
     """
     # vLLM announces at import that Triton has no CPU backend: noise on a local console.
     logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
@@ -136,7 +145,7 @@ def run_local(
 
     from llmops_services.app import build_app
 
-    placer = Placer(housekeeping_nice(), reserve_engine_cpus())
+    placer = Placer(housekeeping_nice, reserve_engine_cpus)
     prefetch(config, progress)
     # Replicas start vLLM workers with spawn; they inherit this environment.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")

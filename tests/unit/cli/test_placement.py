@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from llmops_services.placement import (
+from llmops_cli.placement import (
     housekeeping_nice,
     is_housekeeping,
     place_processes,
@@ -61,11 +61,11 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("LLMOPS_HOUSEKEEPING_NICE", raising=False)
     monkeypatch.delenv("LLMOPS_RESERVE_ENGINE_CPUS", raising=False)
     assert housekeeping_nice() == 10
-    assert reserve_engine_cpus() is True
+    assert reserve_engine_cpus() is False  # opt-in: inside the noise (docs/benchmarks.md)
     monkeypatch.setenv("LLMOPS_HOUSEKEEPING_NICE", "0")
-    monkeypatch.setenv("LLMOPS_RESERVE_ENGINE_CPUS", "0")
+    monkeypatch.setenv("LLMOPS_RESERVE_ENGINE_CPUS", "1")
     assert housekeeping_nice() == 0
-    assert reserve_engine_cpus() is False
+    assert reserve_engine_cpus() is True
     for bad in ("-1", "20", "ten", ""):
         monkeypatch.setenv("LLMOPS_HOUSEKEEPING_NICE", bad)
         with pytest.raises(ValueError, match="LLMOPS_HOUSEKEEPING_NICE must be a whole number"):

