@@ -700,6 +700,37 @@ def run_gateway_stub(args: argparse.Namespace, passthrough: list[str]) -> int:
     return 0
 
 
+def table(result: dict[str, Any]) -> str:
+    """Markdown rows of a sweep's JSON, for docs/benchmarks.md: one row per rate and target."""
+    baselines = {"graph": "direct", "gateway": "graph"}
+    lines = [
+        "| rate | target | goodput req/s (x baseline) | TTFT p50 / p99 ms | TPOT p50 / p99 ms "
+        "| ITL p50 / p99 ms | E2E p50 / p99 ms | out tok/s | load 1 min | other work, cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    points = result["points"]
+    for p in sorted(points, key=lambda p: (p["rate"], p["at"])):
+        base = _point(points, baselines.get(p["target"], ""), p["rate"])
+        goodput = f"{p.get('request_goodput', math.nan):.3f}"
+        if base and base.get("request_goodput"):
+            goodput += f" ({p['request_goodput'] / base['request_goodput']:.2f})"
+        if p.get("failed"):
+            goodput += f", {p['failed']:.0f} failed"
+
+        def pair(metric: str, point: dict[str, Any] = p) -> str:
+            return f"{point.get(f'median_{metric}_ms', math.nan):,.0f} / " + (
+                f"{point.get(f'p99_{metric}_ms', math.nan):,.0f}"
+            )
+
+        lines.append(
+            f"| {p['rate']:g} | {p['target']} | {goodput} | {pair('ttft')} | {pair('tpot')} "
+            f"| {pair('itl')} | {pair('e2el')} | {p.get('output_throughput', math.nan):.1f} "
+            f"| {p['load_before'][0]:g} -> {p['load_after'][0]:g} "
+            f"| {p.get('cores_used_by_other_work', math.nan):.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     passthrough: list[str] = []
@@ -727,7 +758,11 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer (with the --*-url options)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--logs", type=Path, default=Path("/tmp/llmops-sweep"))
+    parser.add_argument("--table", type=Path, help="print a sweep JSON's rows as Markdown; exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     # SIGTERM stops the sweep like Ctrl-C: the servers it started are stopped on the way out
     # (a background job started from a script ignores SIGINT).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
