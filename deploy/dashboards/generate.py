@@ -365,6 +365,135 @@ def gateway() -> dashboard.Dashboard:
     )
 
 
+USAGE = f'{NS}, tenant=~"$tenant", model=~"$model"'
+"""The usage dashboard's filter: the gateway's series carry ``tenant`` and ``model``."""
+PRICES = {
+    "input_price": "Price per 1M input tokens",
+    "output_price": "Price per 1M output tokens",
+    "gpu_hour_price": "Price per GPU-hour",
+}
+
+
+def _token_cost(window: str) -> str:
+    """Tokens of ``window`` (a range selector) priced per million, by tenant and model."""
+    prompt = f'{USAGE}, direction="prompt"'
+    completion = f'{USAGE}, direction="completion"'
+    return (
+        f"(sum by (tenant, model) ({window}(llmops_gateway_tokens_total{{{prompt}}}{{w}}))"
+        " * $input_price"
+        f" + sum by (tenant, model) ({window}(llmops_gateway_tokens_total{{{completion}}}{{w}}))"
+        " * $output_price) / 1e6"
+    )
+
+
+def _cost(window: str, span: str, per_hour: bool) -> str:
+    """Cost by tenant and model: tokens at the token prices, GPU time at the GPU-hour price.
+
+    Models without GPU-seconds series (no GPU models) add 0 GPU cost: `or` fills them in, so
+    the sum keeps every tenant and model that used tokens.
+    """
+    tokens = _token_cost(window).replace("{w}", span)
+    gpu = (
+        f"sum by (tenant, model) ({window}(llmops_gateway_gpu_seconds_total{{{USAGE}}}{span}))"
+        " * $gpu_hour_price / 3600"
+    )
+    scale = " * 3600" if per_hour else ""
+    return f"(({tokens}) + ({gpu} or ({tokens}) * 0)){scale}"
+
+
+def usage() -> dashboard.Dashboard:
+    """Usage and cost per tenant and model, from the gateway's counters.
+
+    Costs are estimates at the prices set in the dashboard's variables (one price for the
+    models selected: filter by model for per-model prices); `llmops usage` computes billing
+    from the durable records, with a price per model.
+    """
+    window = "[$__rate_interval]"
+    built = board(
+        "llmops-usage",
+        "llmops / Usage and cost",
+        [
+            single(
+                "Tokens in 24 h",
+                "short",
+                query(f"sum(increase(llmops_gateway_tokens_total{{{USAGE}}}[24h]))"),
+            ),
+            single(
+                "GPU-hours in 24 h",
+                "short",
+                query(f"sum(increase(llmops_gateway_gpu_seconds_total{{{USAGE}}}[24h])) / 3600"),
+            ),
+            single(
+                "Requests in 24 h",
+                "short",
+                query(f"sum(increase(llmops_gateway_requests_total{{{USAGE}}}[24h]))"),
+            ),
+            single(
+                "Estimated cost in 24 h",
+                "currencyUSD",
+                query(f"sum({_cost('increase', '[24h]', per_hour=False)})"),
+            ),
+            graph(
+                "Tokens/s by tenant and model",
+                "short",
+                query(
+                    f"sum by (tenant, model, direction) "
+                    f"({rate('llmops_gateway_tokens_total', USAGE)})",
+                    "{{tenant}} {{model}} {{direction}}",
+                ),
+            ),
+            graph(
+                "Requests/s by tenant and model",
+                "reqps",
+                query(
+                    f"sum by (tenant, model) ({rate('llmops_gateway_requests_total', USAGE)})",
+                    "{{tenant}} {{model}}",
+                ),
+            ),
+            graph(
+                "GPUs in use by tenant and model (GPU-seconds/s)",
+                "short",
+                query(
+                    f"sum by (tenant, model) ({rate('llmops_gateway_gpu_seconds_total', USAGE)})",
+                    "{{tenant}} {{model}}",
+                ),
+            ),
+            graph(
+                "Estimated cost per hour by tenant and model",
+                "currencyUSD",
+                query(_cost("rate", window, per_hour=True), "{{tenant}} {{model}}"),
+            ),
+            graph(
+                "Tokens in 24 h by tenant and model",
+                "short",
+                query(
+                    "sum by (tenant, model) "
+                    f"(increase(llmops_gateway_tokens_total{{{USAGE}}}[24h]))",
+                    "{{tenant}} {{model}}",
+                ),
+            ),
+            graph(
+                "Estimated cost in 24 h by tenant and model",
+                "currencyUSD",
+                query(_cost("increase", "[24h]", per_hour=False), "{{tenant}} {{model}}"),
+            ),
+        ],
+    )
+    built = built.with_variable(
+        variable("tenant", "Tenant", f"label_values(llmops_gateway_tokens_total{{{NS}}}, tenant)")
+    ).with_variable(
+        variable("model", "Model", f"label_values(llmops_gateway_tokens_total{{{NS}}}, model)")
+    )
+    for name, label in PRICES.items():
+        built = built.with_variable(
+            dashboard.TextBoxVariable(name)
+            .label(label)
+            .default_value("0")
+            .description(f"{label}, for the estimated costs (llmops usage bills per model).")
+        )
+    return built
+
+
 def operator() -> dashboard.Dashboard:
     window = "[$__rate_interval]"
     return board(
@@ -415,6 +544,7 @@ DASHBOARDS: dict[str, Callable[[], dashboard.Dashboard]] = {
     "model-serving": serving,
     "gpus": gpus,
     "gateway": gateway,
+    "usage": usage,
     "operator": operator,
 }
 

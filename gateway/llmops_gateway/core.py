@@ -628,9 +628,14 @@ class GatewayCore:
         self.metrics.tokens.labels(tenant=tenant, model=model, direction="completion").inc(
             completion_tokens
         )
+        latency = round(time.monotonic() - admitted.started, 4)
+        gpu = self.settings.gpu_models.get(model)
+        charged = 0.0 if gpu is None else gpu_seconds(latency, gpu.gpus, gpu.slots)
+        if charged:
+            self.metrics.gpu_seconds.labels(tenant=tenant, model=model).inc(charged)
         writes = []
         if self.usage is not None:
-            record = self.usage_record(admitted, prompt_tokens, completion_tokens)
+            record = self.usage_record(admitted, prompt_tokens, completion_tokens, latency)
             writes.append(self.usage.write(record))  # never raises: queues what fails
         if admitted.reservation is None:
             await asyncio.gather(*writes)
@@ -646,11 +651,17 @@ class GatewayCore:
             logger.error("could not settle usage (%s)", type(settled).__name__)
 
     def usage_record(
-        self, admitted: Admitted, prompt_tokens: int, completion_tokens: int
+        self,
+        admitted: Admitted,
+        prompt_tokens: int,
+        completion_tokens: int,
+        latency: float | None = None,
     ) -> UsageRecord:
-        """The usage record of an admitted request that ended now."""
+        """The usage record of an admitted request that ended now (``latency`` ago it
+        arrived; default: measured now)."""
         first = admitted.first_token
-        latency = round(time.monotonic() - admitted.started, 4)
+        if latency is None:
+            latency = round(time.monotonic() - admitted.started, 4)
         gpu = self.settings.gpu_models.get(admitted.model)
         return UsageRecord(
             id=admitted.record_id,

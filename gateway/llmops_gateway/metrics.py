@@ -27,6 +27,7 @@ class GatewayMetrics:
     in_flight: Gauge
     streams: Gauge
     redis_errors: Counter
+    gpu_seconds: Counter
 
     def record(self, endpoint: str, model: str, tenant: str, status: int, started: float) -> None:
         """Counts one finished request and observes its latency since ``started``."""
@@ -87,6 +88,13 @@ class GatewayMetrics:
                 "llmops_gateway_redis_errors_total",
                 "Admission calls that failed because Redis was unreachable, by failure mode.",
                 ["mode"],
+                registry=registry,
+            ),
+            gpu_seconds=Counter(
+                "llmops_gateway_gpu_seconds_total",
+                "GPU-seconds charged to requests of GPU models (latency x GPUs per replica / "
+                "sequences per replica, as in the usage records), by tenant and model.",
+                ["tenant", "model"],
                 registry=registry,
             ),
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from llmops_cli.main import app
@@ -56,6 +57,18 @@ def _wait_records(
         if len(records) >= count or time.monotonic() > deadline:
             return records
         time.sleep(0.1)
+
+
+def _gpu_seconds_metric(metrics_url: str, tenant: str, model: str) -> float:
+    """``llmops_gateway_gpu_seconds_total`` of one tenant and model on one gateway."""
+    text = httpx.get(metrics_url, timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llmops_gateway_gpu_seconds_total"
+        and sample.labels == {"tenant": tenant, "model": model}
+    )
 
 
 def _chat(url: str, key: str, request_id: str, **body: object) -> httpx.Response:
@@ -142,6 +155,7 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
                 if read == 3:
                     break
         records = _wait_records(redis_url, {acme, beta}, 9)
+        gpu_metric = sum(_gpu_seconds_metric(g.metrics_url, acme, "slow") for g in (a, b))
     by_request = {r.request_id: r for r in records}
     assert len(records) == 9, [r.request_id for r in records]  # nothing doubled
     assert len({r.id for r in records}) == 9
@@ -193,6 +207,8 @@ def test_one_record_per_request_with_the_engines_counts(tmp_path: Path, redis_ur
     assert cancelled.gpu_seconds == pytest.approx(cancelled.latency_s * 2 / 4, abs=1e-6)
     assert cancelled.gpu_seconds > 0
     assert all(r.gpu_seconds == 0 for r in records if r.model != "slow")
+    # The dashboard's counter charges what the record does.
+    assert gpu_metric == pytest.approx(cancelled.gpu_seconds, abs=1e-6)
 
     # What billing sees: the CLI over the same stream.
     day = by_request["r-unary"].day

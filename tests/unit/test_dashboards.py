@@ -46,6 +46,7 @@ def test_one_dashboard_per_audience() -> None:
         "llmops / Model serving",
         "llmops / GPUs",
         "llmops / Gateway and tenants",
+        "llmops / Usage and cost",
         "llmops / Operator",
     }
 
