@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 import yaml
 
+from llmops_contract import GROUP
 from llmops_gateway.keys import FileKeyStore, KeyFile, KeyIndex, Tenant
 from llmops_gateway.settings import GatewaySettings
 from llmops_operator.crd import CRD_FILE_NAME, crd_manifest, crd_yaml
-from llmops_operator.models import GROUP
 from llmops_operator.settings import OperatorSettings
 from tests.conftest import free_port
 from tests.exported_metrics import exported as exported_metrics
@@ -757,6 +757,180 @@ def test_network_policies_allow_only_what_each_component_needs() -> None:
     ]
     assert selected == ["llmops-demo", "team-a"]
     assert not by_kind(render(VALUE_SETS["monitoring-off"]), "NetworkPolicy")
+
+
+# --- exposure: Ingress, HTTPRoute, TLS ----------------------------------------------------------
+
+EXPOSURE_KINDS = ("Ingress", "HTTPRoute", "Certificate", "ReferenceGrant")
+
+
+def _api_rules(policy: dict[str, Any], port: int = 8080) -> list[dict[str, Any]]:
+    return [
+        rule
+        for rule in policy["spec"]["ingress"]
+        if port in {item["port"] for item in rule["ports"]}
+    ]
+
+
+def test_exposure_is_off_by_default() -> None:
+    objs = render()
+    assert not [obj["kind"] for obj in objs if obj["kind"] in EXPOSURE_KINDS]
+    (api_rule,) = _api_rules(named(objs, "NetworkPolicy", "-gateway"))
+    assert "from" not in api_rule
+
+
+def test_ingress_routes_the_rest_api_with_a_cert_manager_certificate() -> None:
+    """Ingress backends name a Service port (networking.k8s.io/v1 IngressServiceBackend);
+    cert-manager writes the Certificate's spec.secretName, which the Ingress TLS entry reads."""
+    values = yaml.safe_load(VALUE_SETS["ingress"].read_text())
+    objs = _objects("ingress")
+    service = named(objs, "Service", "-gateway")
+    ingress = named(objs, "Ingress", "-gateway")
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["metadata"]["annotations"] == values["gateway"]["ingress"]["annotations"]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "llm.example.com"
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {port["name"] for port in service["spec"]["ports"]}
+    assert backend["port"]["name"] == "http"
+    certificate = named(objs, "Certificate", "-gateway")
+    assert ingress["spec"]["tls"] == [
+        {"hosts": ["llm.example.com"], "secretName": certificate["spec"]["secretName"]}
+    ]
+    assert certificate["spec"]["dnsNames"] == ["llm.example.com"]
+    assert certificate["spec"]["issuerRef"] == {
+        "group": "cert-manager.io",
+        "kind": "ClusterIssuer",
+        "name": "letsencrypt-prod",
+    }
+    assert not by_kind(objs, "ReferenceGrant")
+    # apiFrom admits one namespace (and the helm test Pod); the controller gets the REST port.
+    policy = named(objs, "NetworkPolicy", "-gateway")
+    restricted, controller = _api_rules(policy)
+    assert restricted["from"][0] == values["networkPolicy"]["gateway"]["apiFrom"][0]
+    assert controller["from"] == load_values()["networkPolicy"]["gateway"]["ingressControllerFrom"]
+    assert controller["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "ingress-nginx"
+    }
+    assert [item["port"] for item in controller["ports"]] == [8080]
+    plain = render(None, ("gateway.ingress.enabled=true",))
+    (open_rule,) = named(plain, "Ingress", "-gateway")["spec"]["rules"]
+    assert "host" not in open_rule
+    assert "tls" not in named(plain, "Ingress", "-gateway")["spec"]
+    assert not by_kind(plain, "Certificate")
+
+
+def test_httproute_attaches_to_the_platform_gateway_with_its_certificate() -> None:
+    """HTTPRoute backendRefs name a Service port number; a Gateway listener's certificateRefs
+    to a Secret in another namespace need a ReferenceGrant there (Gateway API v1.6.1,
+    apis/v1/gateway_types.go GatewayTLSConfig)."""
+    objs = _objects("httproute")
+    service = named(objs, "Service", "-gateway")
+    route = named(objs, "HTTPRoute", "-gateway")
+    assert route["spec"]["parentRefs"] == [
+        {"name": "public", "namespace": "gateway-system", "sectionName": "https"}
+    ]
+    assert route["spec"]["hostnames"] == ["llm.example.com"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    assert rule["timeouts"] == {"request": "600s"}
+    http = next(port for port in service["spec"]["ports"] if port["name"] == "http")
+    assert rule["backendRefs"] == [{"name": service["metadata"]["name"], "port": http["port"]}]
+    grant = named(objs, "ReferenceGrant", "-gateway-tls")
+    assert grant["metadata"]["namespace"] == NAMESPACE
+    assert grant["spec"] == {
+        "from": [
+            {"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": "gateway-system"}
+        ],
+        "to": [{"group": "", "kind": "Secret", "name": "llm-example-com-tls"}],
+    }
+    assert not by_kind(objs, "Certificate")  # the platform team's Secret
+    (controller,) = [r for r in _api_rules(named(objs, "NetworkPolicy", "-gateway")) if "from" in r]
+    assert controller["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "envoy-gateway-system"
+    }
+    # A Gateway in the release namespace reads the Secret without a grant.
+    local = render(
+        VALUE_SETS["httproute"], ("gateway.httpRoute.parentRefs[0].namespace=" + NAMESPACE,)
+    )
+    assert not by_kind(local, "ReferenceGrant")
+
+
+def test_one_certificate_covers_the_ingress_and_the_route() -> None:
+    both = (
+        "gateway.ingress.enabled=true",
+        "gateway.ingress.hosts={llm.example.com,api.example.com}",
+        "gateway.tls.certManager.enabled=true",
+        "gateway.tls.certManager.issuerRef.kind=Issuer",
+        "gateway.tls.certManager.issuerRef.name=internal-ca",
+    )
+    objs = render(VALUE_SETS["httproute"], both)
+    errors = validation_errors(objs)
+    assert not errors, "\n".join(errors)
+    (certificate,) = by_kind(objs, "Certificate")
+    assert certificate["spec"]["dnsNames"] == ["llm.example.com", "api.example.com"]
+    assert certificate["spec"]["secretName"] == "llm-example-com-tls"
+    assert certificate["spec"]["issuerRef"]["kind"] == "Issuer"
+    (ingress_tls,) = named(objs, "Ingress", "-gateway")["spec"]["tls"]
+    assert ingress_tls["secretName"] == certificate["spec"]["secretName"]
+    grant = named(objs, "ReferenceGrant", "-gateway-tls")
+    assert grant["spec"]["to"][0]["name"] == certificate["spec"]["secretName"]
+
+
+def test_schema_check_catches_invalid_exposure_objects() -> None:
+    objs = render(
+        VALUE_SETS["httproute"],
+        ("gateway.ingress.enabled=true", "gateway.ingress.hosts={llm.example.com}"),
+    )
+    route = named(objs, "HTTPRoute", "-gateway")
+    route["spec"]["rules"][0]["backendRefs"][0]["prot"] = 8080
+    grant = named(objs, "ReferenceGrant", "-gateway-tls")
+    grant["spec"]["to"][0]["secretName"] = "x"
+    ingress = named(objs, "Ingress", "-gateway")
+    ingress["spec"]["rules"][0]["http"]["paths"][0]["pathTyp"] = "Prefix"
+    found = "\n".join(validation_errors([route, grant, ingress]))
+    for typo in ("prot", "secretName", "pathTyp"):
+        assert typo in found, found
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("gateway.tls.enabled=true",), "needs gateway.ingress.enabled or gateway.httpRoute"),
+        (("gateway.httpRoute.enabled=true",), "gateway.httpRoute.parentRefs must name"),
+        (
+            ("gateway.ingress.enabled=true", "gateway.tls.enabled=true"),
+            "needs gateway.ingress.hosts",
+        ),
+        (
+            (
+                "gateway.ingress.enabled=true",
+                "gateway.ingress.hosts={llm.example.com}",
+                "gateway.tls.enabled=true",
+                "gateway.tls.certManager.enabled=true",
+            ),
+            "issuerRef.name is required",
+        ),
+        (("gateway.tls.certManager.enabled=true",), "certManager.enabled needs gateway.tls"),
+        (("gateway.ingress.hosts={LLM_host}",), "at '/gateway/ingress/hosts/0'"),
+        (("gateway.tls.certManager.issuerRef.kind=Vault",), "issuerRef/kind"),
+        (("gateway.httpRoute.parentRefs[0].nmae=x",), "additional properties 'nmae'"),
+    ],
+    ids=[
+        "tls-without-exposure",
+        "route-without-parent",
+        "tls-without-hosts",
+        "cert-manager-without-issuer",
+        "cert-manager-without-tls",
+        "bad-host",
+        "bad-issuer-kind",
+        "parent-ref-typo",
+    ],
+)
+def test_exposure_refuses_contradictory_values(sets: tuple[str, ...], message: str) -> None:
+    assert message in render_error(*sets)
 
 
 # --- monitoring ---------------------------------------------------------------------------------

@@ -228,3 +228,46 @@ Egress to the Kubernetes API server (networkPolicy.apiServer: its CIDRs and port
         cidr: {{ . }}
     {{- end }}
 {{- end }}
+
+{{/*
+Secret holding the certificate of the gateway's public hosts (gateway.tls).
+*/}}
+{{- define "llmops.gateway.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "llmops.componentName" (dict "ctx" . "component" "gateway"))) .Values.gateway.tls.secretName }}
+{{- end }}
+
+{{/*
+Refuses contradictory exposure values (gateway.ingress, gateway.httpRoute, gateway.tls).
+Renders nothing.
+*/}}
+{{- define "llmops.gateway.exposureChecks" -}}
+{{- $gateway := .Values.gateway }}
+{{- $tls := $gateway.tls }}
+{{- if and $tls.enabled (not (or $gateway.ingress.enabled $gateway.httpRoute.enabled)) }}
+{{- fail "gateway.tls.enabled needs gateway.ingress.enabled or gateway.httpRoute.enabled" }}
+{{- end }}
+{{- if and $tls.certManager.enabled (not $tls.enabled) }}
+{{- fail "gateway.tls.certManager.enabled needs gateway.tls.enabled" }}
+{{- end }}
+{{- if and $gateway.httpRoute.enabled (not $gateway.httpRoute.parentRefs) }}
+{{- fail "gateway.httpRoute.parentRefs must name the Gateway(s) the route attaches to" }}
+{{- end }}
+{{- if $tls.enabled }}
+{{- if and $gateway.ingress.enabled (not $gateway.ingress.hosts) }}
+{{- fail "gateway.tls.enabled needs gateway.ingress.hosts: the certificate names its hosts" }}
+{{- end }}
+{{- if and $gateway.httpRoute.enabled (not $gateway.httpRoute.hostnames) }}
+{{- fail "gateway.tls.enabled needs gateway.httpRoute.hostnames: the certificate names its hosts" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Host names of the gateway's certificate: the Ingress hosts and the HTTPRoute hostnames.
+*/}}
+{{- define "llmops.gateway.tlsHosts" -}}
+{{- $hosts := list }}
+{{- if .Values.gateway.ingress.enabled }}{{ $hosts = concat $hosts .Values.gateway.ingress.hosts }}{{ end }}
+{{- if .Values.gateway.httpRoute.enabled }}{{ $hosts = concat $hosts .Values.gateway.httpRoute.hostnames }}{{ end }}
+{{- toJson (uniq $hosts) }}
+{{- end }}
