@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmops_cli.placement import DEFAULT_HOUSEKEEPING_NICE, Placer
-from llmops_contract import APP_NAME
-from llmops_services.config import GraphConfig
+from llmops_contract import APP_NAME, GraphConfig
 from llmops_services.sources import Progress, resolve_source
 
 THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"

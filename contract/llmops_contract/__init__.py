@@ -5,6 +5,16 @@ package, which needs nothing beyond pydantic (the base install).
 """
 
 from llmops_contract.api import ApiError, RequestBodyError, parse_request_body
+from llmops_contract.graph import (
+    EncoderSpec,
+    EngineConfig,
+    GraphConfig,
+    LLMSpec,
+    ReplicaResources,
+    RouterSpec,
+    SpeculativeConfig,
+    default_graph_config,
+)
 from llmops_contract.names import (
     API_VERSION,
     APP_NAME,
@@ -20,6 +30,7 @@ from llmops_contract.names import (
     VERSION,
     llm_deployment_name,
 )
+from llmops_contract.sources import ModelSourceError, ParsedSource, parse_source
 
 __all__ = [
     "API_VERSION",
@@ -35,7 +46,18 @@ __all__ = [
     "ROUTER_DEPLOYMENT",
     "VERSION",
     "ApiError",
+    "EncoderSpec",
+    "EngineConfig",
+    "GraphConfig",
+    "LLMSpec",
+    "ModelSourceError",
+    "ParsedSource",
+    "ReplicaResources",
     "RequestBodyError",
+    "RouterSpec",
+    "SpeculativeConfig",
+    "default_graph_config",
     "llm_deployment_name",
     "parse_request_body",
+    "parse_source",
 ]

