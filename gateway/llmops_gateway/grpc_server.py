@@ -34,6 +34,7 @@ from llmops_gateway.core import (
 from llmops_gateway.errors import GatewayError, invalid
 from llmops_gateway.grpc_api import gateway_pb2 as pb
 from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
+from llmops_gateway.tracing import TRACEPARENT, TRACESTATE
 
 T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
@@ -121,15 +122,31 @@ class GatewayService(pb_grpc.GatewayServicer):
         stream: bool,
     ) -> Admitted:
         metadata = dict(context.invocation_metadata() or ())
-        caller = await self.core.authenticate_client(
-            metadata.get("authorization"), self._client_address(context, metadata)
-        )
+        trace = None
+        if self.core.tracing is not None:  # the trace continues from the call's metadata
+            operation = "chat" if kind is ChatRequest else "text_completion"
+            trace = self.core.tracing.start(metadata, operation)
+            structlog.contextvars.bind_contextvars(trace_id=trace.trace_id)
         try:
-            parsed = kind.model_validate(body)
-        except ValueError as exc:
-            raise invalid(f"invalid request: {exc}") from None
-        parsed.stream = stream
-        return await self.core.admit_generation(caller, body, parsed)
+            caller = await self.core.authenticate_client(
+                metadata.get("authorization"), self._client_address(context, metadata), trace
+            )
+            try:
+                parsed = kind.model_validate(body)
+            except ValueError as exc:
+                raise invalid(f"invalid request: {exc}") from None
+            parsed.stream = stream
+            admitted = await self.core.admit_generation(caller, body, parsed, trace)
+        except BaseException as exc:
+            if trace is not None:  # not admitted: no settlement ends it
+                trace.end(exc.status if isinstance(exc, GatewayError) else 500)
+            raise
+        traceparent = metadata.get(TRACEPARENT)
+        if trace is None and traceparent:  # tracing off: the caller's context, unchanged
+            admitted.trace_headers = {TRACEPARENT: str(traceparent)}
+            if metadata.get(TRACESTATE):
+                admitted.trace_headers[TRACESTATE] = str(metadata[TRACESTATE])
+        return admitted
 
     async def _unary_json(
         self, admitted: Admitted, path: str, body: dict[str, Any], request_id: str

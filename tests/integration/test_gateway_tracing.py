@@ -14,9 +14,12 @@ import secrets
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from llmops_gateway.grpc_api import gateway_pb2 as pb
+from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
 from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.usage_records import read_file
 from tests.fakes.otlp_receiver import ReceivedSpan, otlp_receiver
@@ -184,3 +187,38 @@ def test_tracing_off_forwards_the_callers_context_and_logs_its_trace_id(tmp_path
     assert records[0]["trace_id"] == traceparent[3:35]
     settled = [json.loads(line) for line in gw.log.read_text().splitlines() if "settled" in line]
     assert [line.get("trace_id") for line in settled] == [traceparent[3:35]]
+
+
+def test_grpc_calls_continue_the_trace_in_their_metadata(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "keys.json")
+    _, key = store.create(Tenant(name="grpc-traced"))
+    trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    with (
+        otlp_receiver() as receiver,
+        stub_upstream() as upstream,
+        gateway(
+            tmp_path,
+            default_backend=upstream,
+            keys_file=store.path,
+            otlp_traces_endpoint=receiver.url,
+        ) as gw,
+        grpc.insecure_channel(gw.grpc_target) as channel,
+    ):
+        request = pb.ChatCompletionRequest(
+            model="stub-chat",
+            messages=[pb.Message(role="user", content="hi")],
+            params=pb.SamplingParams(max_tokens=3),
+        )
+        metadata = [
+            ("authorization", f"Bearer {key}"),
+            ("traceparent", f"00-{trace_id}-{caller_span}-01"),
+        ]
+        chunks = list(pb_grpc.GatewayStub(channel).StreamChatCompletion(request, metadata=metadata))
+        forwarded = httpx.get(f"{upstream}/stats").json()["traceparent"]
+        spans = receiver.wait(trace_id, _complete)
+    root = _root(spans)
+    assert root.parent_span_id == caller_span
+    assert root.attributes["gen_ai.usage.output_tokens"] == 3
+    assert [c.usage.completion_tokens for c in chunks if c.HasField("usage")] == [3]
+    relay = next(s for s in spans if s.name == "relay")
+    assert forwarded == f"00-{trace_id}-{relay.span_id}-01"
