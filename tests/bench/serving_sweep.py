@@ -122,6 +122,10 @@ class Target:
     api_key: str | None = None
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages (what `uptime` prints)."""
     return [round(x, 2) for x in os.getloadavg()]
@@ -317,13 +321,15 @@ def llmops_up(
     try:
         deadline = time.monotonic() + 900
         text = ""
-        while "ready at" not in text:
+        # The banner: "ready at", then (with the gateway) the key, then the examples.
+        while "Press Ctrl-C" not in text:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"llmops up did not start; see {log_path}")
             time.sleep(2)
             text = log_path.read_text(errors="replace")
         found = re.search(r"API key \(tenant 'local'; shown once\): (\S+)", text)
-        time.sleep(2)  # the rest of the banner
+        if gateway and not found:
+            raise RuntimeError(f"llmops up printed no API key; see {log_path}")
         urls = {"graph": f"http://127.0.0.1:{graph_port if gateway else port}"}
         if gateway:
             urls["gateway"] = f"http://127.0.0.1:{port}"
@@ -429,11 +435,15 @@ def measure(
         # to the end, so it covers the measured requests (and a few seconds of set-up).
         time.sleep(min(8.0, profile.seconds / 2))
         cpu_before, cpu_started = _cpu_snapshot(), time.monotonic()
-        if bench.wait():
-            raise subprocess.CalledProcessError(bench.returncode, command)
+        failed = bench.wait()
         cpu = _cpu_used(cpu_before, time.monotonic() - cpu_started)
         del ROOTS[bench.pid]
     wall = time.monotonic() - started
+    if failed:  # kept as a point without metrics: one target's failure ends no sweep
+        tail = (args.logs / f"{label}-{rate:g}.log").read_text(errors="replace")
+        error = next((line for line in reversed(tail.splitlines()) if "Error" in line), "?")
+        print(f"{label} at {rate:g} req/s failed: {error}", file=sys.stderr, flush=True)
+        return {"target": label, "rate": rate, "error": error[:300], "at": _now()}
     data = json.loads(result.read_text())
     point: dict[str, Any] = {
         "target": label,
@@ -442,7 +452,7 @@ def measure(
         "load_before": load_before,
         "load_after": load_average(),
         "wall_s": round(wall, 1),
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "at": _now(),
         "command": " ".join(command[1:]).replace(str(ROOT) + "/", ""),
         # Cores used on average while it ran, by process tree and kind; "other/..." is work
         # on the machine that is none of the servers' nor the load generator's.
@@ -497,7 +507,8 @@ def sweep(
 
 
 def _point(points: list[dict[str, Any]], target: str, rate: float) -> dict[str, Any] | None:
-    return next((p for p in points if p["target"] == target and p["rate"] == rate), None)
+    found = (p for p in points if p["target"] == target and p["rate"] == rate)
+    return next((p for p in found if "error" not in p), None)
 
 
 def goals(points: list[dict[str, Any]], rates: list[float]) -> dict[str, Any]:
@@ -506,7 +517,7 @@ def goals(points: list[dict[str, Any]], rates: list[float]) -> dict[str, Any]:
     The direct server's saturation is the most requests/s it completed at any rate; "below
     saturation" are the rates under it; "half saturation" is the swept rate nearest half of it.
     """
-    direct = [p for p in points if p["target"] == "direct"]
+    direct = [p for p in points if p["target"] == "direct" and "error" not in p]
     if not direct:
         return {}
     saturation = max(p["request_throughput"] for p in direct)
@@ -710,6 +721,9 @@ def table(result: dict[str, Any]) -> str:
     ]
     points = result["points"]
     for p in sorted(points, key=lambda p: (p["rate"], p["at"])):
+        if "error" in p:
+            lines.append(f"| {p['rate']:g} | {p['target']} | failed: {p['error'][:80]} |")
+            continue
         base = _point(points, baselines.get(p["target"], ""), p["rate"])
         goodput = f"{p.get('request_goodput', math.nan):.3f}"
         if base and base.get("request_goodput"):
