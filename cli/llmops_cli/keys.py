@@ -74,7 +74,13 @@ def _store(
         raise typer.BadParameter("use --store or --secret, not both", param_hint="--secret")
     # The official sync client, only for --secret: installs without it (the images) still
     # manage key files.
-    from llmops_cli.secret_store import SecretKeyStore, parse_secret_ref
+    try:
+        from llmops_cli.secret_store import SecretKeyStore, parse_secret_ref
+    except ModuleNotFoundError as exc:
+        raise typer.BadParameter(
+            f"--secret needs the Kubernetes client ({exc.name}): pip install 'llmops[all]'",
+            param_hint="--secret",
+        ) from exc
 
     try:
         namespace, name = parse_secret_ref(secret)
