@@ -16,8 +16,9 @@ from typing import Any
 
 import aiohttp
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from llmops_contract import REQUEST_ID_HEADER, RequestBodyError, parse_request_body
 from llmops_gateway import errors
 from llmops_gateway.abuse import AbuseLimits
 from llmops_gateway.admission import Admission, RedisAdmission, Rejection, Reservation
@@ -38,7 +39,6 @@ from llmops_gateway.usage_records import (
 logger = logging.getLogger("llmops.gateway")
 audit = structlog.get_logger("llmops.gateway.audit")
 
-REQUEST_ID_HEADER = "x-request-id"
 MODELS_TTL_S = 10.0
 NOT_READY_RETRY_S = 10.0
 
@@ -203,7 +203,7 @@ def estimate_tokens(value: Any) -> int:
 
 
 def parse_body(raw: bytes, model_cls: type[BaseModel], limit: int) -> tuple[dict[str, Any], Any]:
-    """Parses and checks a JSON body.
+    """Parses and checks a JSON body, as the graph's router does (`llmops_contract`).
 
     Returns:
         The JSON object and the validated model.
@@ -211,20 +211,12 @@ def parse_body(raw: bytes, model_cls: type[BaseModel], limit: int) -> tuple[dict
     Raises:
         GatewayError: 413 over ``limit`` bytes, 400 for malformed JSON or wrong types.
     """
-    if len(raw) > limit:
-        raise errors.too_large(f"request body is {len(raw)} bytes; the limit is {limit}")
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise errors.invalid(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise errors.invalid("request body must be a JSON object")
-    try:
-        return data, model_cls.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise errors.invalid(f"invalid {where}: {first['msg']}", param=where) from exc
+        return parse_request_body(raw, model_cls, limit)
+    except RequestBodyError as exc:
+        if exc.status == 413:
+            raise errors.too_large(exc.message) from exc
+        raise errors.invalid(exc.message, param=exc.param) from exc
 
 
 class GatewayCore:

@@ -19,9 +19,9 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmops_contract import REQUEST_ID_HEADER
 from llmops_gateway import errors
 from llmops_gateway.core import (
-    REQUEST_ID_HEADER,
     Admitted,
     ChatRequest,
     CompletionRequest,

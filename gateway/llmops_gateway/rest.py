@@ -18,9 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from llmops_contract import REQUEST_ID_HEADER
 from llmops_gateway import errors
 from llmops_gateway.core import (
-    REQUEST_ID_HEADER,
     Admitted,
     ChatRequest,
     CompletionRequest,
