@@ -917,6 +917,7 @@ def test_schema_check_catches_invalid_exposure_objects() -> None:
         (("gateway.ingress.hosts={LLM_host}",), "at '/gateway/ingress/hosts/0'"),
         (("gateway.tls.certManager.issuerRef.kind=Vault",), "issuerRef/kind"),
         (("gateway.httpRoute.parentRefs[0].nmae=x",), "additional properties 'nmae'"),
+        (("gateway.httpRoute.timeouts.request=10 minutes",), "/gateway/httpRoute/timeouts/request"),
     ],
     ids=[
         "tls-without-exposure",
@@ -927,6 +928,7 @@ def test_schema_check_catches_invalid_exposure_objects() -> None:
         "bad-host",
         "bad-issuer-kind",
         "parent-ref-typo",
+        "bad-timeout",
     ],
 )
 def test_exposure_refuses_contradictory_values(sets: tuple[str, ...], message: str) -> None:
