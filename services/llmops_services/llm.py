@@ -14,10 +14,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from ray.serve.llm import LLMConfig, LLMServer
 
 from llmops_services.config import LLMSpec
 from llmops_services.sources import resolve_source
+from llmops_services.tracing import (
+    MAX_TOKENS,
+    OPERATION,
+    REQUEST_MODEL,
+    TIME_TO_FIRST_CHUNK,
+    engine_traces_endpoint,
+    trace_headers,
+    tracer,
+)
 
 PREFIX_AWARE_ROUTER = "ray.serve.llm.request_router:PrefixCacheAffinityRouter"
 T = TypeVar("T")
@@ -87,13 +97,16 @@ def _is_last(item: object) -> bool:
     return item is _END or isinstance(item, _Failure)
 
 
-def llm_config_for(spec: LLMSpec, model_path: str | None = None) -> LLMConfig:
+def llm_config_for(
+    spec: LLMSpec, model_path: str | None = None, otlp_traces_endpoint: str | None = None
+) -> LLMConfig:
     """Translates an `LLMSpec` into Ray Serve LLM's `LLMConfig`.
 
     Args:
         spec: The model's spec.
         model_path: The resolved local folder; None keeps the source URI (enough to compute
             deployment options, which never read the weights).
+        otlp_traces_endpoint: Where vLLM sends its own request spans; None: it sends none.
 
     Returns:
         The LLMConfig for `LLMServer`.
@@ -130,6 +143,8 @@ def llm_config_for(spec: LLMSpec, model_path: str | None = None) -> LLMConfig:
         }
     if resources.accelerator_type:
         config["accelerator_type"] = resources.accelerator_type
+    if otlp_traces_endpoint is not None:
+        config["engine_kwargs"]["otlp_traces_endpoint"] = otlp_traces_endpoint
     return LLMConfig(**config)
 
 
@@ -155,7 +170,57 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         self.spec = LLMSpec.model_validate(spec)
         cache = Path(cache_dir) if cache_dir else None
         folder = await asyncio.to_thread(resolve_source, self.spec.source, cache)
-        await super().__init__(llm_config_for(self.spec, str(folder)))
+        await super().__init__(llm_config_for(self.spec, str(folder), engine_traces_endpoint()))
+
+    async def _run_request(
+        self,
+        request: Any,
+        *,
+        engine_method: str,
+        batch_output_stream: bool = False,
+        raw_request_info: Any = None,
+    ) -> AsyncIterator[Any]:
+        """Runs a request as `LLMServer` does, inside a GenAI span when tracing is on.
+
+        The span (``chat <model>``, ``text_completion <model>``...) is a child of the
+        replica's request span, lasts until the last chunk, and its context goes to vLLM in
+        the request's headers, so the engine's own span joins the trace under it.
+        """
+        tracing = tracer()
+        if tracing is None:
+            stream: AsyncIterator[Any] = await super()._run_request(
+                request,
+                engine_method=engine_method,
+                batch_output_stream=batch_output_stream,
+                raw_request_info=raw_request_info,
+            )
+            return stream
+        from ray.llm._internal.serve.core.protocol import RawRequestInfo
+
+        operation = {"chat": "chat", "completions": "text_completion"}.get(
+            engine_method, engine_method
+        )
+        attributes: dict[str, Any] = {OPERATION: operation, REQUEST_MODEL: self.spec.name}
+        limit = getattr(request, "max_tokens", None)
+        if isinstance(limit, int):
+            attributes[MAX_TOKENS] = limit
+        span = tracing.start_span(
+            f"{operation} {self.spec.name}", kind=SpanKind.INTERNAL, attributes=attributes
+        )
+        headers = dict(raw_request_info.headers) if raw_request_info is not None else {}
+        headers.update(trace_headers(span))
+        try:
+            stream = await super()._run_request(
+                request,
+                engine_method=engine_method,
+                batch_output_stream=batch_output_stream,
+                raw_request_info=RawRequestInfo(headers=headers),
+            )
+        except BaseException as exc:
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            span.end()
+            raise
+        return _traced(stream, span)
 
     def _batch_output_stream(self, generator: AsyncIterator[T]) -> AsyncIterator[list[T]]:
         """Batches a streamed response without holding its first chunk (`batch_stream`).
@@ -164,3 +229,20 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         reads it, so the setting has one path whichever batcher runs.
         """
         return batch_stream(generator, self._get_batch_interval_ms() / 1000)
+
+
+async def _traced(stream: AsyncIterator[T], span: Span) -> AsyncIterator[T]:
+    """Relays ``stream``, noting when its first chunk came, and ends ``span`` after it."""
+    started = time.monotonic()
+    first = True
+    try:
+        async for item in stream:
+            if first:
+                span.set_attribute(TIME_TO_FIRST_CHUNK, round(time.monotonic() - started, 4))
+                first = False
+            yield item
+    except BaseException as exc:
+        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+        raise
+    finally:
+        span.end()

@@ -16,10 +16,13 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -28,6 +31,7 @@ from llmops_services.config import AUTO_MODEL, GraphConfig
 from llmops_services.errors import ServingError, model_not_found
 from llmops_services.metrics import RouterMetrics
 from llmops_services.routing import RouteDecision, prompt_text, route_by_similarity
+from llmops_services.tracing import OPERATION, REQUEST_MODEL, tracer
 
 REQUEST_ID_HEADER = "x-request-id"
 ROUTED_MODEL_HEADER = "x-llmops-routed-model"
@@ -269,6 +273,22 @@ class Router:
 
     async def _generate(self, request: Request, kind: str) -> Response:
         request_id = _request_id(request)
+        tracing = tracer()
+        span: Span | None = None
+        if tracing is not None:  # Ray Serve made this replica's request span current
+            operation = "chat" if kind == "chat" else "text_completion"
+            span = tracing.start_span("route", attributes={OPERATION: operation})
+        scope: AbstractContextManager[Any] = (
+            nullcontext() if span is None else trace.use_span(span, end_on_exit=True)
+        )
+        with scope:
+            return await self._dispatch(request, kind, request_id, span)
+
+    async def _dispatch(
+        self, request: Request, kind: str, request_id: str, span: Span | None
+    ) -> Response:
+        """Sends a generation to its model's deployment; ``span`` (tracing on) is current, so
+        the handle call carries it, and ends when the first chunk is back."""
         try:
             body: Any = await _parse(request, self._request_models[kind])
             if kind == "chat":
@@ -280,6 +300,14 @@ class Router:
             _check_generation_args(body)
             decision = await self.resolve_model(body.model, prompt)
             self.metrics.routed(decision)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        REQUEST_MODEL: body.model or "",
+                        "llmops.routed_model": decision.model,
+                        "llmops.route_policy": decision.policy,
+                    }
+                )
             body.model = decision.model
             body.request_id = request_id
             stream = getattr(self.llms[decision.model], kind).remote(body)
@@ -287,8 +315,12 @@ class Router:
                 stream.__anext__(), timeout=self.config.router.request_timeout_s
             )
         except ServingError as error:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, error.message))
             return _error_response(error, request_id)
         except TimeoutError:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, "timeout"))
             return _error_response(
                 ServingError("the model did not answer in time", status=504, type="timeout"),
                 request_id,

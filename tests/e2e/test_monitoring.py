@@ -46,8 +46,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.kmock(cls=KubeAPI), pytest.mark.time
 DASHBOARDS = Path(__file__).parents[2] / "deploy" / "dashboards"
 RULES = Path(__file__).parents[2] / "deploy" / "rules" / "platform.yaml"
 GPU_DASHBOARD = "llmops-gpus.json"
-# What Grafana substitutes with every variable at "All" and a 1-minute rate window.
-VARIABLES = {"$namespace": ".*", "$deployment": ".*", "$model": ".*", "$__rate_interval": "1m"}
+# What Grafana substitutes with every variable at "All" and a 1-minute rate window (prices:
+# the usage dashboard's text boxes, at 1).
+VARIABLES = {
+    "$namespace": ".*",
+    "$deployment": ".*",
+    "$model": ".*",
+    "$tenant": ".*",
+    "$input_price": "1",
+    "$output_price": "1",
+    "$gpu_hour_price": "1",
+    "$__rate_interval": "1m",
+}
 GEO, CODING, ENCODER = "smollm2-geography", "smollm2-coding", "all-minilm-l6-v2"
 
 
