@@ -115,6 +115,8 @@ def graph(
         *("--metrics-port", str(metrics_port), "--keys-file", str(folder / "keys.json")),
         *("--grpc-port", str(grpc_port), "--monitoring"),
         *("--prometheus-port", str(prometheus_port), "--ray-metrics-port", str(ray_metrics_port)),
+        # The opt-in CPU placement, so that test_graph.py checks it on the real graph.
+        "--reserve-engine-cpus",
     ]
     # Ray pushes metrics to its agent every 10 s by default; tests read them sooner.
     env = {**os.environ, "RAY_metrics_report_interval_ms": "2000"}

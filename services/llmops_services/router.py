@@ -23,18 +23,23 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from llmops_services.config import AUTO_MODEL, GraphConfig
+from llmops_contract import (
+    AUTO_MODEL,
+    REQUEST_ID_HEADER,
+    ROUTED_MODEL_HEADER,
+    GraphConfig,
+    RequestBodyError,
+    parse_request_body,
+)
 from llmops_services.errors import ServingError, model_not_found
 from llmops_services.metrics import RouterMetrics
 from llmops_services.routing import RouteDecision, prompt_text, route_by_similarity
 from llmops_services.tracing import OPERATION, REQUEST_MODEL, tracer
 
-REQUEST_ID_HEADER = "x-request-id"
-ROUTED_MODEL_HEADER = "x-llmops-routed-model"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 M = TypeVar("M", bound=BaseModel)
@@ -72,24 +77,13 @@ def _error_response(error: ServingError, request_id: str) -> JSONResponse:
 
 
 async def _parse(request: Request, model_cls: type[M]) -> M:
-    """Reads a JSON body into a request model; every failure is a 400 that says what."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise ServingError(
-            f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}", status=413
-        )
+    """Reads a JSON body into a request model, as the gateway does (`llmops_contract`); every
+    failure is a 400 that says what (413 over the size limit)."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ServingError(f"request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ServingError("request body must be a JSON object")
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise ServingError(f"invalid {where}: {first['msg']}", param=where) from exc
+        _, body = parse_request_body(await request.body(), model_cls, MAX_BODY_BYTES)
+    except RequestBodyError as exc:
+        raise ServingError(exc.message, status=exc.status, param=exc.param) from exc
+    return body
 
 
 def _check_generation_args(body: Any) -> None:
