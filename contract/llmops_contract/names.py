@@ -20,6 +20,9 @@ API_VERSION = f"{GROUP}/{VERSION}"
 APP_NAME = "llmops"
 """The Serve application of the graph: `llmops up` runs it under this name, the operator
 renders it into a RayService's serveConfigV2 and reads its status back."""
+GRAPH_IMPORT_PATH = "llmops_services.app:build_app"
+"""The Serve application builder a serveConfigV2 names (``import_path``); it takes the graph
+config as its ``args``."""
 ROUTER_DEPLOYMENT = "router"
 """The graph's ingress deployment."""
 ENCODER_DEPLOYMENT = "encoder"
