@@ -688,7 +688,9 @@ async def reconcile(
     serving, models = _serving(observed.get(f"RayService/{name}"), deployments, generation)
     pods = await worker_pods(client, namespace, active)
     fetched = render.sources(target.spec)
-    recorded = {e.get("source") for e in previous.get("sources") or [] if isinstance(e, Mapping)}
+    recorded = {
+        str(e.get("source")) for e in previous.get("sources") or [] if isinstance(e, Mapping)
+    }
     if render.shared_cache(target.spec):
         state = render.Observed(secret_version=secret_version)
         job = observed.get(f"Job/{render.loader_job_name(target, state)}")

@@ -69,6 +69,9 @@ RAY_CLUSTER_LABEL = "ray.io/cluster"
 RAY_NODE_TYPE_LABEL = "ray.io/node-type"
 RAY_GROUP_LABEL = "ray.io/group"
 CLUSTER_HASH_ANNOTATION = "llmops.dev/cluster-hash"
+# libyaml's emitter where PyYAML has it: the same text, about ten times faster than the
+# pure-Python one, which was a tenth of a reconcile pass.
+_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 class RenderError(ValueError):
@@ -761,7 +764,9 @@ def ray_service(target: Target, defaults: RenderDefaults, graph: GraphConfig) ->
             "upgradeStrategy": {
                 "type": "NewCluster" if spec.rollout.strategy == "NewCluster" else "None"
             },
-            "serveConfigV2": yaml.safe_dump(serve_config(target, graph), sort_keys=False),
+            "serveConfigV2": yaml.dump(
+                serve_config(target, graph), Dumper=_DUMPER, sort_keys=False
+            ),
             "rayClusterConfig": cluster,
         },
     }

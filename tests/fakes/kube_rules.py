@@ -761,11 +761,13 @@ class WatchCache:
             elif version < floor:
                 error = expired(version, floor)
             else:
-                replay = [
-                    event
-                    for _, at, event in self._events.get(resource, ())
-                    if at > version and matches(event["object"])
-                ]
+                # Versions grow with the sequence: walk back from the newest to the version.
+                for _, at, event in reversed(self._events.get(resource, ())):
+                    if at <= version:
+                        break
+                    if matches(event["object"]):
+                        replay.append(event)
+                replay.reverse()
             progress = max(self._latest, version or 0)
         if error is not None:
             yield error
