@@ -6,9 +6,12 @@ a fixed schedule, whether or not earlier ones finished) at each rate to the stub
 through each proxy, same run, and prints latency percentiles and the differences. Then it looks
 for each one's highest rate with p99 under 100 ms and no errors, and relays streams to count SSE
 events per second (the stub writing 64 events at a time, then one at a time as vLLM does).
+With --tracing, a second gateway with OpenTelemetry tracing on at 100% sampling (spans exported
+over OTLP/HTTP to an in-process receiver) is measured in the same phases, and what tracing adds
+to p50 and p99 over the untraced gateway is reported.
 
     .venv/bin/python -m tests.bench.gateway_overhead [--rates 25,200,500] [--seconds 10]
-        [--sweep-seconds 5] [--litellm /path/to/venv/bin/litellm]
+        [--sweep-seconds 5] [--litellm /path/to/venv/bin/litellm] [--tracing]
 
 Not a test: results go to docs/benchmarks.md by hand, with date and machine.
 """
@@ -33,6 +36,7 @@ import aiohttp
 from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.local import stop_process
 from tests.conftest import free_port
+from tests.fakes.otlp_receiver import otlp_receiver
 from tests.integration.gateway_fixtures import gateway, stub_upstream, wait_http
 
 BODY = {"model": "stub-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -181,6 +185,11 @@ def main() -> None:
         help="path to the `litellm` command (PyPI litellm[proxy], in a separate venv): also "
         "measure LiteLLM's proxy on the same stub",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also measure a gateway with tracing on (100%% sampling, OTLP/HTTP export)",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
     store = FileKeyStore(folder / "keys.json")
@@ -215,6 +224,20 @@ def main() -> None:
             )
             chat = "/v1/chat/completions"
             targets = {"gateway": (f"{gw.url}{chat}", {"authorization": f"Bearer {key}"})}
+            if args.tracing:
+                receiver = stack.enter_context(otlp_receiver())
+                traced = stack.enter_context(
+                    gateway(
+                        folder,
+                        default_backend=upstream,
+                        keys_file=store.path,
+                        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                        log_format="json",
+                        otlp_traces_endpoint=receiver.url,
+                        trace_sample=1.0,
+                    )
+                )
+                targets["gateway_traced"] = (f"{traced.url}{chat}", targets["gateway"][1])
             if args.litellm:
                 litellm = stack.enter_context(litellm_proxy(args.litellm, upstream, folder))
                 auth_litellm = {"authorization": f"Bearer {LITELLM_KEY}"}
@@ -222,12 +245,19 @@ def main() -> None:
             for rate in (int(r) for r in args.rates.split(",")):
                 direct = asyncio.run(open_loop(f"{upstream}{chat}", {}, rate, args.seconds))
                 phase: dict[str, object] = {"direct": direct}
+                measured: dict[str, dict[str, float]] = {}
                 for name, (url, headers) in targets.items():
                     through = asyncio.run(open_loop(url, headers, rate, args.seconds))
-                    phase[name] = through
+                    phase[name] = measured[name] = through
                     phase[f"{name}_added_p50_ms"] = round(through["p50"] - direct["p50"], 2)
                     phase[f"{name}_added_p99_ms"] = round(through["p99"] - direct["p99"], 2)
+                if args.tracing:
+                    off, on = measured["gateway"], measured["gateway_traced"]
+                    phase["tracing_added_p50_ms"] = round(on["p50"] - off["p50"], 2)
+                    phase["tracing_added_p99_ms"] = round(on["p99"] - off["p99"], 2)
                 results[f"{rate}rps"] = phase
+            if args.tracing:
+                results["spans_received"] = len(receiver.spans)
             if args.sweep_seconds:
                 sweep = {"direct": (f"{upstream}{chat}", {}), **targets}
                 results["highest_rate_p99_under_100ms"] = {
