@@ -34,6 +34,7 @@ from llmops_gateway.core import (
 from llmops_gateway.errors import GatewayError, invalid
 from llmops_gateway.grpc_api import gateway_pb2 as pb
 from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
+from llmops_gateway.settings import GatewaySettings
 from llmops_gateway.tracing import TRACEPARENT, TRACESTATE
 
 T = TypeVar("T")
@@ -462,6 +463,42 @@ async def start_grpc(core: GatewayCore, host: str, port: int) -> RunningGrpc:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = server_credentials(core.settings)
+    address = f"{host}:{port}"
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
     await server.start()
     return RunningGrpc(server, bound, health_servicer)
+
+
+def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port from the settings' PEM files; None serves plaintext.
+
+    Raises:
+        ValueError: a half-configured TLS (a certificate without its key, or a client CA
+            without a server certificate), or a file that cannot be read.
+    """
+    cert, key, client_ca = (
+        settings.grpc_tls_cert_file,
+        settings.grpc_tls_key_file,
+        settings.grpc_tls_client_ca_file,
+    )
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ValueError(
+                "grpc_tls_client_ca_file needs grpc_tls_cert_file and grpc_tls_key_file: "
+                "client certificates are asked for only over TLS"
+            )
+        return None
+    if cert is None or key is None:
+        raise ValueError("set both grpc_tls_cert_file and grpc_tls_key_file, or neither")
+    try:
+        chain, private = cert.read_bytes(), key.read_bytes()
+        roots = client_ca.read_bytes() if client_ca is not None else None
+    except OSError as exc:
+        raise ValueError(f"cannot read a gRPC TLS file: {exc}") from exc
+    return grpc.ssl_server_credentials(
+        [(private, chain)], root_certificates=roots, require_client_auth=roots is not None
+    )

@@ -77,6 +77,19 @@ class GatewaySettings(BaseSettings):
         description="After Redis fails, how long calls fail at once (and the failure mode "
         "answers) before one shared reconnect is tried.",
     )
+    grpc_tls_cert_file: Path | None = Field(
+        default=None,
+        description="Server certificate chain of the gRPC port, PEM; with grpc_tls_key_file "
+        "the port serves TLS only (null: plaintext, for a mesh or proxy that terminates TLS).",
+    )
+    grpc_tls_key_file: Path | None = Field(
+        default=None, description="Private key of grpc_tls_cert_file, PEM."
+    )
+    grpc_tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle for client certificates: with it, gRPC clients must present a "
+        "certificate it signs (mutual TLS).",
+    )
     redis_tls_ca_file: Path | None = Field(
         default=None, description="CA bundle that signs the Redis server certificate (rediss://)."
     )
