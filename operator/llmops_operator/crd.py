@@ -12,15 +12,12 @@ from typing import Any
 
 import yaml
 
+from llmops_contract import GROUP, KIND, PLURAL, VERSION
 from llmops_operator.models import (
-    GROUP,
-    KIND,
     MAX_NAME_LENGTH,
     NAME_PATTERN,
-    PLURAL,
     SHORT_NAMES,
     SINGULAR,
-    VERSION,
     LLMDeploymentSpec,
     LLMDeploymentStatus,
 )
@@ -30,7 +27,7 @@ _DROPPED_KEYS = {"title"}
 
 # CEL rules (x-kubernetes-validations): the API server refuses at `kubectl apply` what would
 # otherwise fail later, on the cluster, after other children exist. Each mirrors a check of the
-# pydantic models or the services GraphConfig, so the operator and the CRD agree.
+# pydantic models or the graph config (llmops_contract), so the operator and the CRD agree.
 NAME_RULES = [
     {
         # KubeRay refuses longer RayService names

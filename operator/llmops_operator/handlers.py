@@ -20,10 +20,10 @@ from typing import Any
 
 import kopf
 
+from llmops_contract import GROUP, KIND, PLURAL, VERSION
 from llmops_operator import render
 from llmops_operator.kube import KubeClient, KubeError
 from llmops_operator.metrics import OperatorMetrics
-from llmops_operator.models import GROUP, KIND, PLURAL, VERSION
 from llmops_operator.reconcile import (
     Outcome,
     is_subset,

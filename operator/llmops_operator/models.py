@@ -13,15 +13,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from llmops_services.config import EngineConfig
+from llmops_contract import EngineConfig
 
-GROUP = "llmops.dev"
-VERSION = "v1alpha1"
-KIND = "LLMDeployment"
-PLURAL = "llmdeployments"
+# The group, version, kind and plural are llmops_contract's: the gateway reads them too.
 SINGULAR = "llmdeployment"
 SHORT_NAMES = ["llmd"]
-API_VERSION = f"{GROUP}/{VERSION}"
 
 # The LLMDeployment's name names its RayService: KubeRay refuses longer names or names that
 # are not DNS-1035 labels (ray-operator/controllers/ray/utils/validation.go).
@@ -104,8 +100,11 @@ class ModelSpec(CRDModel):
     )
 
 
-class EncoderSpec(CRDModel):
-    """The embedding model: /v1/embeddings and prompt embeddings for semantic routing."""
+class EncoderSection(CRDModel):
+    """The embedding model: /v1/embeddings and prompt embeddings for semantic routing.
+
+    Rendered into the graph's `llmops_contract.EncoderSpec`.
+    """
 
     enabled: bool = Field(default=True, description="Serve an encoder.")
     name: str = Field(
@@ -126,8 +125,11 @@ class EncoderSpec(CRDModel):
     gpus: int = Field(default=0, ge=0, le=1, description="GPUs per encoder replica (0 or 1).")
 
 
-class RouterSpec(CRDModel):
-    """How the graph's ingress picks a model and a replica."""
+class RouterSection(CRDModel):
+    """How the graph's ingress picks a model and a replica.
+
+    Rendered into the graph's `llmops_contract.RouterSpec`.
+    """
 
     policy: Literal["by-name", "semantic", "prefix-aware"] = Field(
         default="by-name",
@@ -306,8 +308,8 @@ class LLMDeploymentSpec(CRDModel):
     models: list[ModelSpec] = Field(
         min_length=1, max_length=16, description="Language models served by the graph."
     )
-    encoder: EncoderSpec = Field(default_factory=EncoderSpec, description="Embedding model.")
-    router: RouterSpec = Field(default_factory=RouterSpec, description="Routing policy.")
+    encoder: EncoderSection = Field(default_factory=EncoderSection, description="Embedding model.")
+    router: RouterSection = Field(default_factory=RouterSection, description="Routing policy.")
     replicas: int = Field(
         default=1,
         ge=0,
@@ -333,7 +335,7 @@ class LLMDeploymentSpec(CRDModel):
     @model_validator(mode="after")
     def _check_routing(self) -> LLMDeploymentSpec:
         # Rules of the graph itself (unique names, default model, GPUs = tensor parallelism)
-        # are checked once, by the services GraphConfig the renderer builds.
+        # are checked once, by the graph config (llmops_contract) the renderer builds.
         if self.router.policy == "semantic":
             if not self.encoder.enabled:
                 raise ValueError("router.policy 'semantic' needs the encoder enabled")

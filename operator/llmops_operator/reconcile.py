@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmops_contract import APP_NAME
 from llmops_operator import render
 from llmops_operator.kube import KubeClient, KubeError
 from llmops_operator.models import Condition
@@ -44,7 +45,7 @@ PREREQUISITES = {
     SCALEDOBJECT_CRD: ("keda.sh/v1alpha1", "scaledobjects"),
     PODMONITOR_CRD: ("monitoring.coreos.com/v1", "podmonitors"),
 }
-APPLICATION = render.APP_NAME
+APPLICATION = APP_NAME
 # A shared cache volume still Pending after this long is not going to bind by itself.
 PVC_PENDING_GRACE_S = 120.0
 

@@ -2,7 +2,7 @@
 
 `render` is the one code path behind both the operator and `llmops render`. It decides
 nothing at serving time: the RayService's serveConfigV2 carries the services graph config
-(`llmops_services.config.GraphConfig`, validated here), so the cluster runs the graph
+(`llmops_contract.GraphConfig`, validated here), so the cluster runs the graph
 `llmops up` runs locally.
 
 Replica counts live in the serveConfigV2 ``deployments`` overrides, never in the
@@ -26,10 +26,17 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from llmops_contract import (
+    API_VERSION,
+    APP_NAME,
+    ENCODER_DEPLOYMENT,
+    GRAPH_IMPORT_PATH,
+    KIND,
+    ROUTER_DEPLOYMENT,
+    GraphConfig,
+)
 from llmops_operator import queries
 from llmops_operator.models import (
-    API_VERSION,
-    KIND,
     MAX_NAME_LENGTH,
     NAME_PATTERN,
     LLMDeploymentSpec,
@@ -37,9 +44,7 @@ from llmops_operator.models import (
     parse_spec,
 )
 from llmops_operator.settings import DEFAULT_WORKER_IMAGE, OperatorSettings
-from llmops_services.config import GraphConfig
 
-APP_NAME = "llmops"
 DEPLOYMENT_LABEL = "llmops.dev/deployment"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = "llmops-operator"
@@ -62,8 +67,6 @@ RAY_VERSION = "2.60.0"
 RUN_AS_USER = 1000
 HEAD_CPU = "4"
 HEAD_MEMORY = "16Gi"
-ROUTER_DEPLOYMENT = "router"
-ENCODER_DEPLOYMENT = "encoder"
 # Labels KubeRay sets on every pod of a RayCluster (ray-operator/controllers/ray/utils/constant.go).
 RAY_CLUSTER_LABEL = "ray.io/cluster"
 RAY_NODE_TYPE_LABEL = "ray.io/node-type"
@@ -332,7 +335,7 @@ def serve_config(target: Target, graph: GraphConfig) -> dict[str, Any]:
         "applications": [
             {
                 "name": APP_NAME,
-                "import_path": "llmops_services.app:build_app",
+                "import_path": GRAPH_IMPORT_PATH,
                 "route_prefix": "/",
                 "args": graph.model_dump(mode="json"),
                 "deployments": deployments,
