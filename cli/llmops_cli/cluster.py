@@ -123,7 +123,7 @@ def fetch_command(
     mount the same folder read-only and wait for the marker file. Transient Hugging Face Hub
     errors are retried with backoff. A gated hf:// model needs HF_TOKEN.
     """
-    from llmops_services import ModelSourceError
+    from llmops_contract import ModelSourceError
     from llmops_services.sources import ResolvedSource, fetch_source, loader_report
 
     resolved: dict[str, ResolvedSource] = {}

@@ -18,8 +18,7 @@ from llmops_cli.keys import app as keys_app
 from llmops_cli.monitoring import MonitoringError, find_prometheus, run_prometheus
 from llmops_cli.ports import busy_ports, duplicate_ports
 from llmops_cli.usage import usage_command
-from llmops_contract import GraphConfig, default_graph_config
-from llmops_services import ModelSourceError
+from llmops_contract import GraphConfig, ModelSourceError, default_graph_config
 
 app = typer.Typer(
     help="llmops: Kubernetes-native LLM serving. `llmops up` runs the whole serving path on "
