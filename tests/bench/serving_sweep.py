@@ -28,8 +28,9 @@ servers that already run (e.g. port-forwarded from a cluster).
 
     .venv/bin/python -m tests.bench.serving_sweep [--case chat] [--rates 0.5 1 2] [--seconds 20]
 
-Writes ``<out>/<case>-<profile>.json`` (every point: the `vllm bench serve` command, its
-metrics, the load average before and after) and ``<out>/<case>-<profile>.png``.
+Writes ``<out>/<case>-<profile>[-<tag>].json`` (every point: the `vllm bench serve` command, its
+metrics, the load average before and after, the cores each process tree used) and the same
+name with ``.png``.
 Not a test: the results go to docs/benchmarks.md by hand.
 """
 
@@ -594,7 +595,7 @@ def plot(points: list[dict[str, Any]], title: str, path: Path, embeddings: bool 
 
 def write(args: argparse.Namespace, result: dict[str, Any], embeddings: bool = False) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{args.case}-{args.profile}"
+    stem = args.out / f"{args.case}-{args.profile}{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     if result["points"]:
         title = f"{args.case} ({args.profile} profile), {result['date'][:16]} UTC"
@@ -772,6 +773,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer (with the --*-url options)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     parser.add_argument("--logs", type=Path, default=Path("/tmp/llmops-sweep"))
+    parser.add_argument("--tag", default="", help="suffix of the output files' names")
     parser.add_argument("--table", type=Path, help="print a sweep JSON's rows as Markdown; exit")
     args = parser.parse_args(argv)
     if args.table:
