@@ -436,9 +436,18 @@ def measure(
         # to the end, so it covers the measured requests (and a few seconds of set-up).
         time.sleep(min(8.0, profile.seconds / 2))
         cpu_before, cpu_started = _cpu_snapshot(), time.monotonic()
+        children_before = os.times()
         failed = bench.wait()
-        cpu = _cpu_used(cpu_before, time.monotonic() - cpu_started)
+        seconds = time.monotonic() - cpu_started
+        cpu = _cpu_used(cpu_before, seconds)
         del ROOTS[bench.pid]
+        # The load generator has exited (so /proc no longer shows it): its CPU is in ours
+        # (children's times), less what it had used when the count began.
+        children = os.times()
+        spent = children.children_user + children.children_system
+        spent -= children_before.children_user + children_before.children_system
+        spent -= cpu_before.get(bench.pid, ("", 0))[1] / TICKS  # its start-up and warm-ups
+        cpu["load-generator"] = round(spent / seconds, 2)
     wall = time.monotonic() - started
     if failed:  # kept as a point without metrics: one target's failure ends no sweep
         tail = (args.logs / f"{label}-{rate:g}.log").read_text(errors="replace")
