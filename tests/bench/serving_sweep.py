@@ -755,6 +755,38 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rate_table(result: dict[str, Any]) -> str:
+    """Markdown, one row per rate: direct, graph and gateway side by side (the chat case)."""
+    names = ("direct", "graph", "gateway")
+    lines = [
+        "| rate req/s | direct goodput | graph / direct | gateway / graph "
+        "| TTFT p50 (p99) ms: direct, graph, gateway | TPOT p50 ms | E2E p50 s "
+        "| other work, cores |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    points = result["points"]
+    for rate in sorted({p["rate"] for p in points}):
+        d, g, w = trio = [_point(points, name, rate) or {} for name in names]
+
+        def ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
+            if not a or not b or not b.get("request_goodput"):
+                return "-"
+            return f"{a['request_goodput'] / b['request_goodput']:.2f}"
+
+        def each(key: str, scale: float = 1.0, digits: int = 0, trio: list[Any] = trio) -> str:
+            return ", ".join(f"{x[key] * scale:,.{digits}f}" if key in x else "-" for x in trio)
+
+        ttft = ", ".join(
+            f"{x['median_ttft_ms']:,.0f} ({x['p99_ttft_ms']:,.0f})" if x else "-" for x in trio
+        )
+        lines.append(
+            f"| {rate:g} | {d.get('request_goodput', math.nan):.3f} | {ratio(g, d)} "
+            f"| {ratio(w, g)} | {ttft} | {each('median_tpot_ms')} "
+            f"| {each('median_e2el_ms', 0.001, 1)} | {each('cores_used_by_other_work', 1, 2)} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     passthrough: list[str] = []
@@ -784,9 +816,11 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, default=Path("/tmp/llmops-sweep"))
     parser.add_argument("--tag", default="", help="suffix of the output files' names")
     parser.add_argument("--table", type=Path, help="print a sweep JSON's rows as Markdown; exit")
+    parser.add_argument("--by-rate", action="store_true", help="with --table: a row per rate")
     args = parser.parse_args(argv)
     if args.table:
-        print(table(json.loads(args.table.read_text())))
+        result = json.loads(args.table.read_text())
+        print(rate_table(result) if args.by_rate else table(result))
         return
     # SIGTERM stops the sweep like Ctrl-C: the servers it started are stopped on the way out
     # (a background job started from a script ignores SIGINT).
