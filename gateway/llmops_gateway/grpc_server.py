@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -66,6 +66,69 @@ def _extra(request: pb.ChatCompletionRequest | pb.CompletionRequest) -> dict[str
         return {}
     extra: dict[str, Any] = json_format.MessageToDict(request.extra)
     return extra
+
+
+def _message_json(message: pb.Message) -> dict[str, Any]:
+    """A request message in OpenAI's JSON: content parts for multimodal ones, tool calls."""
+    out: dict[str, Any] = {"role": message.role}
+    if message.parts:
+        out["content"] = [_part_json(part) for part in message.parts]
+    elif message.content or not message.tool_calls:
+        out["content"] = message.content
+    else:
+        out["content"] = None  # an assistant turn that only called tools
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": call.type or "function",
+                "function": {"name": call.function.name, "arguments": call.function.arguments},
+            }
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _part_json(part: pb.ContentPart) -> dict[str, Any]:
+    if part.type == "image_url":
+        image: dict[str, Any] = {"url": part.image_url}
+        if part.detail:
+            image["detail"] = part.detail
+        return {"type": "image_url", "image_url": image}
+    if part.type in ("", "text"):
+        return {"type": "text", "text": part.text}
+    raise invalid(f"content part type {part.type!r} is not supported: use text or image_url")
+
+
+def _tool_calls(calls: Any) -> list[pb.ToolCall]:
+    """OpenAI tool calls (or a stream's pieces of them) as messages."""
+    out = []
+    for call in calls or []:
+        function = call.get("function") or {}
+        out.append(
+            pb.ToolCall(
+                id=str(call.get("id") or ""),
+                type=str(call.get("type") or ""),
+                function=pb.FunctionCall(
+                    name=str(function.get("name") or ""),
+                    arguments=str(function.get("arguments") or ""),
+                ),
+                index=int(call.get("index") or 0),
+            )
+        )
+    return out
+
+
+def _struct(value: Any) -> struct_pb2.Struct | None:
+    if not isinstance(value, dict):
+        return None
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
 
 
 def _usage(data: dict[str, Any] | None) -> pb.Usage | None:
@@ -193,9 +256,9 @@ class GatewayService(pb_grpc.GatewayServicer):
         self, request: pb.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ChatCompletion:
         """A whole chat completion."""
-        body = _chat_body(request)
 
         async def work() -> pb.ChatCompletion:
+            body = _chat_body(request)
             admitted = await self._admit(context, body, ChatRequest, stream=False)
             data = await self._unary_json(
                 admitted, "/v1/chat/completions", body, self._request_id(context)
@@ -210,8 +273,10 @@ class GatewayService(pb_grpc.GatewayServicer):
                         message=pb.Message(
                             role=str(c["message"].get("role") or "assistant"),
                             content=str(c["message"].get("content") or ""),
+                            tool_calls=_tool_calls(c["message"].get("tool_calls")),
                         ),
                         finish_reason=str(c.get("finish_reason") or ""),
+                        logprobs=_struct(c.get("logprobs")),
                     )
                     for c in data.get("choices", [])
                 ],
@@ -224,7 +289,11 @@ class GatewayService(pb_grpc.GatewayServicer):
         self, request: pb.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ChatCompletionChunk]:
         """A chat completion as it is generated."""
-        body = _chat_body(request)
+        try:
+            body = _chat_body(request)
+        except GatewayError as error:
+            await _abort(context, error)
+            return
         async for chunk in self._stream_json(context, body, "/v1/chat/completions", ChatRequest):
             yield pb.ChatCompletionChunk(
                 id=str(chunk.get("id", "")),
@@ -235,6 +304,8 @@ class GatewayService(pb_grpc.GatewayServicer):
                         role=str((c.get("delta") or {}).get("role") or ""),
                         content=str((c.get("delta") or {}).get("content") or ""),
                         finish_reason=str(c.get("finish_reason") or ""),
+                        tool_calls=_tool_calls((c.get("delta") or {}).get("tool_calls")),
+                        logprobs=_struct(c.get("logprobs")),
                     )
                     for c in chunk.get("choices", [])
                 ],
@@ -326,14 +397,16 @@ class GatewayService(pb_grpc.GatewayServicer):
 
 
 def _chat_body(request: pb.ChatCompletionRequest) -> dict[str, Any]:
-    messages = [
-        {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-        for m in request.messages
-    ]
+    tools: dict[str, Any] = {}
+    if request.HasField("tools"):
+        tools["tools"] = json_format.MessageToDict(request.tools)
+    if request.HasField("tool_choice"):
+        tools["tool_choice"] = json_format.MessageToDict(request.tool_choice)
     return {
         **_extra(request),
+        **tools,
         "model": request.model,
-        "messages": messages,
+        "messages": [_message_json(m) for m in request.messages],
         **_params(request.params),
     }
 
@@ -352,6 +425,7 @@ def _completion_choice(choice: dict[str, Any]) -> pb.CompletionChoice:
         index=int(choice.get("index", 0)),
         text=str(choice.get("text") or ""),
         finish_reason=str(choice.get("finish_reason") or ""),
+        logprobs=_struct(choice.get("logprobs")),
     )
 
 

@@ -8,7 +8,11 @@ limit, ``stream_options.include_usage`` honoured, ``n`` outputs per prompt. Requ
 for tests: ``stub_fail_after`` (an engine error event after that many chunks, as vLLM sends
 one mid-stream), ``stub_json: "spaced"`` (JSON with spaces, as other servers write it),
 ``stub_burst`` (events per write), ``stub_error: {"status": 500, "shape": "plain"}`` (an
-error answer: "plain" text, vLLM's older "flat" JSON, or OpenAI's "openai" shape).
+error answer: "plain" text, vLLM's older "flat" JSON, or OpenAI's "openai" shape),
+``stub_echo: true`` (the chat answer is the JSON of the messages received). A chat with
+``tools`` and a ``tool_choice`` naming a function (or "required") calls it, as vLLM does with
+a tool parser: ``tool_calls`` with arguments ``{"city": "Paris"}``, streamed as a first delta
+with the id and name, then the arguments in pieces; ``logprobs: true`` adds vLLM's logprobs.
 
     python -m tests.fakes.openai_stub --port 9000 [--models a,b] [--token-delay 0.0]
 """
@@ -46,6 +50,25 @@ def _failure(status: int, shape: str) -> web.Response:
         return web.json_response(flat, status=status)
     error = {"message": message, "type": "stub_error", "param": None, "code": "stub_code"}
     return web.json_response({"error": error}, status=status)
+
+
+TOOL_ARGUMENTS = '{"city": "Paris"}'
+
+
+def _called_tool(body: dict[str, Any]) -> str | None:
+    """The function a chat request makes the model call: named, or the first when required."""
+    choice, tools = body.get("tool_choice"), body.get("tools") or []
+    if isinstance(choice, dict):
+        return str((choice.get("function") or {}).get("name"))
+    if choice == "required" and tools:
+        return str(tools[0]["function"]["name"])
+    return None
+
+
+def _logprobs(count: int) -> dict[str, Any]:
+    """vLLM's chat logprobs for ``count`` "tok" tokens."""
+    entry = {"token": "tok", "logprob": -0.25, "bytes": [116, 111, 107], "top_logprobs": []}
+    return {"content": [dict(entry) for _ in range(count)]}
 
 
 def _generations(body: dict[str, Any]) -> int:
@@ -122,19 +145,28 @@ def make_app(
         def dumps(value: dict[str, Any]) -> str:
             return json.dumps(value, separators=separators)
 
+        tool = _called_tool(body) if chat else None
+        call = {"id": "chatcmpl-tool-stub", "type": "function"}
+        if tool is not None:
+            finish = "tool_calls"
+        logprobs = _logprobs(n_tokens) if chat and body.get("logprobs") else None
         if not body.get("stream"):
             if token_delay:
                 await asyncio.sleep(token_delay * n_tokens)
             text = " ".join(["tok"] * n_tokens)
+            if body.get("stub_echo"):
+                text = json.dumps(body.get("messages"))
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool is not None:
+                function = {"name": tool, "arguments": TOOL_ARGUMENTS}
+                message = {"role": "assistant", "content": None, "tool_calls": [
+                    {**call, "function": function}
+                ]}  # fmt: skip
             choices: list[dict[str, Any]] = [
                 {
                     "index": i,
-                    **(
-                        {"message": {"role": "assistant", "content": text}}
-                        if chat
-                        else {"text": text}
-                    ),
-                    "logprobs": None,
+                    **({"message": message} if chat else {"text": text}),
+                    "logprobs": logprobs,
                     "finish_reason": finish,
                 }
                 for i in range(_generations(body))
@@ -157,13 +189,14 @@ def make_app(
                 "object": f"{kind}.chunk",
                 "created": created,
                 "model": model,
-                "choices": [{"index": 0, **choice, "logprobs": None}],
+                "choices": [{"index": 0, "logprobs": None, **choice}],
             }
             return f"data: {dumps(value)}\n\n".encode()
 
         def event(last: bool) -> bytes:
             text = {"delta": {"content": "tok "}} if chat else {"text": "tok "}
-            return chunk({**text, "finish_reason": finish if last else None})
+            one = {"logprobs": _logprobs(1)} if logprobs else {}
+            return chunk({**text, **one, "finish_reason": finish if last else None})
 
         fail_after = body.get("stub_fail_after")
         try:
@@ -171,7 +204,16 @@ def make_app(
                 # vLLM's first chat chunk carries the role only (serving_chat.py).
                 role = {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 await response.write(chunk(role))
-            if fail_after is not None:
+            if tool is not None:
+                # vLLM's streamed tool call: the id and name first, then the arguments.
+                first = {**call, "index": 0, "function": {"name": tool, "arguments": ""}}
+                await response.write(chunk({"delta": {"tool_calls": [first]}}))
+                half = len(TOOL_ARGUMENTS) // 2
+                for piece in (TOOL_ARGUMENTS[:half], TOOL_ARGUMENTS[half:]):
+                    more = {"index": 0, "function": {"arguments": piece}}
+                    await response.write(chunk({"delta": {"tool_calls": [more]}}))
+                await response.write(chunk({"delta": {}, "finish_reason": finish}))
+            elif fail_after is not None:
                 # An engine error mid-stream, as vLLM reports it: an error event (its
                 # create_streaming_error_response, json.dumps of ErrorResponse), then [DONE].
                 for _ in range(int(fail_after)):
@@ -186,7 +228,7 @@ def make_app(
                 }
                 await response.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
                 return response
-            if token_delay:
+            elif token_delay:
                 for i in range(n_tokens):
                     await asyncio.sleep(token_delay)
                     await response.write(event(i == n_tokens - 1))

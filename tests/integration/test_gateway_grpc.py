@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -202,3 +203,130 @@ def test_backend_errors_map_as_rest_statuses(
         stub.CreateChatCompletion(request, metadata=_auth(keys))
     assert unary.value.code() == code
     assert unary.value.details() == f"stub failure {status}"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def _tool_request(stream_choice: object) -> pb.ChatCompletionRequest:
+    request = _chat()
+    request.tools.append(WEATHER_TOOL)
+    request.tool_choice.CopyFrom(struct_pb2.Value())
+    if isinstance(stream_choice, str):
+        request.tool_choice.string_value = stream_choice
+    else:
+        request.tool_choice.struct_value.update(stream_choice)
+    return request
+
+
+def test_tool_calls_round_trip_unary_and_streamed(
+    channel: grpc.Channel, keys: FileKeyStore
+) -> None:
+    """tools and tool_choice reach the backend; its tool calls come back as ToolCall messages,
+    streamed as vLLM streams them (id and name first, then the arguments in pieces)."""
+    stub = pb_grpc.GatewayStub(channel)
+    metadata = _auth(keys)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+
+    reply = stub.CreateChatCompletion(_tool_request(named), metadata=metadata)
+    (call,) = reply.choices[0].message.tool_calls
+    assert (call.id, call.type, call.function.name) == (
+        "chatcmpl-tool-stub",
+        "function",
+        "get_weather",
+    )
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+    chunks = list(stub.StreamChatCompletion(_tool_request("required"), metadata=metadata))
+    pieces = [t for c in chunks for d in c.choices for t in d.tool_calls]
+    assert pieces[0].function.name == "get_weather"
+    assert pieces[0].id == "chatcmpl-tool-stub"
+    assert json.loads("".join(p.function.arguments for p in pieces)) == {"city": "Paris"}
+    assert {p.index for p in pieces} == {0}
+
+    # The call and its answer go back in the history, as the next turn of an agent sends them.
+    follow_up = _chat()
+    follow_up.messages.append(pb.Message(role="assistant", tool_calls=[call]))
+    follow_up.messages.append(pb.Message(role="tool", tool_call_id=call.id, content="18 C"))
+    follow_up.extra.update({"stub_echo": True})
+    echoed = json.loads(
+        stub.CreateChatCompletion(follow_up, metadata=metadata).choices[0].message.content
+    )
+    assert echoed[1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "chatcmpl-tool-stub",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    }
+    assert echoed[2] == {"role": "tool", "content": "18 C", "tool_call_id": "chatcmpl-tool-stub"}
+
+
+def test_multimodal_parts_and_logprobs(channel: grpc.Channel, keys: FileKeyStore) -> None:
+    stub = pb_grpc.GatewayStub(channel)
+    metadata = _auth(keys)
+    image = "data:image/png;base64,iVBORw0KGgo="
+    request = pb.ChatCompletionRequest(
+        model="stub-chat",
+        messages=[
+            pb.Message(
+                role="user",
+                parts=[
+                    pb.ContentPart(type="text", text="What is in this picture?"),
+                    pb.ContentPart(type="image_url", image_url=image, detail="low"),
+                ],
+            )
+        ],
+        params=pb.SamplingParams(max_tokens=3),
+    )
+    request.extra.update({"stub_echo": True})
+    reply = stub.CreateChatCompletion(request, metadata=metadata)
+    echoed = json.loads(reply.choices[0].message.content)
+    assert echoed == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": image, "detail": "low"}},
+            ],
+        }
+    ]
+
+    asked = _chat(max_tokens=3)
+    asked.params.logprobs = True
+    reply = stub.CreateChatCompletion(asked, metadata=metadata)
+    tokens = json_format.MessageToDict(reply.choices[0].logprobs)["content"]
+    assert [t["token"] for t in tokens] == ["tok"] * 3
+    assert tokens[0]["logprob"] == -0.25
+    chunks = list(stub.StreamChatCompletion(asked, metadata=metadata))
+    streamed = [
+        json_format.MessageToDict(d.logprobs)["content"][0]["token"]
+        for c in chunks
+        for d in c.choices
+        if d.HasField("logprobs")
+    ]
+    assert streamed == ["tok"] * 3
+
+    unknown = pb.ChatCompletionRequest(
+        model="stub-chat", messages=[pb.Message(role="user", parts=[pb.ContentPart(type="video")])]
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.CreateChatCompletion(unknown, metadata=metadata)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "content part type 'video'" in str(refused.value.details())
