@@ -35,6 +35,7 @@ from llmops_contract import (
     ROUTER_DEPLOYMENT,
     GraphConfig,
 )
+from llmops_contract.tracing import tracing_env
 from llmops_operator import queries
 from llmops_operator.models import (
     MAX_NAME_LENGTH,
@@ -106,6 +107,8 @@ class RenderDefaults:
     loader_image: str = DEFAULT_WORKER_IMAGE
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     network: NetworkAccess | None = NetworkAccess()
+    tracing: tuple[tuple[str, str], ...] = ()
+    """Environment of every Ray container that turns the graph's tracing on (empty: off)."""
 
     @classmethod
     def from_settings(cls, settings: OperatorSettings) -> RenderDefaults:
@@ -118,7 +121,17 @@ class RenderDefaults:
                 tuple(settings.monitoring_namespace_labels.items()),
                 tuple(settings.kuberay_pod_labels.items()),
             )
-        return cls(settings.worker_image, settings.loader_image, settings.prometheus_url, network)
+        tracing: tuple[tuple[str, str], ...] = ()
+        if settings.otlp_traces_endpoint:
+            env = tracing_env(settings.otlp_traces_endpoint, settings.trace_sample)
+            tracing = tuple(sorted(env.items()))
+        return cls(
+            settings.worker_image,
+            settings.loader_image,
+            settings.prometheus_url,
+            network,
+            tracing,
+        )
 
 
 @dataclass(frozen=True)
@@ -755,6 +768,11 @@ def ray_service(target: Target, defaults: RenderDefaults, graph: GraphConfig) ->
         },
         "workerGroupSpecs": [_worker_group(target, m, images) for m in spec.models],
     }
+    # Tracing reaches every Ray process (Ray Serve reads it in each replica): a changed
+    # endpoint is a pod change, rolled out like any other.
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        ray = group["template"]["spec"]["containers"][0]
+        ray["env"] += [{"name": k, "value": v} for k, v in defaults.tracing]
     head_meta = cluster["headGroupSpec"]["template"]["metadata"]
     head_meta["annotations"] = {CLUSTER_HASH_ANNOTATION: cluster_hash(cluster)}
     return {

@@ -71,6 +71,19 @@ class OperatorSettings(BaseSettings):
         default="http://prometheus-operated.monitoring.svc:9090",
         description="Prometheus that KEDA queries for the autoscaling triggers.",
     )
+    otlp_traces_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP (protobuf) URL the graphs send spans to, e.g. "
+        "http://otel-collector.monitoring:4318/v1/traces: every Ray pod gets the tracing "
+        "environment (Ray Serve, the router and LLM spans, vLLM's own). null: no tracing.",
+    )
+    trace_sample: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of new traces a graph starts itself; requests through the gateway "
+        "follow the gateway's sampling decision (its traceparent) whatever this is.",
+    )
     network_policy: bool = Field(
         default=True,
         description="A NetworkPolicy per LLMDeployment: only the gateway reaches the graph's "

@@ -12,11 +12,12 @@ context to the next replica. Ray turns it on from its environment in every repli
 - ``OTEL_SERVICE_NAME``: the resource name the graph's spans carry;
 - ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` ``http/protobuf``, for vLLM's exporter.
 
-`tracing_env` builds that environment. On top of Ray's spans, the router adds a ``route`` span
-(requested and routed model, policy) and each LLM deployment a GenAI span around its engine
-call (``chat <model>``: ``gen_ai.*`` attributes, time to first chunk), whose context it hands
-to vLLM, which with ``otlp_traces_endpoint`` (set from the same variable) records its own
-``llm_request`` span (queue, prefill and decode times) in the same trace.
+`tracing_env` (llmops_contract.tracing) builds that environment. On top of Ray's spans, the
+router adds a ``route`` span (requested and routed model, policy) and each LLM deployment a
+GenAI span around its engine call (``chat <model>``: ``gen_ai.*`` attributes, time to first
+chunk), whose context it hands to vLLM, which with ``otlp_traces_endpoint`` (set from the
+same variable) records its own ``llm_request`` span (queue, prefill and decode times) in the
+same trace.
 
 Off (no exporter configured), Ray installs no tracer provider, and these helpers make no span.
 """
@@ -31,9 +32,16 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-EXPORTER_IMPORT_PATH = "llmops_services.tracing:otlp_span_processors"
-ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
-SERVICE_NAME = "llmops-graph"
+from llmops_contract.tracing import ENDPOINT_ENV, tracing_env
+
+__all__ = [
+    "engine_traces_endpoint",
+    "otlp_span_processors",
+    "trace_headers",
+    "tracer",
+    "tracing_env",
+]
+
 
 OPERATION = "gen_ai.operation.name"
 REQUEST_MODEL = "gen_ai.request.model"
@@ -46,23 +54,6 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 def otlp_span_processors() -> list[SpanProcessor]:
     """Ray Serve's tracing exporter hook: a batching OTLP/HTTP exporter to ``ENDPOINT_ENV``."""
     return [BatchSpanProcessor(OTLPSpanExporter())]
-
-
-def tracing_env(endpoint: str, sample: float) -> dict[str, str]:
-    """The environment that turns the graph's tracing on (every Ray process must have it).
-
-    Args:
-        endpoint: OTLP/HTTP traces URL, e.g. ``http://otel-collector:4318/v1/traces``.
-        sample: Share of new traces recorded; requests with a sampled parent always are.
-    """
-    return {
-        "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": EXPORTER_IMPORT_PATH,
-        "RAY_SERVE_TRACING_SAMPLING_RATIO": str(sample),
-        ENDPOINT_ENV: endpoint,
-        # vLLM's exporter speaks gRPC unless told otherwise (vllm/tracing/otel.py).
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-        "OTEL_SERVICE_NAME": SERVICE_NAME,
-    }
 
 
 def tracer() -> trace.Tracer | None:

@@ -337,8 +337,11 @@ def test_every_setting_reaches_the_process_environment() -> None:
     assert expected <= env, sorted(expected - env)
     assert "LLMOPS_GATEWAY_REDIS_URL" in env  # the in-chart Redis
     operator_env = {item["name"] for item in container(objs, "Deployment", "-operator")["env"]}
+    operator_config = load_values()["operator"]["config"]
     assert operator_env == {
-        f"LLMOPS_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields
+        f"LLMOPS_OPERATOR_{name.upper()}"
+        for name in OperatorSettings.model_fields
+        if operator_config[camel(name)] is not None  # null: the setting's default (None)
     }
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
+from llmops_contract.tracing import tracing_env
 from llmops_operator import render
 from llmops_operator.render import Observed, RenderError
 from llmops_operator.settings import OperatorSettings
@@ -378,3 +379,27 @@ def test_network_policy_can_be_left_to_the_platform() -> None:
     defaults = render.RenderDefaults.from_settings(OperatorSettings(network_policy=False))
     kinds = {o["kind"] for o in render.render_target(target, defaults, render.graph_config(target))}
     assert "NetworkPolicy" not in kinds
+
+
+def test_tracing_setting_reaches_every_ray_container() -> None:
+    """With an OTLP endpoint, each Ray container gets the environment the graph's tracing
+    reads (llmops_contract.tracing), so Ray Serve, the router, the LLM deployments and vLLM
+    export spans; without one, none of it."""
+    settings = OperatorSettings(
+        otlp_traces_endpoint="http://otel-collector.monitoring:4318/v1/traces", trace_sample=0.25
+    )
+    traced = render.RenderDefaults.from_settings(settings)
+    target = render.parse_manifest(load("llama-8b-gpu.yaml"))
+    objs = render.render_target(target, traced, render.graph_config(target), None)
+    cluster = next(o for o in objs if o["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    expected = tracing_env("http://otel-collector.monitoring:4318/v1/traces", 0.25)
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in expected} == expected
+    assert_valid(objs)
+
+    plain = render.RenderDefaults.from_settings(OperatorSettings())
+    objs = render.render_target(target, plain, render.graph_config(target), None)
+    text = yaml.safe_dump(next(o for o in objs if o["kind"] == "RayService"))
+    assert "RAY_SERVE_TRACING" not in text
+    assert "OTEL_" not in text
