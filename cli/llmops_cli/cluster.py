@@ -98,7 +98,9 @@ def operator_command() -> None:
 
 
 def fetch_command(
-    sources: Annotated[list[str], typer.Argument(help="Model sources: hf://, embedded://, paths.")],
+    sources: Annotated[
+        list[str], typer.Argument(help="Model sources: hf://, s3://, embedded://, paths.")
+    ],
     cache_dir: Annotated[
         Path, typer.Option("--cache-dir", help="The model cache folder (the cache volume).")
     ],
