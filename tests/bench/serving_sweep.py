@@ -98,7 +98,7 @@ PROFILES = {
         "gateway and the load generator",
         input_len=128,
         output_len=32,
-        rates=(0.25, 0.5, 1.0, 1.5, 2.5),
+        rates=(0.5, 1.0, 2.0, 3.0),
         slo=("ttft:2000", "tpot:250"),
         seconds=20,
     ),
