@@ -41,6 +41,10 @@ audit = structlog.get_logger("llmops.gateway.audit")
 
 MODELS_TTL_S = 10.0
 NOT_READY_RETRY_S = 10.0
+UNAVAILABLE_RETRY_S = 1.0
+"""Retry-After for a backend that refused the connection or answered 503 without one."""
+UPSTREAM_RETRY_PAUSE_S = 0.25
+"""Pause before the one retry of a backend that was unavailable (a replica switch)."""
 
 
 class GenerationRequest(BaseModel):
@@ -695,10 +699,17 @@ class GatewayCore:
     async def post(
         self, admitted: Admitted, path: str, body: dict[str, Any], request_id: str
     ) -> aiohttp.ClientResponse:
-        """Sends a request to the backend; retries once only if it never connected.
+        """Sends a request to the backend, retrying once where nothing can have been answered.
+
+        A backend that refused or dropped the connection before its response head, or that
+        answered 503 (an engine restarting, Serve with no replica or under backpressure), is
+        asked once more after a short pause: no byte reached the client, and the request's
+        one reservation stays (charged once, whatever the attempts). A second failure is the
+        client's 503 with Retry-After, which the ``openai`` SDKs retry by themselves.
 
         Raises:
-            GatewayError: 503 when the backend cannot be reached, 504 on timeout.
+            GatewayError: 503 when the backend cannot be reached or is unavailable, 504 on
+                timeout.
         """
         assert self.session is not None
         url = f"{admitted.backend}{path}"
@@ -711,18 +722,7 @@ class GatewayCore:
         for attempt in (1, 2):
             try:
                 response = await self.session.post(url, json=body, headers=headers)
-            except aiohttp.ClientConnectorError as exc:
-                if attempt == 2:
-                    reason = exc.strerror or exc
-                    raise self._failed(
-                        admitted,
-                        errors.unavailable(
-                            f"backend for {admitted.model!r} is unreachable: {reason}",
-                            retry_after_s=1.0,
-                        ),
-                    ) from None
-                await asyncio.sleep(0.05)
-            except TimeoutError:
+            except TimeoutError:  # before ClientConnectionError: a read timeout is both
                 raise self._failed(
                     admitted,
                     errors.timed_out(
@@ -730,9 +730,34 @@ class GatewayCore:
                         f"{self.settings.request_timeout_s:.0f} s"
                     ),
                 ) from None
-            else:
+            except aiohttp.ClientConnectionError as exc:  # refused, reset, dropped
+                if attempt == 2:
+                    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                    raise self._failed(
+                        admitted,
+                        errors.unavailable(
+                            f"backend for {admitted.model!r} is unreachable: {reason}",
+                            retry_after_s=UNAVAILABLE_RETRY_S,
+                        ),
+                    ) from None
+                await asyncio.sleep(UPSTREAM_RETRY_PAUSE_S)
+                continue
+            if response.status != 503:
                 admitted.status = response.status
                 return response
+            async with response:
+                try:
+                    payload = await response.read()
+                except (aiohttp.ClientError, TimeoutError):
+                    payload = b""
+            if attempt == 2:
+                raise self._failed(
+                    admitted,
+                    errors.upstream_unavailable(
+                        payload, json_object(payload), response.headers.get("Retry-After")
+                    ),
+                )
+            await asyncio.sleep(UPSTREAM_RETRY_PAUSE_S)
         raise AssertionError("unreachable")
 
     async def call(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from llmops_contract import ApiError
@@ -198,3 +199,32 @@ def upstream(status: int, payload: bytes, data: dict[str, Any]) -> GatewayError:
         code=code if isinstance(code, str) else None,
         param=found.get("param") if isinstance(found.get("param"), str) else None,
     )
+
+
+MAX_UPSTREAM_RETRY_AFTER_S = 60.0
+"""The longest Retry-After passed on for a backend's 503: the ``openai`` SDKs stop retrying
+at all past MAX_RETRY_AFTER_DELAY (120 s, openai/_base_client.py ``_should_retry``), and a
+restart is worth another try sooner."""
+
+
+def upstream_unavailable(
+    payload: bytes, data: dict[str, Any], retry_after: str | None
+) -> GatewayError:
+    """A backend's 503 (an engine restarting, Ray Serve with no replica or under
+    backpressure) as the gateway's: its message, with a Retry-After however it answered.
+
+    Args:
+        payload: The backend's body.
+        data: The body as a JSON object ({} if not one).
+        retry_after: The backend's Retry-After header: seconds, or absent (an HTTP date is
+            read as absent).
+    """
+    error = upstream(503, payload, data)
+    try:
+        seconds = float(retry_after) if retry_after is not None else 1.0
+    except ValueError:
+        seconds = 1.0
+    if not math.isfinite(seconds) or seconds <= 0:
+        seconds = 1.0
+    error.retry_after_s = min(seconds, MAX_UPSTREAM_RETRY_AFTER_S)
+    return error

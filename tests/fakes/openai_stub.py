@@ -9,7 +9,10 @@ for tests: ``stub_fail_after`` (an engine error event after that many chunks, as
 one mid-stream), ``stub_json: "spaced"`` (JSON with spaces, as other servers write it),
 ``stub_burst`` (events per write), ``stub_error: {"status": 500, "shape": "plain"}`` (an
 error answer: "plain" text, vLLM's older "flat" JSON, or OpenAI's "openai" shape),
-``stub_echo: true`` (the chat answer is the JSON of the messages received). A chat with
+``stub_echo: true`` (the chat answer is the JSON of the messages received),
+``stub_unavailable: {"key": "k", "times": 2}`` (the first ``times`` requests naming ``key``
+answer as the graph does while an engine restarts: 503, Retry-After, OpenAI's shape; with
+``"drop": true`` they are cut before any byte instead, as a replica that dies does). A chat with
 ``tools`` and a ``tool_choice`` naming a function (or "required") calls it, as vLLM does with
 a tool parser: ``tool_calls`` with arguments ``{"city": "Paris"}``, streamed as a first delta
 with the id and name, then the arguments in pieces; ``logprobs: true`` adds vLLM's logprobs.
@@ -52,6 +55,17 @@ def _failure(status: int, shape: str) -> web.Response:
     return web.json_response({"error": error}, status=status)
 
 
+def _restarting(model: str) -> web.Response:
+    """What the graph's router answers while a model's engine restarts."""
+    error = {
+        "message": f"model {model!r} is restarting; retry shortly",
+        "type": "server_error",
+        "param": None,
+        "code": "engine_unavailable",
+    }
+    return web.json_response({"error": error}, status=503, headers={"Retry-After": "1"})
+
+
 TOOL_ARGUMENTS = '{"city": "Paris"}'
 
 
@@ -87,6 +101,7 @@ def make_app(
     output limit may generate up to it, less the prompt (vLLM's default).
     """
     state: dict[str, Any] = {"requests": 0, "cancelled": 0}
+    unavailable: dict[str, int] = {}
 
     async def list_models(_: web.Request) -> web.Response:
         extra = {"max_model_len": max_model_len} if max_model_len else {}
@@ -96,7 +111,7 @@ def make_app(
         return web.json_response({"object": "list", "data": data})
 
     async def stats(_: web.Request) -> web.Response:
-        return web.json_response(state)
+        return web.json_response({**state, "unavailable": unavailable})
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -121,6 +136,16 @@ def make_app(
         failure = body.get("stub_error")
         if failure:
             return _failure(int(failure["status"]), str(failure["shape"]))
+        outage = body.get("stub_unavailable")
+        if outage:
+            key = str(outage["key"])
+            unavailable[key] = unavailable.get(key, 0) + 1
+            if unavailable[key] <= int(outage["times"]):
+                if outage.get("drop"):
+                    assert request.transport is not None
+                    request.transport.close()
+                    raise asyncio.CancelledError
+                return _restarting(str(model))
         chat = request.path.endswith("/chat/completions")
         prompt = _prompt_tokens(body)
         # vLLM's chat takes max_completion_tokens first (protocol.py, to_sampling_params).
