@@ -634,12 +634,15 @@ def run_chat(args: argparse.Namespace, profile: Profile, rates: list[float]) -> 
             targets = [t for t in targets if t.url]
             tokenizer = args.tokenizer or model
         else:
-            direct, servers["direct"] = stack.enter_context(direct_server(args.logs))
+            model = direct_command(0)[2]
+            targets = []
+            if args.case == "chat":  # model-auto compares the graph with itself
+                direct, servers["direct"] = stack.enter_context(direct_server(args.logs))
+                targets.append(direct)
             urls, servers["llmops_up"] = stack.enter_context(llmops_up(args.logs, "llmops-up"))
-            targets = [
-                direct,
-                Target("graph", urls["graph"], direct.model),
-                Target("gateway", urls["gateway"], direct.model, urls.get("key")),
+            targets += [
+                Target("graph", urls["graph"], model),
+                Target("gateway", urls["gateway"], model, urls.get("key")),
             ]
             tokenizer = tokenizer_folder()
         if args.case == "model-auto":
