@@ -8,6 +8,10 @@ well-known misspellings get a hint.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import json
+from importlib import resources
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,6 +22,9 @@ from llmops_contract.sources import ModelSourceError, parse_source
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 DEFAULT_LLM_NAME = "smollm2-135m-instruct"
 DEFAULT_ENCODER_NAME = "all-minilm-l6-v2"
+# vLLM's engine arguments, generated from the pinned vLLM by
+# `python -m llmops_services.engine_args`.
+VLLM_ENGINE_ARGS_FILE = "vllm_engine_args.json"
 
 # Keys users carry over from vLLM, Ray Serve LLM or KServe, and the key meant here.
 _RENAMED = {
@@ -86,6 +93,102 @@ class SpeculativeConfig(StrictModel):
         return out
 
 
+# vLLM arguments an `EngineConfig` field sets, and the field.
+_TYPED_VLLM_ARGS = {
+    "dtype": "dtype",
+    "max_model_len": "max_model_len",
+    "tensor_parallel_size": "tensor_parallel_size",
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "max_num_seqs": "max_concurrent_sequences",
+    "enable_prefix_caching": "enable_prefix_caching",
+    "enable_chunked_prefill": "enable_chunked_prefill",
+    "quantization": "quantization",
+    "speculative_config": "speculative",
+    "enforce_eager": "enforce_eager",
+}
+# vLLM arguments the platform sets, and who sets them.
+_PLATFORM_VLLM_ARGS = {
+    "model": "the model's source sets it",
+    "served_model_name": "the model's name sets it",
+    # Ray Serve LLM refuses both in engine_kwargs (vllm_models.py, get_initialization_kwargs).
+    "distributed_executor_backend": "Ray Serve LLM sets it",
+    "otlp_traces_endpoint": "the graph's tracing settings set it",
+}
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "null": (type(None),),
+    "boolean": (bool,),
+    "integer": (int,),
+    "number": (int, float),
+    "string": (str,),
+    "array": (list,),
+    "object": (dict,),
+}
+
+
+@functools.cache
+def vllm_engine_args() -> dict[str, Any]:
+    """vLLM's engine and frontend arguments, as ``llmops_services.engine_args`` described them.
+
+    Returns:
+        The committed description: ``vllm_version`` and ``args`` (name to ``group``,
+        ``types``, optional ``choices``, ``items`` and ``default``).
+    """
+    text = resources.files("llmops_contract").joinpath(VLLM_ENGINE_ARGS_FILE).read_text()
+    description: dict[str, Any] = json.loads(text)
+    return description
+
+
+def _is_json_type(value: Any, kind: str) -> bool:
+    if kind == "any":
+        return True
+    if isinstance(value, bool) and kind in {"integer", "number"}:
+        return False
+    return isinstance(value, _JSON_TYPES[kind])
+
+
+def check_vllm_arg(name: Any, value: Any) -> str | None:
+    """Why vLLM would not take ``name=value`` as an engine keyword argument, or None.
+
+    Args:
+        name: The argument's name, as in ``engine.extra_args``.
+        value: Its value, as YAML or JSON gives it.
+
+    Returns:
+        A message naming the argument (and the nearest known name when it is unknown), or
+        None when the pinned vLLM takes it.
+    """
+    description = vllm_engine_args()
+    known: dict[str, Any] = description["args"]
+    if not isinstance(name, str):
+        return f"vLLM argument names are strings, not {name!r}"
+    if name in _TYPED_VLLM_ARGS:
+        return f"vLLM argument {name!r} is set by engine.{_TYPED_VLLM_ARGS[name]}, not extra_args"
+    if name in _PLATFORM_VLLM_ARGS:
+        return f"vLLM argument {name!r} cannot be set: {_PLATFORM_VLLM_ARGS[name]}"
+    arg = known.get(name)
+    if arg is None:
+        python_name = name.lstrip("-").replace("-", "_")
+        if python_name in known:
+            return f"unknown vLLM argument {name!r}: write its Python name {python_name!r}"
+        hint = difflib.get_close_matches(python_name, list(known), n=1)
+        suggestion = f": did you mean {hint[0]!r}?" if hint else ""
+        return f"unknown vLLM argument {name!r} (vLLM {description['vllm_version']}){suggestion}"
+    kinds: list[str] = arg["types"]
+    if not any(_is_json_type(value, kind) for kind in kinds):
+        wanted = " or ".join(kinds)
+        return f"vLLM argument {name!r} takes {wanted}, not {type(value).__name__} {value!r}"
+    choices = arg.get("choices")
+    if choices is not None and value is not None and value not in choices:
+        listed = ", ".join(map(str, choices))
+        return f"vLLM argument {name!r} takes one of {listed}, not {value!r}"
+    item = arg.get("items")
+    if item is not None and isinstance(value, list):
+        wrong = [element for element in value if not _is_json_type(element, item)]
+        if wrong:
+            return f"vLLM argument {name!r} takes a list of {item}, not {wrong[0]!r} in it"
+    return None
+
+
 class EngineConfig(StrictModel):
     """vLLM engine arguments the platform exposes, with defaults fit for the embedded model."""
 
@@ -135,6 +238,45 @@ class EngineConfig(StrictModel):
         le=1024,
         description="CPU backend only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).",
     )
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other vLLM argument, by vLLM's Python name (max_num_batched_tokens, "
+        "kv_cache_dtype, pipeline_parallel_size, scheduling_policy, ...), including the "
+        "OpenAI serving layer's: tool_call_parser with enable_auto_tool_choice, "
+        "reasoning_parser, chat_template. Checked against the pinned vLLM's EngineArgs and "
+        "FrontendArgs (name, type, choices): an unknown or mistyped one is refused, naming "
+        "the nearest known name. Arguments the fields above set, and model, "
+        "served_model_name, distributed_executor_backend and otlp_traces_endpoint, which "
+        "the platform sets, are refused here.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hint_extra_args(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = vllm_engine_args()["args"]
+            for key in data:
+                if key not in cls.model_fields and key not in _RENAMED and key in known:
+                    raise ValueError(
+                        f"unknown key {key!r}: other vLLM arguments go in engine.extra_args"
+                    )
+        return data
+
+    @field_validator("extra_args")
+    @classmethod
+    def _known_vllm_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problems = [
+            problem
+            for name, arg in value.items()
+            if (problem := check_vllm_arg(name, arg)) is not None
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        if value.get("enable_auto_tool_choice") and not value.get("tool_call_parser"):
+            # As `vllm serve` refuses it (vllm/entrypoints/launchers/cli_args.py,
+            # validate_parsed_serve_args); Ray Serve LLM never runs that check.
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser")
+        return value
 
     def to_vllm(self) -> dict[str, Any]:
         """Engine keyword arguments in vLLM's own names."""
@@ -153,6 +295,7 @@ class EngineConfig(StrictModel):
             kwargs["quantization"] = self.quantization
         if self.speculative is not None:
             kwargs["speculative_config"] = self.speculative.to_vllm()
+        kwargs.update(self.extra_args)
         return kwargs
 
 

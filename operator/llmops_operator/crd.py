@@ -2,7 +2,8 @@
 
 Pydantic writes JSON Schema; the Kubernetes API wants a structural OpenAPI v3 schema: no
 ``$ref``, no ``anyOf`` with null (``nullable`` instead), no ``additionalProperties`` beside
-``properties``, boolean ``exclusiveMinimum``. `crd_manifest` does that translation, and adds
+``properties`` (a free-form object preserves unknown fields instead), boolean
+``exclusiveMinimum``. `crd_manifest` does that translation, and adds
 printer columns, the status and scale subresources and the short name.
 """
 
@@ -124,6 +125,11 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if "properties" in out:
         out["type"] = "object"
         out.pop("additionalProperties", None)
+    elif out.get("additionalProperties") is True:
+        # A free-form object (dict[str, Any]): structural schemas keep its keys this way,
+        # where the API server would otherwise prune them.
+        del out["additionalProperties"]
+        out["x-kubernetes-preserve-unknown-fields"] = True
     if "enum" in out and "type" not in out:
         out["type"] = "string"
     return out

@@ -84,7 +84,8 @@ class ModelSpec(CRDModel):
     )
     engine: EngineConfig = Field(
         default_factory=EngineConfig,
-        description="vLLM engine arguments (vLLM's names).",
+        description="vLLM engine arguments (vLLM's names); extra_args passes any other "
+        "vLLM argument through, checked against the pinned vLLM before anything is applied.",
     )
     resources: ModelResources = Field(
         default_factory=ModelResources, description="Per-replica resources."
