@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -194,7 +194,7 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
                 batch_output_stream=batch_output_stream,
                 raw_request_info=raw_request_info,
             )
-            return stream
+            return engine_guarded(stream, self._engine_dead, self._restarting)
         from ray.llm._internal.serve.core.protocol import RawRequestInfo
 
         operation = {"chat": "chat", "completions": "text_completion"}.get(
@@ -220,7 +220,21 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             span.end()
             raise
-        return _traced(stream, span)
+        return _traced(engine_guarded(stream, self._engine_dead, self._restarting), span)
+
+    def _restarting(self) -> Any:
+        return _restarting(self.spec.name)
+
+    async def _engine_dead(self) -> bool:
+        """Whether the vLLM engine died (its EngineCore process is gone): its health check
+        raises then, and Serve replaces this replica at its next check."""
+        if self.engine is None:
+            return False
+        try:
+            await self.engine.check_health()
+        except Exception:
+            return True
+        return False
 
     def _batch_output_stream(self, generator: AsyncIterator[T]) -> AsyncIterator[list[T]]:
         """Batches a streamed response without holding its first chunk (`batch_stream`).
@@ -229,6 +243,62 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         reads it, so the setting has one path whichever batcher runs.
         """
         return batch_stream(generator, self._get_batch_interval_ms() / 1000)
+
+
+def _is_error(item: Any) -> bool:
+    """Whether a stream's item is an error: Serve LLM's ErrorResponse, or vLLM's error event
+    (``data: {"error": ...}``), alone or at the head of a batch."""
+    head = item[0] if isinstance(item, list) and item else item
+    if isinstance(head, str):
+        return head.startswith('data: {"error"')
+    return getattr(head, "error", None) is not None
+
+
+def _restarting(model: str) -> Any:
+    """Serve LLM's ErrorResponse for a dead engine: 503, which the router answers with
+    Retry-After (vLLM's own answer is a 500 "EngineCore encountered an issue")."""
+    from ray.serve.llm.openai_api_models import ErrorResponse
+
+    message = f"model {model!r} is restarting: its engine stopped; retry shortly"
+    return ErrorResponse.model_validate(
+        {"error": {"message": message, "type": "ServiceUnavailableError", "code": 503}}
+    )
+
+
+async def engine_guarded(
+    stream: AsyncIterator[T],
+    engine_dead: Callable[[], Awaitable[bool]],
+    unavailable: Callable[[], Any],
+) -> AsyncIterator[Any]:
+    """Relays ``stream``; when it fails before its first item because the engine is dead,
+    yields ``unavailable()`` (a 503 error) instead of vLLM's 500, so the request is retried,
+    not reported as a bug.
+
+    vLLM fails such a request with EngineDeadError (a whole answer) or a first error event
+    (a stream, serving_chat.py); nothing reached the client yet either way. Once an item went
+    out, a failure passes unchanged: the stream ends with vLLM's error event.
+    """
+    try:
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            return
+        except Exception:
+            if not await engine_dead():
+                raise
+            yield unavailable()
+            return
+        if _is_error(first) and await engine_dead():
+            yield unavailable()
+            return
+        yield first
+        async for item in stream:
+            yield item
+    finally:
+        # Closed now, not when collected: a client that left must stop the generation.
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def _traced(stream: AsyncIterator[T], span: Span) -> AsyncIterator[T]:

@@ -25,6 +25,12 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 
 from llmops_contract import (
@@ -41,6 +47,19 @@ from llmops_services.routing import RouteDecision, prompt_text, route_by_similar
 from llmops_services.tracing import OPERATION, REQUEST_MODEL, tracer
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+RESTART_RETRY_AFTER_S = 5
+"""Retry-After of a 503 while a model's engine or replica is down: Serve notices a dead
+engine at its next health check and starts a new replica, which takes tens of seconds."""
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    RayActorError,  # the replica's process died or is unreachable (ActorDiedError, ...)
+    ReplicaUnavailableError,
+    DeploymentUnavailableError,
+    BackPressureError,
+)
+"""What a deployment handle raises while a model has no replica that can take a request."""
+ENGINE_DEAD = "EngineDeadError"
+"""vLLM's error for an engine whose process died (vllm/v1/engine/exceptions.py), matched by
+name: importing vLLM here costs the router seconds of start-up (see `Router.__init__`)."""
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -69,11 +88,38 @@ def _request_id(request: Request) -> str:
 
 
 def _error_response(error: ServingError, request_id: str) -> JSONResponse:
-    return JSONResponse(
-        error.body(request_id),
-        status_code=error.status,
-        headers={REQUEST_ID_HEADER: request_id},
+    headers = {REQUEST_ID_HEADER: request_id}
+    if error.status == 503:
+        headers["Retry-After"] = str(RESTART_RETRY_AFTER_S)
+    return JSONResponse(error.body(request_id), status_code=error.status, headers=headers)
+
+
+def engine_unavailable(model: str) -> ServingError:
+    """The 503 for a model whose engine is dead or restarting, or that has no replica now:
+    OpenAI's shape for a server error, which clients and the ``openai`` SDK retry."""
+    return ServingError(
+        f"model {model!r} is restarting or has no replica ready; retry shortly",
+        status=503,
+        type="server_error",
+        code="engine_unavailable",
     )
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """Whether a handle call failed because the model cannot serve now (engine dead, replica
+    gone or overloaded) rather than because of the request.
+
+    An exception raised in the replica arrives as Ray's ``RayTaskError``, made an instance of
+    its cause's class too (``as_instanceof_cause``); its ``cause`` is checked as well.
+    """
+    for error in (exc, getattr(exc, "cause", None), exc.__cause__):
+        if error is None:
+            continue
+        if isinstance(error, UNAVAILABLE_ERRORS):
+            return True
+        if any(cls.__name__ == ENGINE_DEAD for cls in type(error).__mro__):
+            return True
+    return False
 
 
 async def _parse(request: Request, model_cls: type[M]) -> M:
@@ -134,7 +180,11 @@ def _as_error(item: Any) -> ServingError | None:
     status = int(getattr(error, "code", 500) or 500)
     kind = "invalid_request_error" if status < 500 else "server_error"
     return ServingError(
-        error.message, status=status, type=kind, param=getattr(error, "param", None)
+        error.message,
+        status=status,
+        type=kind,
+        param=getattr(error, "param", None),
+        code="engine_unavailable" if status == 503 else None,
     )
 
 
@@ -319,6 +369,12 @@ class Router:
                 ServingError("the model did not answer in time", status=504, type="timeout"),
                 request_id,
             )
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            return _error_response(engine_unavailable(body.model), request_id)
         headers = {REQUEST_ID_HEADER: request_id, ROUTED_MODEL_HEADER: decision.model}
         head = first[0] if isinstance(first, list) and first else first
         upstream_error = _as_error(head)
