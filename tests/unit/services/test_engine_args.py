@@ -102,3 +102,18 @@ def test_ray_serve_llm_itself_refuses_the_misspelling_the_contract_refuses() -> 
     config.engine_kwargs["max_num_batch_tokens"] = 4096
     with pytest.raises(ValueError, match="max_num_batch_tokens"):
         config.get_engine_config()
+
+
+def test_passed_through_options_land_in_the_config_vllm_builds_its_engine_from() -> None:
+    """Ray Serve LLM's own path to the engine (vllm_engine.py, ``_get_vllm_engine_config``):
+    AsyncEngineArgs.create_engine_config on the embedded model, no engine started."""
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import _get_vllm_engine_config
+
+    from llmops_services.sources import resolve_source
+
+    spec = _spec({"max_num_batched_tokens": 4096, "scheduling_policy": "priority"})
+    folder = resolve_source(spec.source, None)
+    _, config = _get_vllm_engine_config(llm_config_for(spec, str(folder)))
+    assert config.scheduler_config.max_num_batched_tokens == 4096
+    assert config.scheduler_config.policy == "priority"
+    assert config.model_config.max_model_len == 2048
