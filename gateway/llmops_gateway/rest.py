@@ -67,7 +67,8 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         "address's (code client_rate_limit_exceeded: too many requests or refused keys); or "
         "the daily budget is spent (type insufficient_quota, x-should-retry: false).",
         502: "The backend failed.",
-        503: "Draining, rate limiter down (fail closed), or backend unreachable.",
+        503: "Draining, rate limiter down (fail closed), backend unreachable, or the model's "
+        "engine restarting (see Retry-After; retried once by the gateway before answering).",
         504: "The backend did not answer in time.",
     }
     return {code: {"model": ErrorBody, "description": described[code]} for code in statuses}
