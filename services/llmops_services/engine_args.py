@@ -22,6 +22,9 @@ import builtins
 import dataclasses
 import enum
 import json
+import os
+import subprocess
+import sys
 import types
 import typing
 from pathlib import Path
@@ -166,13 +169,34 @@ def describe() -> dict[str, Any]:
 
 
 def render() -> str:
-    """The description as the committed file's text."""
+    """The description as the committed file's text, from the vLLM imported here."""
     return json.dumps(describe(), indent=1, sort_keys=False) + "\n"
 
 
+def generate() -> str:
+    """The description from a fresh interpreter without ``VLLM_*`` variables.
+
+    Some defaults are read from the environment when vLLM is imported (``log_error_stack``
+    from ``VLLM_SERVER_DEV_MODE``): the committed file holds vLLM's own.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "llmops_services.engine_args", "--stdout"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    return done.stdout
+
+
 def main() -> None:
-    """Writes the description into the contract package."""
-    DESCRIPTION_FILE.write_text(render())
+    """Writes the description into the contract package (``--stdout``: prints it)."""
+    if sys.argv[1:] == ["--stdout"]:
+        sys.stdout.write(render())
+        return
+    DESCRIPTION_FILE.write_text(generate())
     print(f"wrote {DESCRIPTION_FILE}")
 
 

@@ -48,7 +48,7 @@ def _spec(extra_args: dict[str, Any]) -> LLMSpec:
 
 def test_the_committed_description_matches_the_installed_vllm() -> None:
     committed = engine_args.DESCRIPTION_FILE.read_text()
-    assert committed == engine_args.render(), (
+    assert committed == engine_args.generate(), (
         "vllm_engine_args.json is stale: run `python -m llmops_services.engine_args`"
     )
     assert vllm_engine_args()["vllm_version"] == vllm.__version__
