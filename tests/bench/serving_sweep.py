@@ -822,8 +822,8 @@ def main() -> None:
     parser.add_argument("--by-rate", action="store_true", help="with --table: a row per rate")
     args = parser.parse_args(argv)
     if args.table:
-        result = json.loads(args.table.read_text())
-        print(rate_table(result) if args.by_rate else table(result))
+        sweep_json = json.loads(args.table.read_text())
+        print(rate_table(sweep_json) if args.by_rate else table(sweep_json))
         return
     # SIGTERM stops the sweep like Ctrl-C: the servers it started are stopped on the way out
     # (a background job started from a script ignores SIGINT).
