@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import structlog
@@ -91,6 +91,11 @@ class GenerationRequest(BaseModel):
         """How many outputs the request can generate: ``n`` for each prompt."""
         return self.n or 1
 
+    limit_field: ClassVar[str] = "max_tokens"
+    """The field that carries the output limit upstream (one normalised value)."""
+    usage_in_stream_options: ClassVar[bool] = True
+    """Whether a stream's usage is asked for with ``stream_options.include_usage``."""
+
 
 class ChatRequest(GenerationRequest):
     """OpenAI chat completion request (fields the gateway reads; others pass through)."""
@@ -116,6 +121,34 @@ class CompletionRequest(GenerationRequest):
         prompts = self.prompt
         many = isinstance(prompts, list) and prompts and not isinstance(prompts[0], int)
         return (self.n or 1) * (len(prompts) if many else 1)
+
+
+class ResponsesRequest(GenerationRequest):
+    """OpenAI Responses API request (fields the gateway reads; others pass through).
+
+    The output limit is ``max_output_tokens``; one output per request. A stream's usage
+    arrives in its ``response.completed`` event without being asked for.
+    """
+
+    input: str | list[Any] = Field(description="The input: text, or a list of input items.")
+    instructions: str | None = Field(default=None, description="System instructions.")
+    max_output_tokens: int | None = Field(
+        default=None, ge=1, description="Output token limit (reasoning included)."
+    )
+    limit_field: ClassVar[str] = "max_output_tokens"
+    usage_in_stream_options: ClassVar[bool] = False
+
+    def output_limit(self) -> int | None:
+        """``max_output_tokens``."""
+        return self.max_output_tokens
+
+    def prompt_text(self) -> Any:
+        """The instructions and the input."""
+        return [self.instructions or "", self.input]
+
+    def generations(self) -> int:
+        """One output: the Responses API has no ``n``."""
+        return 1
 
 
 class EmbeddingRequest(BaseModel):
@@ -475,7 +508,7 @@ class GatewayCore:
         limit = body.output_limit()
         if limit is not None:
             data.pop("max_completion_tokens", None)
-            data["max_tokens"] = limit
+            data[body.limit_field] = limit
         admitted = await self.admit(
             caller,
             body.model,
@@ -486,7 +519,7 @@ class GatewayCore:
             trace=trace,
         )
         if limit is None and not self.knows_context(admitted.model):
-            data["max_tokens"] = self.settings.default_max_tokens
+            data[body.limit_field] = self.settings.default_max_tokens
         return admitted
 
     async def admit(
@@ -780,7 +813,7 @@ class GatewayCore:
         admitted.first_token = time.monotonic()
         data = json_object(payload)
         # Failed requests generated nothing; a success without usage is charged the estimate.
-        usage = (data.get("usage") or {}) if status == 200 else {}
+        usage = _openai_usage(data.get("usage")) if status == 200 else {}
         details = usage.get("prompt_tokens_details")
         if isinstance(details, dict):
             admitted.cached_tokens = int(details.get("cached_tokens") or 0)
@@ -792,11 +825,34 @@ class GatewayCore:
 
 USAGE_KEY = b'"usage"'
 ERROR_EVENT = b'data: {"error"'
+RESPONSE_FAILED = b"event: response.failed"
 SPACED = b', "'
 """A separator only spaced JSON has (``json.dumps`` defaults): inside a JSON string a quote is
 escaped, so these bytes cannot come from generated text."""
-COMPACT_MARKS = ((b'"content":"', b'"text":"'), (b'"content":""', b'"text":""'))
-SPACED_MARKS = ((b'"content": "', b'"text": "'), (b'"content": ""', b'"text": ""'))
+COMPACT_MARKS = (
+    (b'"content":"', b'"text":"', b'"type":"response.output_text.delta"'),
+    (b'"content":""', b'"text":""'),
+)
+SPACED_MARKS = (
+    (b'"content": "', b'"text": "', b'"type": "response.output_text.delta"'),
+    (b'"content": ""', b'"text": ""'),
+)
+"""Marks of a chunk with generated text: chat and completion chunks, and the Responses API's
+text deltas (its closing events repeat the whole text once more: a stream cut before its usage
+is charged a few chunks extra, never fewer)."""
+
+
+def _openai_usage(usage: Any) -> dict[str, Any]:
+    """A usage object with the chat names: the Responses API's input/output names mapped."""
+    if not isinstance(usage, dict):
+        return {}
+    if "input_tokens" in usage and "prompt_tokens" not in usage:
+        return {
+            "prompt_tokens": usage.get("input_tokens", 0),
+            "completion_tokens": usage.get("output_tokens", 0),
+            "prompt_tokens_details": usage.get("input_tokens_details"),
+        }
+    return usage
 
 
 def content_chunks(events: bytes, spaced: bool = False) -> int:
@@ -829,6 +885,11 @@ def _usage_chunk(event: bytes) -> dict[str, Any] | None:
         return None
     if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
         return chunk
+    if isinstance(chunk, dict) and isinstance(chunk.get("response"), dict):
+        # The Responses API: usage comes in response.completed (or .incomplete, .failed).
+        usage = chunk["response"].get("usage")
+        if isinstance(usage, dict):
+            return {"usage": usage}
     return None
 
 
@@ -860,10 +921,11 @@ async def relay_sse(
             if not end:
                 continue
             events, buffer = buffer[:end], buffer[end:]
-            if spaced is None:
-                # The first event shows the backend's style (a later error event may differ:
-                # vLLM writes its chunks compact, its error events with json.dumps).
-                spaced = SPACED in events[: events.find(b"\n")]
+            if spaced is None and (start := events.find(b"data:")) >= 0:
+                # The first data line shows the backend's style (a later error event may
+                # differ: vLLM writes its chunks compact, its error events with json.dumps;
+                # Responses API events open with an `event:` line).
+                spaced = SPACED in events[start : events.find(b"\n", start)]
             if USAGE_KEY in events:
                 kept, dropped = [], False
                 for event in events.splitlines(keepends=True):
@@ -872,7 +934,7 @@ async def relay_sse(
                         continue
                     chunk = _usage_chunk(event)
                     if chunk is not None:
-                        usage = chunk["usage"]
+                        usage = _openai_usage(chunk["usage"])
                         prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
                         completion_tokens = int(usage.get("completion_tokens", counted))
                         details = usage.get("prompt_tokens_details")
@@ -884,14 +946,14 @@ async def relay_sse(
                             continue
                     kept.append(event)
                 events = b"".join(kept)
-            contents = content_chunks(events, spaced)
+            contents = content_chunks(events, bool(spaced))
             if contents and not counted:
                 admitted.first_token = time.monotonic()
                 core.metrics.ttft.labels(model=admitted.model).observe(
                     admitted.first_token - admitted.started
                 )
             counted += contents
-            if ERROR_EVENT in events:  # the engine failed mid-stream (vLLM's error event)
+            if ERROR_EVENT in events or RESPONSE_FAILED in events:  # the engine failed mid-stream
                 admitted.outcome = "error"
             if events.strip():
                 yield events

@@ -26,6 +26,7 @@ from llmops_gateway.core import (
     CompletionRequest,
     EmbeddingRequest,
     GatewayCore,
+    ResponsesRequest,
     estimate_tokens,
     json_object,
     model_object,
@@ -39,6 +40,7 @@ logger = logging.getLogger("llmops.gateway")
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 EMBEDDINGS_PATH = "/v1/embeddings"
+RESPONSES_PATH = "/v1/responses"
 
 
 class ErrorDetail(BaseModel):
@@ -269,6 +271,9 @@ def create_app(core: GatewayCore) -> GatewayApp:
             if trace is None:
                 _pass_trace(request, admitted)
             model = admitted.model
+            if body.streaming and not body.usage_in_stream_options:
+                # The Responses API streams its usage in response.completed, always.
+                return await _stream(core, admitted, path, data, request_id, True, endpoint)
             if body.streaming:
                 wants_usage = bool((data.get("stream_options") or {}).get("include_usage"))
                 data["stream_options"] = {
@@ -313,6 +318,16 @@ def create_app(core: GatewayCore) -> GatewayApp:
         return await generate(
             request, "completions", COMPLETIONS_PATH, CompletionRequest, "text_completion"
         )
+
+    @app.post(
+        RESPONSES_PATH,
+        openapi_extra=_body_schema(ResponsesRequest),
+        responses=STREAMING_RESPONSES,
+    )
+    async def responses(request: Request) -> Response:
+        """OpenAI Responses API, streaming (SSE) or not, relayed to backends that serve it
+        (vLLM's OpenAI server does); the reservation is bounded by ``max_output_tokens``."""
+        return await generate(request, "responses", RESPONSES_PATH, ResponsesRequest, "chat")
 
     @app.post(
         EMBEDDINGS_PATH, openapi_extra=_body_schema(EmbeddingRequest), responses=GENERATION_ERRORS
@@ -430,7 +445,12 @@ def create_app(core: GatewayCore) -> GatewayApp:
 
     return GatewayApp(
         app,
-        {CHAT_PATH: chat_completions, COMPLETIONS_PATH: completions, EMBEDDINGS_PATH: embeddings},
+        {
+            CHAT_PATH: chat_completions,
+            COMPLETIONS_PATH: completions,
+            RESPONSES_PATH: responses,
+            EMBEDDINGS_PATH: embeddings,
+        },
     )
 
 

@@ -280,6 +280,78 @@ def make_app(
             raise
         return response
 
+    async def responses(request: web.Request) -> web.StreamResponse:
+        """The Responses API as vLLM serves it (serving_responses.py): "tok" tokens up to
+        ``max_output_tokens`` (12 unless ignore_eos), usage as input/output tokens; streamed
+        as response.created, the item and part openings, one response.output_text.delta per
+        token, the closing events and response.completed carrying the usage."""
+        body = await request.json()
+        state["requests"] += 1
+        model = body.get("model")
+        if model not in models:
+            error = {"message": f"no model {model}", "type": "NotFoundError", "code": 404}
+            return web.json_response({"error": error}, status=404)
+        prompt = max(1, len(json.dumps([body.get("instructions"), body.get("input")])) // 4)
+        limit = int(body.get("max_output_tokens") or 16)
+        n_tokens = limit if body.get("ignore_eos") else min(limit, NATURAL_LENGTH)
+        text = " ".join(["tok"] * n_tokens)
+        usage = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": n_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + n_tokens,
+        }
+        part = {"type": "output_text", "text": text, "annotations": []}
+        message = {
+            "type": "message",
+            "id": "msg_stub",
+            "role": "assistant",
+            "status": "completed",
+            "content": [part],
+        }
+        done = {
+            "id": "resp_stub",
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": model,
+            "status": "completed" if n_tokens == NATURAL_LENGTH else "incomplete",
+            "output": [message],
+            "max_output_tokens": limit,
+            "usage": usage,
+        }
+        if not body.get("stream"):
+            return web.json_response(done)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        sequence = 0
+
+        async def send(kind: str, fields: dict[str, Any]) -> None:
+            nonlocal sequence
+            event = {"type": kind, **fields, "sequence_number": sequence}
+            sequence += 1
+            await response.write(f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode())
+
+        started = {**done, "status": "in_progress", "output": [], "usage": None}
+        try:
+            await send("response.created", {"response": started})
+            opened = {**message, "status": "in_progress", "content": []}
+            await send("response.output_item.added", {"output_index": 0, "item": opened})
+            where = {"item_id": "msg_stub", "output_index": 0, "content_index": 0}
+            await send("response.content_part.added", {**where, "part": {**part, "text": ""}})
+            for _ in range(n_tokens):
+                if token_delay:
+                    await asyncio.sleep(token_delay)
+                await send("response.output_text.delta", {**where, "delta": "tok ", "logprobs": []})
+            await send("response.output_text.done", {**where, "text": text, "logprobs": []})
+            await send("response.content_part.done", {**where, "part": part})
+            await send("response.output_item.done", {"output_index": 0, "item": message})
+            await send("response.completed", {"response": done})
+        except (ConnectionResetError, asyncio.CancelledError):
+            state["cancelled"] += 1
+            raise
+        return response
+
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()
         state["requests"] += 1
@@ -304,6 +376,7 @@ def make_app(
     app.router.add_get("/stats", stats)
     app.router.add_post("/v1/chat/completions", generate)
     app.router.add_post("/v1/completions", generate)
+    app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     return app
 

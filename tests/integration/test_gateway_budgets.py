@@ -134,3 +134,55 @@ def test_without_a_limit_the_model_context_bounds_the_output(
     with pytest.raises(openai.BadRequestError, match="context length"):
         client.completions.create(model="stub-chat", prompt="x")
     assert client.completions.create(model="stub-chat", prompt="x", max_tokens=5).usage
+
+
+def test_responses_api_is_reserved_by_max_output_tokens_and_charged(
+    gw: Gateway, keys: FileKeyStore
+) -> None:
+    """/v1/responses (the openai SDK's newer API, which vLLM serves: serving_responses.py) is
+    relayed with the same admission: max_output_tokens is reserved and forwarded, usage
+    (input/output tokens) is charged, streamed or not."""
+    name, key = _tenant(keys, tokens_per_minute=100)
+    client = _client(gw, key)
+    with pytest.raises(openai.BadRequestError, match="lower max_tokens"):
+        client.responses.create(model="stub-chat", input="x", max_output_tokens=500)
+
+    reply = client.responses.create(
+        model="stub-chat", input="x", max_output_tokens=5, extra_body={"ignore_eos": True}
+    )
+    assert reply.output_text == "tok tok tok tok tok"
+    assert reply.usage is not None
+    assert reply.usage.output_tokens == 5
+    assert wait_settled(gw.metrics_url, name, 5) == 5
+
+    with client.responses.stream(
+        model="stub-chat", input="x", max_output_tokens=7, extra_body={"ignore_eos": True}
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == "tok " * 7
+    assert final.usage is not None
+    assert final.usage.output_tokens == 7
+    assert wait_settled(gw.metrics_url, name, 12) == 12
+
+
+def test_a_responses_stream_cut_short_is_charged_what_it_relayed(
+    gw: Gateway, keys: FileKeyStore
+) -> None:
+    """A client that leaves a Responses stream before response.completed (where its usage is)
+    is charged the text deltas relayed, not nothing."""
+    name, key = _tenant(keys, tokens_per_minute=1000)
+    seen = 0
+    with _client(gw, key).responses.create(
+        model="stub-chat",
+        input="x",
+        max_output_tokens=400,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    ) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                seen += 1
+                if seen == 3:
+                    break
+    assert wait_settled(gw.metrics_url, name, 3) >= 3
