@@ -719,7 +719,8 @@ def run_gateway_stub(args: argparse.Namespace, passthrough: list[str]) -> int:
     result["uptime_after"] = result["uptime_after"].strip()
     result["results"] = json.loads(done.stdout)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.case}.json").write_text(json.dumps(result, indent=1) + "\n")
+    name = f"{args.case}{'-' + args.tag if args.tag else ''}.json"
+    (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
     print(done.stdout)
     return 0
 
