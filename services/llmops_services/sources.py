@@ -318,6 +318,11 @@ def _allowed(relative: str) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in HF_ALLOW_PATTERNS)
 
 
+def _s3_endpoint() -> str | None:
+    """The S3-compatible endpoint the environment names (``S3_ENDPOINT_ENVS``), or None (AWS)."""
+    return next((os.environ[e] for e in S3_ENDPOINT_ENVS if os.environ.get(e)), None)
+
+
 def s3_filesystem() -> pyarrow.fs.S3FileSystem:
     """pyarrow's S3 filesystem (the AWS C++ SDK) configured as the AWS SDKs read the env.
 
@@ -328,7 +333,7 @@ def s3_filesystem() -> pyarrow.fs.S3FileSystem:
     """
     from pyarrow import fs
 
-    endpoint = next((os.environ[e] for e in S3_ENDPOINT_ENVS if os.environ.get(e)), None)
+    endpoint = _s3_endpoint()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     return fs.S3FileSystem(
         endpoint_override=endpoint,
@@ -424,7 +429,7 @@ def _s3_error(source: str, exc: OSError) -> ModelSourceError:
         )
     if re.search(r"NO_SUCH_BUCKET|NoSuchBucket", text):
         return ModelSourceError(f"{source}: the bucket does not exist ({text})")
-    endpoint = next((os.environ[e] for e in S3_ENDPOINT_ENVS if os.environ.get(e)), None)
+    endpoint = _s3_endpoint()
     store = f"the S3 endpoint {endpoint}" if endpoint else "AWS S3 (no AWS_ENDPOINT_URL set)"
     return ModelSourceError(
         f"could not read {source} from {store} after {S3_ATTEMPTS} attempts ({text}): check "
