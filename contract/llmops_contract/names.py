@@ -31,6 +31,21 @@ LLM_DEPLOYMENT_PREFIX = "llm-"
 """Every LLM's Serve deployment is named this prefix plus its model name (see
 `llm_deployment_name`); Prometheus queries and the local CPU placement match on it."""
 
+MODEL_KIND = "LLMModel"
+MODEL_PLURAL = "llmmodels"
+"""One LLMModel per model of an LLMDeployment (same group and version): that model's scale
+target. Its /scale subresource is what KEDA and `kubectl scale` write for the model alone; the
+operator carries its replica count to the model's Serve deployment and worker group."""
+
+HELD_REQUESTS_METRIC = "llmops_gateway_held_requests"
+"""Gauge, label ``model``: requests the gateway holds for a model that has no serving replica
+(scaled to zero, or starting). The operator's per-model KEDA trigger activates on it, so the
+held request itself wakes the model."""
+
+TOKENIZER_PATH = "/llmops/models/{model}/tokenizer.json"
+"""Where the graph's router serves a model's ``tokenizer.json`` (the file the engine loads), so
+the gateway counts prompt tokens with the model's own tokenizer."""
+
 AUTO_MODEL = "auto"
 """The model name that asks for semantic routing."""
 

@@ -44,6 +44,10 @@ DISTINCTIVE = {
         "LLM_DEPLOYMENT_PREFIX",
         "REQUEST_ID_HEADER",
         "ROUTED_MODEL_HEADER",
+        "MODEL_KIND",
+        "MODEL_PLURAL",
+        "HELD_REQUESTS_METRIC",
+        "TOKENIZER_PATH",
     )
 }
 # Every public constant of the contract: a module constant of the same name set to a literal
