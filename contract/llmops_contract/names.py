@@ -42,6 +42,11 @@ HELD_REQUESTS_METRIC = "llmops_gateway_held_requests"
 (scaled to zero, or starting). The operator's per-model KEDA trigger activates on it, so the
 held request itself wakes the model."""
 
+SCALED_TO_ZERO_CODE = "model_scaled_to_zero"
+"""The OpenAI error ``code`` of the router's 503 for a model with no running replica (scaled to
+zero, or its first replica still starting). The gateway holds such a request, with its quota
+reserved, and relays it once the model serves, instead of passing the 503 on."""
+
 TOKENIZER_PATH = "/llmops/models/{model}/tokenizer.json"
 """Where the graph's router serves a model's ``tokenizer.json`` (the file the engine loads), so
 the gateway counts prompt tokens with the model's own tokenizer."""

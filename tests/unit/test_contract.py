@@ -48,6 +48,7 @@ DISTINCTIVE = {
         "MODEL_PLURAL",
         "HELD_REQUESTS_METRIC",
         "TOKENIZER_PATH",
+        "SCALED_TO_ZERO_CODE",
     )
 }
 # Every public constant of the contract: a module constant of the same name set to a literal
