@@ -10,8 +10,14 @@ With --tracing, a second gateway with OpenTelemetry tracing on at 100% sampling 
 over OTLP/HTTP to an in-process receiver) is measured in the same phases, and what tracing adds
 to p50 and p99 over the untraced gateway is reported.
 
+The gateway runs with a per-client-address limit (slowapi over `limits`, far above the load) so
+that check is on every request's path. Each phase also reports the CPU each process used (share
+of one core: gateway, stub, redis, and this load generator), which says whether a miss is the
+gateway's own cost or the processes competing for the machine's cores. With --pin the gateway
+gets a core of its own and everything else shares the rest (needs >= 2 cores).
+
     .venv/bin/python -m tests.bench.gateway_overhead [--rates 25,200,500] [--seconds 10]
-        [--sweep-seconds 5] [--litellm /path/to/venv/bin/litellm] [--tracing]
+        [--sweep-seconds 5] [--litellm /path/to/venv/bin/litellm] [--tracing] [--pin]
 
 Not a test: results go to docs/benchmarks.md by hand, with date and machine.
 """
@@ -32,6 +38,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import aiohttp
+import psutil
 
 from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.local import stop_process
@@ -39,6 +46,8 @@ from tests.conftest import free_port
 from tests.fakes.otlp_receiver import otlp_receiver
 from tests.integration.gateway_fixtures import gateway, stub_upstream, wait_http
 
+CLIENT_RATE_LIMIT = "100000000/minute"
+"""Far above any phase's rate: the per-address check runs on every request, and passes."""
 BODY = {"model": "stub-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 LITELLM_KEY = "sk-bench"
 
@@ -112,6 +121,35 @@ async def sse_rate(
         # The stub, as vLLM, opens a chat stream with a role-only chunk before the tokens.
         assert counts == [tokens + 1] * streams, f"events lost: {counts}"
         return sum(counts) / elapsed
+
+
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU time (user + system, seconds) each process has used so far."""
+    used = {}
+    for name, process in processes.items():
+        times = process.cpu_times()
+        used[name] = times.user + times.system
+    return used
+
+
+def cpu_share(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """Per process, the share of one core it used between two `cpu_seconds` snapshots."""
+    return {name: round((after[name] - before[name]) / seconds, 2) for name in before}
+
+
+def pin(processes: dict[str, psutil.Process], own_core: str) -> dict[str, list[int]]:
+    """Gives ``own_core``'s process the last CPU alone and every other process the rest."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    placed = {}
+    for name, process in processes.items():
+        chosen = cpus[-1:] if name == own_core else cpus[:-1]
+        process.cpu_affinity(chosen)
+        placed[name] = chosen
+    return placed
 
 
 SWEEP_RATES = (25, 50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000)
@@ -190,6 +228,12 @@ def main() -> None:
         action="store_true",
         help="also measure a gateway with tracing on (100%% sampling, OTLP/HTTP export)",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="give the (untraced) gateway a CPU of its own; the stub, redis, the load "
+        "generator and any other proxy share the others",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
     store = FileKeyStore(folder / "keys.json")
@@ -220,8 +264,19 @@ def main() -> None:
                     keys_file=store.path,
                     redis_url=f"redis://127.0.0.1:{redis_port}/0",
                     log_format="json",
+                    client_rate_limit=CLIENT_RATE_LIMIT,
                 )
             )
+            processes = {
+                "gateway": psutil.Process(gw.process.pid),
+                "redis": psutil.Process(redis.pid),
+                "load_generator": psutil.Process(),
+            }
+            for child in psutil.Process().children():
+                if "tests.fakes.openai_stub" in child.cmdline():
+                    processes["stub"] = child
+            if args.pin:
+                results["pinned_cpus"] = pin(processes, "gateway")
             chat = "/v1/chat/completions"
             targets = {"gateway": (f"{gw.url}{chat}", {"authorization": f"Bearer {key}"})}
             if args.tracing:
@@ -233,6 +288,7 @@ def main() -> None:
                         keys_file=store.path,
                         redis_url=f"redis://127.0.0.1:{redis_port}/0",
                         log_format="json",
+                        client_rate_limit=CLIENT_RATE_LIMIT,
                         otlp_traces_endpoint=receiver.url,
                         trace_sample=1.0,
                     )
@@ -247,8 +303,13 @@ def main() -> None:
                 phase: dict[str, object] = {"direct": direct}
                 measured: dict[str, dict[str, float]] = {}
                 for name, (url, headers) in targets.items():
+                    before = cpu_seconds(processes)
+                    started = time.perf_counter()
                     through = asyncio.run(open_loop(url, headers, rate, args.seconds))
+                    elapsed = time.perf_counter() - started
+                    share = cpu_share(before, cpu_seconds(processes), elapsed)
                     phase[name] = measured[name] = through
+                    phase[f"{name}_cpu_share"] = share
                     phase[f"{name}_added_p50_ms"] = round(through["p50"] - direct["p50"], 2)
                     phase[f"{name}_added_p99_ms"] = round(through["p99"] - direct["p99"], 2)
                 if args.tracing:
