@@ -121,8 +121,9 @@ def llm_config_for(
         "log_engine_metrics": True,
         "experimental_configs": {"stream_batching_interval_ms": spec.stream_batching_interval_ms},
         "deployment_config": {
-            "num_replicas": spec.replicas,
             "max_ongoing_requests": spec.max_ongoing_requests,
+            "graceful_shutdown_timeout_s": spec.drain_seconds,
+            **replica_options(spec.replicas),
         },
     }
     if spec.prefix_aware_routing:
@@ -148,6 +149,27 @@ def llm_config_for(
     return LLMConfig(**config)
 
 
+def replica_options(replicas: int) -> dict[str, Any]:
+    """Serve deployment options for a replica count, zero included.
+
+    Serve refuses ``num_replicas: 0``; a deployment reaches zero only through autoscaling with
+    ``min_replicas: 0``, as the operator writes it (``serve_replicas`` in its render.py). Serve's
+    own autoscaler wakes such a deployment as soon as a request waits on its handle
+    (ray/serve/autoscaling_policy.py, ``_apply_default_params``), so the router never sends a
+    request to a model without a running replica (router.py, `ReplicaStates`).
+    """
+    if replicas == 0:
+        return {
+            "autoscaling_config": {
+                "min_replicas": 0,
+                "max_replicas": 1,
+                "initial_replicas": 0,
+                "downscale_to_zero_delay_s": 0.0,
+            }
+        }
+    return {"num_replicas": replicas}
+
+
 def deployment_options(spec: LLMSpec) -> dict[str, Any]:
     """Serve deployment options (placement group, replicas) for a model."""
     options: dict[str, Any] = LLMServer.get_deployment_options(llm_config_for(spec))
@@ -170,7 +192,25 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         self.spec = LLMSpec.model_validate(spec)
         cache = Path(cache_dir) if cache_dir else None
         folder = await asyncio.to_thread(resolve_source, self.spec.source, cache)
+        self._model_folder = folder
+        self._tokenizer_file: bytes | None = None
         await super().__init__(llm_config_for(self.spec, str(folder), engine_traces_endpoint()))
+
+    async def tokenizer_json(self) -> bytes | None:
+        """The ``tokenizer.json`` the engine loaded, as bytes; None when it has none.
+
+        vLLM reads the tokenizer from ``extra_args.tokenizer`` when that names a folder, else
+        from the model's resolved folder. Read once, then served from memory.
+        """
+        if self._tokenizer_file is None:
+            self._tokenizer_file = await asyncio.to_thread(_read_tokenizer, self._tokenizer_dir())
+        return self._tokenizer_file or None
+
+    def _tokenizer_dir(self) -> Path:
+        override = self.spec.engine.extra_args.get("tokenizer")
+        if isinstance(override, str) and Path(override).is_dir():
+            return Path(override)
+        return self._model_folder
 
     async def _run_request(
         self,
@@ -243,6 +283,12 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         reads it, so the setting has one path whichever batcher runs.
         """
         return batch_stream(generator, self._get_batch_interval_ms() / 1000)
+
+
+def _read_tokenizer(folder: Path) -> bytes:
+    """The folder's ``tokenizer.json``; empty when it has none (so it is not read again)."""
+    path = folder / "tokenizer.json"
+    return path.read_bytes() if path.is_file() else b""
 
 
 def _is_error(item: Any) -> bool:

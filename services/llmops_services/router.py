@@ -37,6 +37,7 @@ from llmops_contract import (
     AUTO_MODEL,
     REQUEST_ID_HEADER,
     ROUTED_MODEL_HEADER,
+    TOKENIZER_PATH,
     GraphConfig,
     RequestBodyError,
     parse_request_body,
@@ -448,6 +449,44 @@ class Router:
             assert self.encoder is not None
             self._encoder_dimensions = int(await self.encoder.dimensions.remote())
         return self._encoder_dimensions
+
+    # -- tokenizer files -------------------------------------------------------------------
+
+    @app.get(TOKENIZER_PATH)
+    async def tokenizer_file(self, model: str, request: Request) -> Response:
+        """The ``tokenizer.json`` a model's engine loaded, byte for byte (the gateway counts
+        prompt tokens with it); 404 in OpenAI's shape for an unknown model or one without."""
+        request_id = _request_id(request)
+        try:
+            handle = self._probes.get(model)
+            if handle is None:
+                if self.config.encoder is not None and model == self.config.encoder.name:
+                    raise ServingError(
+                        f"{model!r} is an embedding model: the graph serves tokenizers of its LLMs",
+                        status=404,
+                        param="model",
+                        code="tokenizer_not_found",
+                    )
+                raise model_not_found(model, list(self.llms))
+            content = await handle.tokenizer_json.remote()
+            if content is None:
+                raise ServingError(
+                    f"model {model!r} has no tokenizer.json (a slow tokenizer only)",
+                    status=404,
+                    param="model",
+                    code="tokenizer_not_found",
+                )
+        except ServingError as error:
+            return _error_response(error, request_id)
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
+            return _error_response(engine_unavailable(model), request_id)
+        return Response(
+            content,
+            media_type="application/json",
+            headers={REQUEST_ID_HEADER: request_id, "Cache-Control": "max-age=300"},
+        )
 
     # -- models and health -----------------------------------------------------------------
 
