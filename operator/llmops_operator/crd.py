@@ -1,4 +1,5 @@
-"""Generates the `LLMDeployment` CustomResourceDefinition from the pydantic models.
+"""Generates the `LLMDeployment` and `LLMModel` CustomResourceDefinitions from the pydantic
+models.
 
 Pydantic writes JSON Schema; the Kubernetes API wants a structural OpenAPI v3 schema: no
 ``$ref``, no ``anyOf`` with null (``nullable`` instead), no ``additionalProperties`` beside
@@ -12,18 +13,24 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from llmops_contract import GROUP, KIND, PLURAL, VERSION
+from llmops_contract import GROUP, KIND, MODEL_KIND, MODEL_PLURAL, PLURAL, VERSION
 from llmops_operator.models import (
     MAX_NAME_LENGTH,
+    MODEL_SHORT_NAMES,
+    MODEL_SINGULAR,
     NAME_PATTERN,
     SHORT_NAMES,
     SINGULAR,
     LLMDeploymentSpec,
     LLMDeploymentStatus,
+    LLMModelSpec,
+    LLMModelStatus,
 )
 
 CRD_FILE_NAME = f"{GROUP}_{PLURAL}.yaml"
+MODEL_CRD_FILE_NAME = f"{GROUP}_{MODEL_PLURAL}.yaml"
 _DROPPED_KEYS = {"title"}
 
 # CEL rules (x-kubernetes-validations): the API server refuses at `kubectl apply` what would
@@ -135,7 +142,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return out
 
 
-def openapi_schema(model: type[LLMDeploymentSpec] | type[LLMDeploymentStatus]) -> dict[str, Any]:
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     """A model's structural OpenAPI v3 schema (camelCase keys)."""
     schema = model.model_json_schema(by_alias=True, mode="validation")
     defs = schema.pop("$defs", {})
@@ -214,6 +221,13 @@ def crd_manifest() -> dict[str, Any]:
                         {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
                         {"name": "Models", "type": "string", "jsonPath": ".status.modelsSummary"},
                         {
+                            "name": "Model Replicas",
+                            "type": "string",
+                            "description": "Ready/desired replicas per model.",
+                            "jsonPath": ".status.replicasSummary",
+                            "priority": 1,
+                        },
+                        {
                             "name": "Age",
                             "type": "date",
                             "jsonPath": ".metadata.creationTimestamp",
@@ -225,7 +239,85 @@ def crd_manifest() -> dict[str, Any]:
     }
 
 
+def model_crd_manifest() -> dict[str, Any]:
+    """The LLMModel CustomResourceDefinition: one model's scale target.
+
+    Its /scale subresource is what KEDA's HPA and `kubectl scale llmmodel` write; the label
+    selector is that model's worker pods, which the HPA counts for Value metrics.
+    """
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{MODEL_PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": MODEL_KIND,
+                "listKind": f"{MODEL_KIND}List",
+                "plural": MODEL_PLURAL,
+                "singular": MODEL_SINGULAR,
+                "shortNames": MODEL_SHORT_NAMES,
+                "categories": ["llmops"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "One model of an LLMDeployment as a scale target "
+                            "(created and owned by the operator).",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": openapi_schema(LLMModelSpec),
+                                "status": openapi_schema(LLMModelStatus),
+                            },
+                        }
+                    },
+                    "subresources": {
+                        "status": {},
+                        "scale": {
+                            "specReplicasPath": ".spec.replicas",
+                            "statusReplicasPath": ".status.replicas",
+                            "labelSelectorPath": ".status.selector",
+                        },
+                    },
+                    "additionalPrinterColumns": [
+                        {"name": "Deployment", "type": "string", "jsonPath": ".spec.deployment"},
+                        {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
+                        {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
+                        {"name": "Ready", "type": "integer", "jsonPath": ".status.replicas"},
+                        {
+                            "name": "Age",
+                            "type": "date",
+                            "jsonPath": ".metadata.creationTimestamp",
+                        },
+                    ],
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated from llmops_operator.models by `llmops crd`; do not edit.\n"
+
+
 def crd_yaml() -> str:
-    """The CRD as the YAML committed in the chart (stable key order)."""
-    header = "# Generated from llmops_operator.models by `llmops crd`; do not edit.\n"
-    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)
+    """The LLMDeployment CRD as the YAML committed in the chart (stable key order)."""
+    return HEADER + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)
+
+
+def model_crd_yaml() -> str:
+    """The LLMModel CRD as the YAML committed in the chart."""
+    return HEADER + yaml.safe_dump(model_crd_manifest(), sort_keys=False, width=100)
+
+
+def crd_files() -> dict[str, str]:
+    """Every CRD of the project: file name -> YAML (what `llmops crd --write` writes)."""
+    return {CRD_FILE_NAME: crd_yaml(), MODEL_CRD_FILE_NAME: model_crd_yaml()}

@@ -1,13 +1,16 @@
-"""The `LLMDeployment` custom resource: pydantic models, the single source of the CRD YAML.
+"""The `LLMDeployment` and `LLMModel` custom resources: pydantic models, the single source of
+the CRD YAML.
 
 The spec is what a model owner writes; `llmops_operator.render` turns it into a RayService
-(whose serveConfigV2 is the services graph config), a model cache, Services, a KEDA
-ScaledObject and a PodMonitor. Field names are camelCase as in every Kubernetes API, except
-inside ``engine``, which keeps vLLM's own argument names.
+(whose serveConfigV2 is the services graph config), a model cache, Services, one `LLMModel`
+per model (that model's scale target) with its KEDA ScaledObject, and a PodMonitor. Field
+names are camelCase as in every Kubernetes API, except inside ``engine``, which keeps vLLM's
+own argument names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -29,6 +32,12 @@ SOURCE_PATTERN = (
     r"^(embedded://|hf://|s3://|file://|/).+|^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
 )
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+# An LLMModel is named `<deployment>-<model>`; it also names the model's ScaledObject, whose
+# name KEDA writes into a label of its HPA (scaledobject.keda.sh/name): a label value, so at
+# most 63 characters (k8s.io/apimachinery/pkg/util/validation IsValidLabelValue).
+MODEL_OBJECT_MAX_LENGTH = 63
+MODEL_SINGULAR = "llmmodel"
+MODEL_SHORT_NAMES = ["llmm"]
 
 
 class CRDModel(BaseModel):
@@ -98,6 +107,18 @@ class ModelSpec(CRDModel):
     )
     max_ongoing_requests: int = Field(
         default=64, ge=1, le=10000, description="Requests one replica accepts at once."
+    )
+    replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=1024,
+        description="This model's replicas. With autoscaling on, the count its LLMModel starts "
+        "at (KEDA and `kubectl scale llmmodel` own it afterwards); with autoscaling off, the "
+        "count, written through on change. Unset: spec.replicas.",
+    )
+    autoscaling: ModelAutoscaling | None = Field(
+        default=None,
+        description="Per-model override of spec.autoscaling; unset fields fall back to it.",
     )
 
 
@@ -231,6 +252,72 @@ class AutoscalingSpec(CRDModel):
         return self
 
 
+class ModelTargets(CRDModel):
+    """Per-model trigger targets; an unset one is spec.autoscaling.targets' value."""
+
+    gpu_utilization: int | None = Field(
+        default=None, ge=1, le=100, description="Average DCGM GPU utilisation (percent)."
+    )
+    queue_depth: int | None = Field(
+        default=None, ge=1, le=10000, description="Requests waiting per replica."
+    )
+    kv_cache_usage: int | None = Field(
+        default=None, ge=1, le=100, description="vLLM KV-cache usage (percent)."
+    )
+
+
+class ModelAutoscaling(CRDModel):
+    """One model's autoscaling bounds and targets; unset fields fall back to
+    spec.autoscaling (a trigger disabled there stays disabled)."""
+
+    min_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=1024,
+        description="Fewest replicas of this model; 0 scales this model alone to zero.",
+    )
+    max_replicas: int | None = Field(
+        default=None, ge=1, le=1024, description="Most replicas of this model."
+    )
+    targets: ModelTargets | None = Field(default=None, description="Trigger targets.")
+
+
+@dataclass(frozen=True)
+class ModelScaling:
+    """One model's effective scaling: its own values, else the deployment's.
+
+    Attributes:
+        replicas: The initial count (autoscaling on) or the count (autoscaling off).
+        min_replicas: Fewest replicas KEDA may choose (0: scale to zero).
+        max_replicas: Most replicas KEDA may choose.
+        targets: Trigger targets; None disables a trigger.
+    """
+
+    replicas: int
+    min_replicas: int
+    max_replicas: int
+    targets: AutoscalingTargets
+
+
+def model_scaling(spec: LLMDeploymentSpec, model: ModelSpec) -> ModelScaling:
+    """A model's replicas, bounds and targets after falling back to the deployment's."""
+    auto = spec.autoscaling
+    own = model.autoscaling or ModelAutoscaling()
+    low = own.min_replicas
+    if low is None:
+        low = 0 if auto.scale_to_zero else auto.min_replicas
+    high = own.max_replicas if own.max_replicas is not None else auto.max_replicas
+    targets = auto.targets
+    if own.targets is not None:
+        base = targets.model_dump()
+        for key, value in own.targets.model_dump().items():
+            if value is not None and base[key] is not None:
+                base[key] = value
+        targets = AutoscalingTargets.model_validate(base)
+    replicas = model.replicas if model.replicas is not None else spec.replicas
+    return ModelScaling(replicas, low, high, targets)
+
+
 class CacheSpec(CRDModel):
     """Where the model weights live on the cluster.
 
@@ -315,7 +402,9 @@ class LLMDeploymentSpec(CRDModel):
         default=1,
         ge=0,
         le=1024,
-        description="Replicas of every model (the scale subresource; KEDA writes it).",
+        description="Replicas of models that set none (the scale subresource). Each model "
+        "scales through its own LLMModel; this is where they start, or, with autoscaling "
+        "off, their count.",
     )
     autoscaling: AutoscalingSpec = Field(
         default_factory=AutoscalingSpec, description="Autoscaling from serving signals."
@@ -344,6 +433,18 @@ class LLMDeploymentSpec(CRDModel):
                 raise ValueError("router.policy 'semantic' needs routeExamples on some model")
         return self
 
+    @model_validator(mode="after")
+    def _check_model_bounds(self) -> LLMDeploymentSpec:
+        for model in self.models:
+            scaling = model_scaling(self, model)
+            if scaling.max_replicas < scaling.min_replicas:
+                raise ValueError(
+                    f"model {model.name}: maxReplicas ({scaling.max_replicas}) is below "
+                    f"minReplicas ({scaling.min_replicas}) after falling back to "
+                    "spec.autoscaling"
+                )
+        return self
+
 
 class Condition(CRDModel):
     """A status condition, as in metav1.Condition."""
@@ -362,6 +463,12 @@ class ModelStatus(CRDModel):
     name: str = Field(description="Model name.")
     state: str = Field(description="Pending, Loading, Ready or Failed.")
     replicas: int | None = Field(default=None, description="Running Serve replicas.")
+    desired_replicas: int | None = Field(
+        default=None, description="Replicas asked for (its LLMModel's spec.replicas)."
+    )
+    ready_replicas: int | None = Field(
+        default=None, description="Replicas serving (ready worker pods, Serve HEALTHY)."
+    )
     message: str = Field(default="", description="Detail.")
 
 
@@ -390,6 +497,9 @@ class LLMDeploymentStatus(CRDModel):
     )
     ready: str | None = Field(default=None, description="Ready condition status, for kubectl.")
     models_summary: str | None = Field(default=None, description="Model names, for kubectl.")
+    replicas_summary: str | None = Field(
+        default=None, description='Ready/desired replicas per model ("geo 1/1, code 0/0").'
+    )
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
     endpoints: Endpoints = Field(default_factory=Endpoints, description="Endpoints.")
     models: list[ModelStatus] = Field(default_factory=list, description="Per-model state.")
@@ -397,6 +507,28 @@ class LLMDeploymentStatus(CRDModel):
         default_factory=list,
         description="Every fetched source and the commit it resolved to, from the loader's "
         "report (the loader Job's or the Ray pods' fetch-models termination message).",
+    )
+
+
+class LLMModelSpec(CRDModel):
+    """One model of an LLMDeployment as a scale target (the operator creates it)."""
+
+    deployment: str = Field(max_length=MAX_NAME_LENGTH, description="The LLMDeployment.")
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="The model's name in it.")
+    replicas: int = Field(
+        ge=0,
+        le=1024,
+        description="Replicas of this model (the scale subresource: KEDA's HPA and `kubectl "
+        "scale` write it; the operator sets it at creation, and with autoscaling off).",
+    )
+
+
+class LLMModelStatus(CRDModel):
+    """What the operator observed of one model."""
+
+    replicas: int | None = Field(default=None, description="Replicas serving now.")
+    selector: str | None = Field(
+        default=None, description="Label selector of this model's worker pods (scale)."
     )
 
 

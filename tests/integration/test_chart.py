@@ -14,17 +14,23 @@ import posixpath
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from llmops_contract import GROUP
 from llmops_gateway.keys import FileKeyStore, KeyFile, KeyIndex, Tenant
 from llmops_gateway.settings import GatewaySettings
-from llmops_operator.crd import CRD_FILE_NAME, crd_manifest, crd_yaml
+from llmops_operator.crd import (
+    CRD_FILE_NAME,
+    MODEL_CRD_FILE_NAME,
+    crd_manifest,
+    crd_yaml,
+    model_crd_manifest,
+    model_crd_yaml,
+)
 from llmops_operator.settings import OperatorSettings
 from tests.conftest import free_port
 from tests.exported_metrics import exported as exported_metrics
@@ -682,32 +688,41 @@ def test_peering_objects_exist_for_active_standby() -> None:
 # --- the LLMDeployment CRD ------------------------------------------------------------------------
 
 
-def test_llmdeployment_crd_upgrades_with_the_release_and_outlives_it() -> None:
+@pytest.mark.parametrize(
+    ("file_name", "manifest", "text"),
+    [
+        (CRD_FILE_NAME, crd_manifest, crd_yaml),
+        (MODEL_CRD_FILE_NAME, model_crd_manifest, model_crd_yaml),
+    ],
+    ids=["llmdeployment", "llmmodel"],
+)
+def test_crd_upgrades_with_the_release_and_outlives_it(
+    file_name: str,
+    manifest: Callable[[], dict[str, Any]],
+    text: Callable[[], str],
+) -> None:
     """Helm installs a chart's crds/ once and never upgrades or deletes it
     (helm.sh/docs/chart_best_practices/custom_resource_definitions); a template is part of the
     release manifest that `helm upgrade` applies, and `helm.sh/resource-policy: keep` makes
-    `helm uninstall` leave it (pkg/action/resource_policy.go)."""
+    `helm uninstall` leave it (pkg/action/resource_policy.go). Both the LLMDeployment CRD and
+    the per-model LLMModel CRD (its scale target) ship so."""
     show = helm("show", "crds", str(CHART))
     assert show.returncode == 0, show.stderr
     assert show.stdout.strip() == "", "Helm would install crds/ once and never upgrade it"
     (crd,) = [
         crd
         for crd in by_kind(render(), "CustomResourceDefinition")
-        if crd["spec"]["group"] == GROUP
+        if crd["metadata"]["name"] == manifest()["metadata"]["name"]
     ]
     # `llmops crd --write charts/llmops/crds` writes the file the template reads.
-    written = CHART / "crds" / CRD_FILE_NAME
-    assert (CHART / "files" / "crds" / CRD_FILE_NAME).resolve() == written.resolve()
+    written = CHART / "crds" / file_name
+    assert (CHART / "files" / "crds" / file_name).resolve() == written.resolve()
     committed = yaml.safe_load(written.read_text())
     assert crd["spec"] == committed["spec"]
-    assert (
-        crd["metadata"]["name"]
-        == committed["metadata"]["name"]
-        == crd_manifest()["metadata"]["name"]
-    )
+    assert crd["metadata"]["name"] == committed["metadata"]["name"]
     assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
     assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
-    assert written.read_text() == crd_yaml(), "run `llmops crd --write charts/llmops/crds`"
+    assert written.read_text() == text(), "run `llmops crd --write charts/llmops/crds`"
     managed_elsewhere = render(None, ("crds.create=false",))
     assert [c["spec"]["group"] for c in by_kind(managed_elsewhere, "CustomResourceDefinition")] == [
         "kopf.dev",

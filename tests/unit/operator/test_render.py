@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from llmops_operator import queries
-from llmops_operator.crd import CRD_FILE_NAME, crd_yaml
+from llmops_operator.crd import CRD_FILE_NAME, MODEL_CRD_FILE_NAME, crd_files
 from llmops_operator.render import RenderDefaults, RenderError, render
 from tests.schemas import assert_valid, schema_errors
 
@@ -62,9 +62,11 @@ def test_render_matches_golden_file(path: Path) -> None:
     )
 
 
-def test_committed_crd_is_the_generated_one() -> None:
-    committed = ROOT / "charts" / "llmops" / "crds" / CRD_FILE_NAME
-    assert committed.read_text() == crd_yaml(), "run `llmops crd --write charts/llmops/crds`"
+def test_committed_crds_are_the_generated_ones() -> None:
+    for name, text in crd_files().items():
+        committed = ROOT / "charts" / "llmops" / "crds" / name
+        assert committed.read_text() == text, "run `llmops crd --write charts/llmops/crds`"
+    assert set(crd_files()) == {CRD_FILE_NAME, MODEL_CRD_FILE_NAME}
 
 
 def test_schema_check_catches_a_typo_in_a_rendered_object() -> None:
