@@ -4,7 +4,9 @@ With ``discover_backends`` on, the gateway lists and watches LLMDeployments (rea
 routes each model name to the graph ingress its deployment reports in ``status.endpoints.http``,
 so a model applied with `kubectl apply` is callable as soon as the operator reports it Ready,
 without editing the gateway's configuration. Models of a deployment that is not ready yet are
-known too, and answered with 503 and Retry-After instead of 404.
+known too, and answered with 503 and Retry-After instead of 404. A model whose status entry
+reports ``readyReplicas: 0`` (scaled to zero, or its first replica starting) is routed, and its
+requests are held until the entry reports a ready replica (see `llmops_gateway.hold`).
 
 The API server is reached through the official asyncio client, ``kubernetes_asyncio``: the
 pod's service account first (the library re-reads the projected token as it rotates), else the
@@ -50,11 +52,19 @@ class Backend:
     """namespace/name of the LLMDeployment."""
     state: str
     """The model's state in that deployment's status: Ready, Loading, Pending or Failed."""
+    ready_replicas: int | None = None
+    """The model's ``readyReplicas`` in that status; None where the operator reports none."""
+
+    @property
+    def at_zero(self) -> bool:
+        """True when the model has no ready replica but is not failed: its requests are held
+        until one is ready."""
+        return self.ready_replicas == 0 and self.state != "Failed"
 
     @property
     def ready(self) -> bool:
-        """True when requests can go there now."""
-        return self.state == "Ready"
+        """True when requests can go there: now, or held there until a replica is ready."""
+        return self.state == "Ready" or self.at_zero
 
 
 def _age_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -82,7 +92,7 @@ def backends_from(objects: Iterable[Mapping[str, Any]]) -> dict[str, Backend]:
         if not url:
             continue
         where = f"{meta.get('namespace')}/{meta.get('name')}"
-        states = {m.get("name"): str(m.get("state") or "Pending") for m in status.get("models", [])}
+        entries = {m.get("name"): m for m in status.get("models", []) if isinstance(m, dict)}
         names = [str(m["name"]) for m in spec.get("models", []) if m.get("name")]
         for name in names:
             if name in table:
@@ -95,7 +105,14 @@ def backends_from(objects: Iterable[Mapping[str, Any]]) -> dict[str, Backend]:
                         table[name].deployment,
                     )
                 continue
-            table[name] = Backend(str(url), where, states.get(name, "Pending"))
+            entry = entries.get(name) or {}
+            replicas = entry.get("readyReplicas")
+            table[name] = Backend(
+                str(url),
+                where,
+                str(entry.get("state") or "Pending"),
+                replicas if isinstance(replicas, int) and not isinstance(replicas, bool) else None,
+            )
         if (spec.get("router") or {}).get("policy") == "semantic" and AUTO_MODEL not in table:
             ready = any(table[n].ready for n in names if table[n].deployment == where)
             table[AUTO_MODEL] = Backend(str(url), where, "Ready" if ready else "Pending")
@@ -206,6 +223,11 @@ class ClusterBackends:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
+
+    def at_zero(self, model: str) -> bool:
+        """Whether the model's deployment reports it at zero ready replicas (not failed)."""
+        backend = self.table.get(model)
+        return backend is not None and backend.at_zero
 
     def _publish(self) -> None:
         objects = [obj for by_key in self._objects.values() for obj in by_key.values()]

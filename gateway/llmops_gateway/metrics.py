@@ -11,7 +11,11 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llmops_contract import HELD_REQUESTS_METRIC
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+HOLD_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 240, 300, 600)
+"""Hold times: up to a vLLM cold start (model load and warm-up) and the longest hold."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class GatewayMetrics:
     streams: Gauge
     redis_errors: Counter
     gpu_seconds: Counter
+    held: Gauge
+    hold_seconds: Histogram
 
     def record(self, endpoint: str, model: str, tenant: str, status: int, started: float) -> None:
         """Counts one finished request and observes its latency since ``started``."""
@@ -95,6 +101,22 @@ class GatewayMetrics:
                 "GPU-seconds charged to requests of GPU models (latency x GPUs per replica / "
                 "sequences per replica, as in the usage records), by tenant and model.",
                 ["tenant", "model"],
+                registry=registry,
+            ),
+            held=Gauge(
+                HELD_REQUESTS_METRIC,
+                "Requests held now for a model with no serving replica (scaled to zero or "
+                "starting), by model; KEDA wakes the model on their sum over replicas.",
+                ["model"],
+                registry=registry,
+            ),
+            hold_seconds=Histogram(
+                "llmops_gateway_hold_seconds",
+                "How long requests were held for a model with no serving replica, by model "
+                "and outcome: served (relayed once it served), expired (503 past the hold "
+                "deadline) or cancelled (the client left).",
+                ["model", "outcome"],
+                buckets=HOLD_BUCKETS,
                 registry=registry,
             ),
         )

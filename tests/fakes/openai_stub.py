@@ -16,8 +16,17 @@ answer as the graph does while an engine restarts: 503, Retry-After, OpenAI's sh
 ``tools`` and a ``tool_choice`` naming a function (or "required") calls it, as vLLM does with
 a tool parser: ``tool_calls`` with arguments ``{"city": "Paris"}``, streamed as a first delta
 with the id and name, then the arguments in pieces; ``logprobs: true`` adds vLLM's logprobs.
+A model at zero (``--cold-models``, or ``POST /stub/scale {"model": m, "serving": false}``)
+answers every request as the graph's router does for a model with no replica: 503 with
+`llmops_contract.SCALED_TO_ZERO_CODE`, until ``{"serving": true}``; /stats counts those
+answers per model (``cold_answers``).
+With ``--tokenizer PATH`` (default: the environment's ``LLMOPS_STUB_TOKENIZER``) it serves that
+tokenizer.json for each of its models where the graph's router does
+(``llmops_contract.TOKENIZER_PATH``); without it that path answers 404, as a backend that is
+not an llmops graph.
 
     python -m tests.fakes.openai_stub --port 9000 [--models a,b] [--token-delay 0.0]
+        [--tokenizer tokenizer.json]
 """
 
 from __future__ import annotations
@@ -25,10 +34,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from llmops_contract import SCALED_TO_ZERO_CODE, TOKENIZER_PATH
 
 EMBEDDING_DIM = 8
 NATURAL_LENGTH = 12
@@ -66,6 +79,17 @@ def _restarting(model: str) -> web.Response:
     return web.json_response({"error": error}, status=503, headers={"Retry-After": "1"})
 
 
+def _scaled_to_zero(model: str) -> web.Response:
+    """What the graph's router answers for a model with no running replica."""
+    error = {
+        "message": f"model {model!r} is scaled to zero; a replica is starting",
+        "type": "server_error",
+        "param": None,
+        "code": SCALED_TO_ZERO_CODE,
+    }
+    return web.json_response({"error": error}, status=503, headers={"Retry-After": "5"})
+
+
 TOOL_ARGUMENTS = '{"city": "Paris"}'
 
 
@@ -93,15 +117,21 @@ def _generations(body: dict[str, Any]) -> int:
 
 
 def make_app(
-    models: list[str], token_delay: float, max_model_len: int | None = None
+    models: list[str],
+    token_delay: float,
+    max_model_len: int | None = None,
+    cold_models: tuple[str, ...] = (),
 ) -> web.Application:
     """The stub's aiohttp application.
 
     With ``max_model_len``, /v1/models reports it as vLLM does and a request without an
-    output limit may generate up to it, less the prompt (vLLM's default).
+    output limit may generate up to it, less the prompt (vLLM's default). ``cold_models``
+    start at zero replicas.
     """
     state: dict[str, Any] = {"requests": 0, "cancelled": 0}
     unavailable: dict[str, int] = {}
+    cold = set(cold_models)
+    cold_answers: dict[str, int] = {}
 
     async def list_models(_: web.Request) -> web.Response:
         extra = {"max_model_len": max_model_len} if max_model_len else {}
@@ -111,7 +141,25 @@ def make_app(
         return web.json_response({"object": "list", "data": data})
 
     async def stats(_: web.Request) -> web.Response:
-        return web.json_response({**state, "unavailable": unavailable})
+        return web.json_response(
+            {**state, "unavailable": unavailable, "cold_answers": cold_answers}
+        )
+
+    async def scale(request: web.Request) -> web.Response:
+        """Puts a model at zero (``serving: false``) or gives it a replica again."""
+        body = await request.json()
+        model = str(body["model"])
+        if body["serving"]:
+            cold.discard(model)
+        else:
+            cold.add(model)
+        return web.json_response({"model": model, "serving": model not in cold})
+
+    def at_zero(model: str) -> web.Response | None:
+        if model not in cold:
+            return None
+        cold_answers[model] = cold_answers.get(model, 0) + 1
+        return _scaled_to_zero(model)
 
     async def generate(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -133,6 +181,8 @@ def make_app(
                 },
                 status=404,
             )
+        if (answer := at_zero(str(model))) is not None:
+            return answer
         failure = body.get("stub_error")
         if failure:
             return _failure(int(failure["status"]), str(failure["shape"]))
@@ -291,6 +341,8 @@ def make_app(
         if model not in models:
             error = {"message": f"no model {model}", "type": "NotFoundError", "code": 404}
             return web.json_response({"error": error}, status=404)
+        if (answer := at_zero(str(model))) is not None:
+            return answer
         prompt = max(1, len(json.dumps([body.get("instructions"), body.get("input")])) // 4)
         limit = int(body.get("max_output_tokens") or 16)
         n_tokens = limit if body.get("ignore_eos") else min(limit, NATURAL_LENGTH)
@@ -355,6 +407,8 @@ def make_app(
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()
         state["requests"] += 1
+        if (answer := at_zero(str(body.get("model")))) is not None:
+            return answer
         inputs = body.get("input")
         items = inputs if isinstance(inputs, list) else [inputs]
         data = [
@@ -374,11 +428,25 @@ def make_app(
     app = web.Application()
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/stats", stats)
+    app.router.add_post("/stub/scale", scale)
     app.router.add_post("/v1/chat/completions", generate)
     app.router.add_post("/v1/completions", generate)
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     return app
+
+
+def serve_tokenizer(app: web.Application, models: list[str], path: Path | None) -> None:
+    """Serves ``path`` as the tokenizer.json of each of ``models`` (nothing without a path)."""
+    if path is None:
+        return
+
+    async def tokenizer_json(request: web.Request) -> web.StreamResponse:
+        if request.match_info["model"] not in models:
+            return web.json_response({"error": {"message": "no such model"}}, status=404)
+        return web.FileResponse(path, headers={"Content-Type": "application/json"})
+
+    app.router.add_get(TOKENIZER_PATH, tokenizer_json)
 
 
 def main() -> None:
@@ -387,9 +455,18 @@ def main() -> None:
     parser.add_argument("--models", default="stub-chat,stub-embed")
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument(
+        "--cold-models", default="", help="models at zero replicas until POST /stub/scale"
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, default=os.environ.get("LLMOPS_STUB_TOKENIZER") or None
+    )
     args = parser.parse_args()
+    cold = tuple(name for name in args.cold_models.split(",") if name)
+    app = make_app(args.models.split(","), args.token_delay, args.max_model_len, cold)
+    serve_tokenizer(app, args.models.split(","), args.tokenizer)
     web.run_app(
-        make_app(args.models.split(","), args.token_delay, args.max_model_len),
+        app,
         host="127.0.0.1",
         port=args.port,
         print=None,
