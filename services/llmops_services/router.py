@@ -1,8 +1,10 @@
 """The router: the graph's OpenAI-compatible ingress.
 
 Requests name a model; the router sends them to that model's deployment. Model ``auto`` is
-routed semantically: the encoder embeds the prompt and the LLM whose route examples are nearest
-answers it (the response's ``model`` and the ``x-llmops-routed-model`` header say which).
+routed semantically: the encoder embeds the prompt (a chat's first user message, so a
+conversation stays on the model it started on) and the LLM whose route examples are nearest
+answers it, or the default model when none is nearer than ``router.min_similarity`` (the
+response's ``model`` and the ``x-llmops-routed-model`` header say which).
 Streams are relayed chunk by chunk; an error after a stream started ends it with an explicit
 ``error`` event, never a silent cut.
 """
@@ -44,7 +46,7 @@ from llmops_contract import (
 )
 from llmops_services.errors import ServingError, model_not_found
 from llmops_services.metrics import RouterMetrics
-from llmops_services.routing import RouteDecision, prompt_text, route_by_similarity
+from llmops_services.routing import DecisionCache, RouteDecision, RouteIndex, conversation_text
 from llmops_services.tracing import OPERATION, REQUEST_MODEL, tracer
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -252,8 +254,9 @@ class Router:
         self._probes = llms
         self.encoder = encoder
         self.created = int(time.time())
-        self._route_vectors: dict[str, list[list[float]]] | None = None
+        self._route_index: RouteIndex | None = None
         self._route_lock = asyncio.Lock()
+        self._decisions = DecisionCache()
         self._encoder_dimensions: int | None = None
         self.metrics = RouterMetrics()
 
@@ -264,18 +267,20 @@ class Router:
         """True when `auto` can route: an encoder and at least one model with examples."""
         return self.encoder is not None and any(llm.route_examples for llm in self.config.llms)
 
-    async def _routes(self) -> dict[str, list[list[float]]]:
-        """Route example embeddings, computed once on first use."""
+    async def _routes(self) -> RouteIndex:
+        """Route example embeddings, computed and stacked once on first use."""
         async with self._route_lock:
-            if self._route_vectors is None:
+            if self._route_index is None:
                 assert self.encoder is not None
-                vectors: dict[str, list[list[float]]] = {}
-                for llm in self.config.llms:
-                    if llm.route_examples:
-                        embedded, _ = await self.encoder.embed.remote(llm.route_examples)
-                        vectors[llm.name] = embedded
-                self._route_vectors = vectors
-            return self._route_vectors
+                examples = [
+                    (llm.name, text) for llm in self.config.llms for text in llm.route_examples
+                ]
+                vectors, _ = await self.encoder.embed.remote([text for _, text in examples])
+                routes: dict[str, list[list[float]]] = {}
+                for (name, _), vector in zip(examples, vectors, strict=True):
+                    routes.setdefault(name, []).append(vector)
+                self._route_index = RouteIndex(routes)
+            return self._route_index
 
     async def resolve_model(self, model: str | None, prompt: str) -> RouteDecision:
         """Maps a request's model field to a served LLM.
@@ -290,13 +295,15 @@ class Router:
         if model == AUTO_MODEL:
             if not self.semantic_enabled or self.encoder is None:
                 return RouteDecision(self.config.default_llm, 0.0, policy="default")
-            (vector,), _ = await self.encoder.embed.remote([prompt or " "])
-            return route_by_similarity(
-                vector,
-                await self._routes(),
-                self.config.default_llm,
-                self.config.router.min_similarity,
-            )
+            decision = self._decisions.get(prompt)
+            if decision is None:
+                (vector,), _ = await self.encoder.embed.remote([prompt or " "])
+                index = await self._routes()
+                decision = index.route(
+                    vector, self.config.default_llm, self.config.router.min_similarity
+                )
+                self._decisions.put(prompt, decision)
+            return decision
         if self.config.encoder is not None and model == self.config.encoder.name:
             raise ServingError(
                 f"{model!r} is an embedding model: call /v1/embeddings with it",
@@ -339,7 +346,7 @@ class Router:
             if kind == "chat":
                 if not body.messages:
                     raise ServingError("messages must not be empty", param="messages")
-                prompt = prompt_text(body.messages)
+                prompt = conversation_text(body.messages)
             else:
                 prompt = body.prompt if isinstance(body.prompt, str) else ""
             _check_generation_args(body)
