@@ -34,6 +34,7 @@ from llmops_gateway.hold import (
 from llmops_gateway.keys import KeyIndex, KeyRejectedError, KeyStore, Tenant
 from llmops_gateway.metrics import GatewayMetrics
 from llmops_gateway.settings import GatewaySettings
+from llmops_gateway.tokens import TokenCounter
 from llmops_gateway.tracing import TRACEPARENT, RequestTrace, Tracing, trace_id_of
 from llmops_gateway.usage_records import (
     UsageRecord,
@@ -286,6 +287,7 @@ class GatewayCore:
         self.admission = admission
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
+        self.tokens = TokenCounter(settings)
         self._keys_version = store.version()
         self._keys = KeyIndex(store.load())
         self._default_models: list[str] = []
@@ -342,6 +344,7 @@ class GatewayCore:
             await self.usage.close()  # after the settlements: their records flush too
         if self.cluster is not None:
             await self.cluster.close()
+        await self.tokens.close()
         if self.session is not None:
             await self.session.close()
         if self.tracing is not None:
@@ -522,10 +525,12 @@ class GatewayCore:
         if limit is not None:
             data.pop("max_completion_tokens", None)
             data[body.limit_field] = limit
+        # Counted with the model's tokenizer where its backend serves it (`TokenCounter`).
+        backend = (await self.served_models()).get(body.model)
         admitted = await self.admit(
             caller,
             body.model,
-            estimate_tokens(body.prompt_text()),
+            await self.tokens.count(self.session, backend, body.model, data),
             limit,
             body.streaming,
             generations=body.generations(),

@@ -134,6 +134,53 @@ class GatewaySettings(BaseSettings):
         "request can use. Where the context length is known, it bounds the output instead "
         "and nothing is set.",
     )
+    tokenizer_counting: bool = Field(
+        default=True,
+        description="Count prompt tokens with each model's tokenizer.json, fetched once per "
+        "backend and model from the graph (llmops_contract.TOKENIZER_PATH); false: estimate "
+        "them (about 3 characters a token).",
+    )
+    tokenizer_wait_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Longest a request waits for its model's tokenizer to be fetched; after "
+        "it, the request is estimated and the fetch goes on in the background.",
+    )
+    tokenizer_retry_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="After a failed fetch, or a backend without the tokenizer (404), how long "
+        "prompts of that model are estimated before it is asked again.",
+    )
+    tokenizer_cache_size: int = Field(
+        default=16, ge=1, description="Tokenizers kept in memory (least recently used go)."
+    )
+    image_part_tokens: int = Field(
+        default=1280,
+        ge=1,
+        description="Prompt tokens of an image whose size cannot be read (a remote URL, an "
+        "unknown format), and the most any image counts. 1280 is Qwen2-VL's usual max_pixels "
+        "(1280 x 28 x 28); fixed-count encoders use fewer (LLaVA-1.5 576, Gemma 3 256).",
+    )
+    image_patch_px: int | None = Field(
+        default=28,
+        ge=1,
+        description="Side in pixels of the square one image token covers: an inline PNG, JPEG, "
+        "GIF or WebP counts round(w/p) x round(h/p) + 2 tokens, at most image_part_tokens "
+        "(28: Qwen2-VL and Qwen2.5-VL, 14 px patches merged 2 x 2). null: every image counts "
+        "image_part_tokens.",
+    )
+    audio_part_tokens: int = Field(
+        default=750,
+        ge=1,
+        description="Prompt tokens of one audio part (750: a 30 s Whisper window as Qwen2-Audio "
+        "encodes it).",
+    )
+    other_part_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="Prompt tokens of one video or file part, or of a part of unknown type.",
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0, description="Backend connect timeout.")
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="Longest a request may take end to end (504 after)."
