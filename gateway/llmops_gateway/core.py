@@ -886,16 +886,30 @@ SPACED = b', "'
 """A separator only spaced JSON has (``json.dumps`` defaults): inside a JSON string a quote is
 escaped, so these bytes cannot come from generated text."""
 COMPACT_MARKS = (
-    (b'"content":"', b'"text":"', b'"type":"response.output_text.delta"'),
-    (b'"content":""', b'"text":""'),
+    (
+        *(b'"content":"', b'"text":"', b'"reasoning":"', b'"reasoning_content":"'),
+        b'"function":{',
+        b'"type":"response.output_text.delta"',
+        b'"type":"response.reasoning_text.delta"',
+        b'"type":"response.function_call_arguments.delta"',
+    ),
+    (b'"content":""', b'"text":""', b'"reasoning":""', b'"reasoning_content":""'),
 )
 SPACED_MARKS = (
-    (b'"content": "', b'"text": "', b'"type": "response.output_text.delta"'),
-    (b'"content": ""', b'"text": ""'),
+    (
+        *(b'"content": "', b'"text": "', b'"reasoning": "', b'"reasoning_content": "'),
+        b'"function": {',
+        b'"type": "response.output_text.delta"',
+        b'"type": "response.reasoning_text.delta"',
+        b'"type": "response.function_call_arguments.delta"',
+    ),
+    (b'"content": ""', b'"text": ""', b'"reasoning": ""', b'"reasoning_content": ""'),
 )
-"""Marks of a chunk with generated text: chat and completion chunks, and the Responses API's
-text deltas (its closing events repeat the whole text once more: a stream cut before its usage
-is charged a few chunks extra, never fewer)."""
+"""Marks of a chunk with generated tokens: chat and completion text, reasoning (vLLM's
+``reasoning``, older servers' ``reasoning_content``), each tool-call delta (one ``function``
+object: the name, then argument pieces), and the Responses API's text, reasoning and argument
+deltas (its closing events repeat the whole text once more: a stream cut before its usage is
+charged a few chunks extra, never fewer)."""
 
 
 def _openai_usage(usage: Any) -> dict[str, Any]:
