@@ -404,7 +404,9 @@ class EncoderSpec(StrictModel):
     )
     source: SourceURI = Field(
         default=f"embedded://{DEFAULT_ENCODER_NAME}",
-        description="A sentence-transformers style model folder source.",
+        description="A sentence-transformers style model folder source; its vectors are pooled "
+        "and normalised as its modules.json and Pooling config declare (cls, mean, max, "
+        "lasttoken, ...); other modules (Dense, ...) are refused at load.",
     )
     max_batch_size: int = Field(
         default=32, ge=1, le=1024, description="Most inputs pooled into one forward pass."
@@ -440,7 +442,8 @@ class RouterSpec(StrictModel):
         ge=-1.0,
         le=1.0,
         description="'auto' falls back to default_model when the best cosine similarity is "
-        "below this.",
+        "below this; -1 never falls back. It depends on the encoder and the route examples: "
+        "calibrate it on labelled prompts with tests/bench/route_eval.py.",
     )
     request_timeout_s: float = Field(
         default=600.0, gt=0, le=86400, description="Longest a request may take end to end."
