@@ -437,16 +437,24 @@ def make_app(
 
 
 def serve_tokenizer(app: web.Application, models: list[str], path: Path | None) -> None:
-    """Serves ``path`` as the tokenizer.json of each of ``models`` (nothing without a path)."""
+    """Serves ``path`` as the tokenizer.json of each of ``models`` (nothing without a path);
+    ``GET /stub/tokenizer-fetches`` says how many times each model's was downloaded."""
     if path is None:
         return
+    fetches: dict[str, int] = {}
 
     async def tokenizer_json(request: web.Request) -> web.StreamResponse:
-        if request.match_info["model"] not in models:
+        model = request.match_info["model"]
+        if model not in models:
             return web.json_response({"error": {"message": "no such model"}}, status=404)
+        fetches[model] = fetches.get(model, 0) + 1
         return web.FileResponse(path, headers={"Content-Type": "application/json"})
 
+    async def fetch_counts(_: web.Request) -> web.Response:
+        return web.json_response(fetches)
+
     app.router.add_get(TOKENIZER_PATH, tokenizer_json)
+    app.router.add_get("/stub/tokenizer-fetches", fetch_counts)
 
 
 def main() -> None:
