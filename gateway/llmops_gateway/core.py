@@ -10,13 +10,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Coroutine
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import aiohttp
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmops_contract import REQUEST_ID_HEADER, RequestBodyError, parse_request_body
 from llmops_gateway import errors
@@ -35,7 +36,7 @@ from llmops_gateway.keys import KeyIndex, KeyRejectedError, KeyStore, Tenant
 from llmops_gateway.metrics import GatewayMetrics
 from llmops_gateway.settings import GatewaySettings
 from llmops_gateway.tokens import TokenCounter
-from llmops_gateway.tracing import TRACEPARENT, RequestTrace, Tracing, trace_id_of
+from llmops_gateway.tracing import TRACEPARENT, TRACESTATE, RequestTrace, Tracing, trace_id_of
 from llmops_gateway.usage_records import (
     UsageRecord,
     build_recorder,
@@ -204,6 +205,64 @@ class Admitted:
     """With tracing off, the client's ``traceparent``/``tracestate``, forwarded unchanged."""
 
 
+@dataclass(frozen=True)
+class Operation:
+    """An OpenAI endpoint the gateway relays: how it is counted, traced and sent upstream."""
+
+    endpoint: str
+    """Its ``endpoint`` label in the metrics."""
+    path: str
+    """The backend's path for it."""
+    kind: type[BaseModel]
+    """The request's model (the fields the gateway reads)."""
+    span: str
+    """The GenAI operation its trace names."""
+
+
+CHAT = Operation("chat", "/v1/chat/completions", ChatRequest, "chat")
+COMPLETIONS = Operation("completions", "/v1/completions", CompletionRequest, "text_completion")
+RESPONSES = Operation("responses", "/v1/responses", ResponsesRequest, "chat")
+EMBEDDINGS = Operation("embeddings", "/v1/embeddings", EmbeddingRequest, "embeddings")
+
+Body = Callable[[], Awaitable[bytes | dict[str, Any]]]
+"""How the core gets a request's body: the raw JSON (REST), or the JSON object an adapter
+built from its own message (gRPC). Read after authentication; may raise `GatewayError` (a
+body over the limit, a part the wire format cannot carry) or `errors.ClientGoneError`."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """A request as an adapter hands it to the core, whatever its wire format."""
+
+    headers: Mapping[str, str]
+    """Its headers or metadata: ``authorization``, ``traceparent``, ``tracestate``."""
+    address: str
+    """The client address the abuse limits count against."""
+    request_id: str
+    """Its request id (see `request_id_of`)."""
+
+
+@dataclass
+class Reply:
+    """A backend's answer to relay: a whole body, or server-sent events as they come."""
+
+    status: int
+    payload: bytes = b""
+    """The whole body (none for a stream)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """``payload`` as a JSON object ({} if not one)."""
+    media_type: str = "application/json"
+    events: AsyncGenerator[bytes] | None = None
+    """A stream's whole SSE events; its end, failure or the client's going settles it."""
+
+
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The caller's request id (or a new one), bound into every log line of the request."""
+    request_id = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    return request_id
+
+
 def context_length(model: dict[str, Any]) -> int | None:
     """A model's context length from its /v1/models entry, where the backend reports it.
 
@@ -263,6 +322,20 @@ def parse_body(raw: bytes, model_cls: type[BaseModel], limit: int) -> tuple[dict
         if exc.status == 413:
             raise errors.too_large(exc.message) from exc
         raise errors.invalid(exc.message, param=exc.param) from exc
+
+
+def validate_body(data: dict[str, Any], model_cls: type[BaseModel]) -> Any:
+    """Checks a JSON object an adapter built, with the errors `parse_body` gives.
+
+    Raises:
+        GatewayError: 400 for a missing field or a wrong type.
+    """
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise errors.invalid(f"invalid {where}: {first['msg']}", param=where) from None
 
 
 class GatewayCore:
@@ -878,6 +951,147 @@ class GatewayCore:
         self.spawn(self.settle(admitted, prompt, int(usage.get("completion_tokens", 0))))
         return status, payload, data
 
+    # -- the pipeline: one call per request, REST and gRPC alike -------------------------
+
+    async def generate(self, operation: Operation, call: Call, body: Body) -> Reply:
+        """Serves one request: authenticate, parse, estimate, admit, relay, settle.
+
+        The request is counted in the metrics and its trace ended here, once, however it
+        ends; settlement runs when the backend answered, failed, or the client went away.
+
+        Args:
+            operation: The endpoint.
+            call: Who asks, and how to reach them.
+            body: How to read its body (after authentication).
+
+        Returns:
+            The backend's success: its body, or its stream of events.
+
+        Raises:
+            GatewayError: every refusal and failure, as the client should see it; a bug is
+                logged with its traceback and becomes a 500.
+            ClientGoneError: the client went away before its body was read.
+        """
+        started = time.monotonic()
+        trace = self._start_trace(call.headers, operation.span)
+        admitted: Admitted | None = None
+        tenant, model = "unknown", "unknown"
+        self.metrics.in_flight.inc()
+        try:
+            caller = await self.authenticate_client(
+                call.headers.get("authorization"), call.address, trace
+            )
+            tenant = caller.tenant.name
+            raw = await body()
+            if isinstance(raw, bytes):
+                data, request = parse_body(raw, operation.kind, self.settings.max_body_bytes)
+            else:
+                data, request = raw, validate_body(raw, operation.kind)
+            if isinstance(request, GenerationRequest):
+                admitted = await self.admit_generation(caller, data, request, trace)
+            else:
+                estimate = estimate_tokens(request.input)
+                admitted = await self.admit(caller, request.model, estimate, 0, False, trace=trace)
+            model = admitted.model
+            if trace is None:
+                _pass_trace(call.headers, admitted)
+            if isinstance(request, GenerationRequest) and request.streaming:
+                reply = await self._stream(admitted, operation.path, data, call.request_id, request)
+            else:
+                reply = await self._unary(admitted, operation.path, data, call.request_id)
+        except errors.GatewayError as error:
+            self.metrics.record(operation.endpoint, model, tenant, error.status, started)
+            if trace is not None and admitted is None:  # settlement ends an admitted one's
+                trace.end(error.status)
+            raise
+        except errors.ClientGoneError:
+            if trace is not None and admitted is None:
+                trace.end(0)
+            raise
+        except Exception:
+            logger.exception("unhandled error")
+            self.metrics.record(operation.endpoint, model, tenant, 500, started)
+            if trace is not None and admitted is None:
+                trace.end(500)
+            raise errors.internal() from None
+        finally:
+            self.metrics.in_flight.dec()
+        # A stream is counted when it starts: its latency is the time to the response head.
+        self.metrics.record(operation.endpoint, model, tenant, reply.status, admitted.started)
+        return reply
+
+    async def list_models(self, call: Call) -> list[str]:
+        """The models the caller's key may use.
+
+        Raises:
+            GatewayError: 401 or 429 as `authenticate_client`.
+        """
+        caller = await self.authenticate_client(call.headers.get("authorization"), call.address)
+        return await self.models_for(caller)
+
+    async def retrieve_model(self, call: Call, model: str) -> dict[str, Any]:
+        """The OpenAI model object of ``model``, for a caller that may use it.
+
+        Raises:
+            GatewayError: 401 or 429 as `authenticate_client`; 404 as `model_info`.
+        """
+        caller = await self.authenticate_client(call.headers.get("authorization"), call.address)
+        return await self.model_info(caller, model)
+
+    def _start_trace(self, headers: Mapping[str, str], operation: str) -> RequestTrace | None:
+        """The request's spans with tracing on (their trace id bound into its log lines); with
+        it off, None, and the trace id of a ``traceparent`` the client sent is logged."""
+        if self.tracing is None:
+            trace_id = trace_id_of(headers.get(TRACEPARENT))
+            if trace_id is not None:
+                structlog.contextvars.bind_contextvars(trace_id=trace_id)
+            return None
+        trace = self.tracing.start(headers, operation)
+        structlog.contextvars.bind_contextvars(trace_id=trace.trace_id)
+        return trace
+
+    async def _unary(
+        self, admitted: Admitted, path: str, data: dict[str, Any], request_id: str
+    ) -> Reply:
+        status, payload, body = await self.call(admitted, path, data, request_id)
+        if status != 200:
+            raise errors.upstream(status, payload, body)
+        return Reply(status, payload, body)
+
+    async def _stream(
+        self,
+        admitted: Admitted,
+        path: str,
+        data: dict[str, Any],
+        request_id: str,
+        request: GenerationRequest,
+    ) -> Reply:
+        wants_usage = True  # the Responses API streams its usage in response.completed
+        if request.usage_in_stream_options:
+            options = data.get("stream_options") or {}
+            wants_usage = bool(options.get("include_usage"))
+            data["stream_options"] = {**options, "include_usage": True}  # to settle it
+        response = await self.post(admitted, path, data, request_id)
+        if response.status != 200 or not response.content_type.startswith("text/event-stream"):
+            async with response:
+                payload = await response.read()
+            await self.settle(admitted, 0, 0)
+            if response.status != 200:
+                raise errors.upstream(response.status, payload, json_object(payload))
+            return Reply(response.status, payload, media_type=response.content_type)
+        events = relay_sse(self, admitted, response, wants_usage, request_id)
+        return Reply(200, media_type="text/event-stream", events=events)
+
+
+def _pass_trace(headers: Mapping[str, str], admitted: Admitted) -> None:
+    """With tracing off, forwards the client's trace context unchanged (if it sent one)."""
+    traceparent = headers.get(TRACEPARENT)
+    if traceparent is not None:
+        admitted.trace_headers = {TRACEPARENT: traceparent}
+        tracestate = headers.get(TRACESTATE)
+        if tracestate is not None:
+            admitted.trace_headers[TRACESTATE] = tracestate
+
 
 USAGE_KEY = b'"usage"'
 ERROR_EVENT = b'data: {"error"'
@@ -969,7 +1183,7 @@ async def relay_sse(
     response: aiohttp.ClientResponse,
     client_wants_usage: bool,
     request_id: str = "",
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     """Relays an upstream SSE stream as it arrives, settling usage however it ends.
 
     Yields whole events, as many as each read from upstream completed (never waiting for

@@ -22,6 +22,8 @@ class GatewayError(ApiError):
         retry_after_s: For 429/503: when to retry.
         should_retry: False tells clients not to retry at all (the ``openai`` SDKs read it
             from the ``x-should-retry`` header, before any status-based retry).
+        upstream_body: A backend's own error body, already in OpenAI's shape: REST answers
+            it unchanged (gRPC has only the message).
     """
 
     def __init__(
@@ -35,11 +37,24 @@ class GatewayError(ApiError):
         param: str | None = None,
         retry_after_s: float | None = None,
         should_retry: bool | None = None,
+        upstream_body: bytes | None = None,
     ) -> None:
         super().__init__(message, status=status, type=type, param=param, code=code)
         self.grpc_code = grpc_code
         self.retry_after_s = retry_after_s
         self.should_retry = should_retry
+        self.upstream_body = upstream_body
+
+
+class ClientGoneError(Exception):
+    """The client went away before its request was read: nobody to answer."""
+
+
+def internal() -> GatewayError:
+    """500: a bug in the gateway (logged with its traceback where it was caught)."""
+    return GatewayError(
+        "internal error in the gateway", status=500, grpc_code="INTERNAL", type="server_error"
+    )
 
 
 def unauthenticated(message: str) -> GatewayError:
@@ -154,6 +169,12 @@ def unavailable(message: str, retry_after_s: float | None = None) -> GatewayErro
     )
 
 
+def stream_failed(message: str) -> GatewayError:
+    """A stream that failed after it started (its error event), where the wire format ends
+    it with a status instead (gRPC)."""
+    return GatewayError(message, status=502, grpc_code="UNAVAILABLE", type="server_error")
+
+
 def timed_out(message: str) -> GatewayError:
     """504: the backend did not answer in time."""
     return GatewayError(
@@ -198,6 +219,7 @@ def upstream(status: int, payload: bytes, data: dict[str, Any]) -> GatewayError:
         type=upstream_type if isinstance(inner, dict) and isinstance(upstream_type, str) else kind,
         code=code if isinstance(code, str) else None,
         param=found.get("param") if isinstance(found.get("param"), str) else None,
+        upstream_body=payload if isinstance(inner, dict) else None,
     )
 
 
@@ -220,6 +242,7 @@ def upstream_unavailable(
             read as absent).
     """
     error = upstream(503, payload, data)
+    error.upstream_body = None  # answered in the gateway's shape, with its Retry-After
     try:
         seconds = float(retry_after) if retry_after is not None else 1.0
     except ValueError:

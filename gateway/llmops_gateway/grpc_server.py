@@ -8,36 +8,34 @@ on RESOURCE_EXHAUSTED and UNAVAILABLE.
 from __future__ import annotations
 
 import json
-import uuid
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-import structlog
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from llmops_contract import REQUEST_ID_HEADER
 from llmops_gateway import errors
 from llmops_gateway.core import (
-    Admitted,
-    ChatRequest,
-    CompletionRequest,
-    EmbeddingRequest,
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    Body,
+    Call,
     GatewayCore,
-    estimate_tokens,
-    json_object,
-    relay_sse,
+    Operation,
+    request_id_of,
 )
 from llmops_gateway.errors import GatewayError, invalid
 from llmops_gateway.grpc_api import gateway_pb2 as pb
 from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
 from llmops_gateway.settings import GatewaySettings
-from llmops_gateway.tracing import TRACEPARENT, TRACESTATE
 
-T = TypeVar("T")
+logger = logging.getLogger("llmops.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Gateway"].full_name
 
 
@@ -141,8 +139,19 @@ def _usage(data: dict[str, Any] | None) -> pb.Usage | None:
     )
 
 
+def _body(build: Callable[[], dict[str, Any]]) -> Body:
+    """A request's OpenAI JSON, built from its message when the core reads it (after
+    authentication, as REST reads its body)."""
+
+    async def read() -> dict[str, Any]:
+        return build()
+
+    return read
+
+
 class GatewayService(pb_grpc.GatewayServicer):
-    """The Gateway service.
+    """The Gateway service: each RPC turns its message into one call of the core and the
+    answer back into messages; `GatewayError` becomes a status in `MapErrors`.
 
     Args:
         core: The same core the REST app uses.
@@ -151,104 +160,43 @@ class GatewayService(pb_grpc.GatewayServicer):
     def __init__(self, core: GatewayCore) -> None:
         self.core = core
 
-    # -- shared steps ----------------------------------------------------------------------
-
-    async def _guard(
-        self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
-    ) -> T:
-        try:
-            return await work()
-        except GatewayError as error:
-            await _abort(context, error)
-            raise AssertionError("abort returns only by raising") from None
-
-    def _client_address(self, context: grpc.aio.ServicerContext, metadata: dict[str, Any]) -> str:
-        """The peer's IP (``ipv4:1.2.3.4:5678`` / ``ipv6:[::1]:5678``), or for a trusted proxy
-        the client its x-forwarded-for names, as REST finds it."""
+    def _call(self, context: grpc.aio.ServicerContext) -> Call:
+        """The call as the core takes it. The abuse limits count the peer's IP
+        (``ipv4:1.2.3.4:5678`` / ``ipv6:[::1]:5678``), or for a trusted proxy the client its
+        x-forwarded-for names, as REST finds it."""
+        metadata = {
+            key: value
+            for key, value in context.invocation_metadata() or ()
+            if isinstance(value, str)
+        }
         peer = context.peer() or ""
         kind, _, rest = peer.partition(":")
         if kind in ("ipv4", "ipv6"):
             peer = rest.rsplit(":", 1)[0].strip("[]")
-        forwarded = metadata.get("x-forwarded-for")
-        return self.core.abuse.address(peer, str(forwarded) if forwarded else None)
+        address = self.core.abuse.address(peer, metadata.get("x-forwarded-for"))
+        return Call(metadata, address, request_id_of(metadata))
 
-    def _request_id(self, context: grpc.aio.ServicerContext) -> str:
-        metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        return request_id
-
-    async def _admit(
-        self,
-        context: grpc.aio.ServicerContext,
-        body: dict[str, Any],
-        kind: type[ChatRequest] | type[CompletionRequest],
-        stream: bool,
-    ) -> Admitted:
-        metadata = dict(context.invocation_metadata() or ())
-        trace = None
-        if self.core.tracing is not None:  # the trace continues from the call's metadata
-            operation = "chat" if kind is ChatRequest else "text_completion"
-            trace = self.core.tracing.start(metadata, operation)
-            structlog.contextvars.bind_contextvars(trace_id=trace.trace_id)
-        try:
-            caller = await self.core.authenticate_client(
-                metadata.get("authorization"), self._client_address(context, metadata), trace
-            )
-            try:
-                parsed = kind.model_validate(body)
-            except ValueError as exc:
-                raise invalid(f"invalid request: {exc}") from None
-            parsed.stream = stream
-            admitted = await self.core.admit_generation(caller, body, parsed, trace)
-        except BaseException as exc:
-            if trace is not None:  # not admitted: no settlement ends it
-                trace.end(exc.status if isinstance(exc, GatewayError) else 500)
-            raise
-        traceparent = metadata.get(TRACEPARENT)
-        if trace is None and traceparent:  # tracing off: the caller's context, unchanged
-            admitted.trace_headers = {TRACEPARENT: str(traceparent)}
-            if metadata.get(TRACESTATE):
-                admitted.trace_headers[TRACESTATE] = str(metadata[TRACESTATE])
-        return admitted
-
-    async def _unary_json(
-        self, admitted: Admitted, path: str, body: dict[str, Any], request_id: str
+    async def _unary(
+        self, context: grpc.aio.ServicerContext, operation: Operation, body: Body
     ) -> dict[str, Any]:
-        status, payload, data = await self.core.call(admitted, path, body, request_id)
-        if status != 200:
-            raise errors.upstream(status, payload, data)
-        return data
+        reply = await self.core.generate(operation, self._call(context), body)
+        return reply.data
 
-    async def _stream_json(
-        self,
-        context: grpc.aio.ServicerContext,
-        body: dict[str, Any],
-        path: str,
-        kind: type[ChatRequest] | type[CompletionRequest],
+    async def _stream(
+        self, context: grpc.aio.ServicerContext, operation: Operation, body: Body
     ) -> AsyncIterator[dict[str, Any]]:
-        request_id = self._request_id(context)
-        try:
-            admitted = await self._admit(context, body, kind, stream=True)
-            body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-            response = await self.core.post(admitted, path, body, request_id)
-            if response.status != 200:
-                async with response:
-                    payload = await response.read()
-                await self.core.settle(admitted, 0, 0)
-                raise errors.upstream(response.status, payload, json_object(payload))
-        except GatewayError as error:
-            await _abort(context, error)
+        reply = await self.core.generate(operation, self._call(context), body)
+        if reply.events is None:  # a backend that answered a stream with a whole body
             return
-        async for block in relay_sse(self.core, admitted, response, True, request_id):
-            for line in block.splitlines():
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk: dict[str, Any] = json.loads(line[6:])
-                if "error" in chunk:
-                    failure = chunk["error"]
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(failure.get("message")))
-                yield chunk
+        async with aclosing(reply.events) as events:
+            async for block in events:
+                for line in block.splitlines():
+                    if not line.startswith(b"data: {"):
+                        continue
+                    chunk: dict[str, Any] = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise errors.stream_failed(str(chunk["error"].get("message")))
+                    yield chunk
 
     # -- RPCs ------------------------------------------------------------------------------
 
@@ -256,45 +204,33 @@ class GatewayService(pb_grpc.GatewayServicer):
         self, request: pb.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ChatCompletion:
         """A whole chat completion."""
-
-        async def work() -> pb.ChatCompletion:
-            body = _chat_body(request)
-            admitted = await self._admit(context, body, ChatRequest, stream=False)
-            data = await self._unary_json(
-                admitted, "/v1/chat/completions", body, self._request_id(context)
-            )
-            return pb.ChatCompletion(
-                id=str(data.get("id", "")),
-                model=str(data.get("model", "")),
-                created=int(data.get("created", 0)),
-                choices=[
-                    pb.ChatChoice(
-                        index=int(c.get("index", 0)),
-                        message=pb.Message(
-                            role=str(c["message"].get("role") or "assistant"),
-                            content=str(c["message"].get("content") or ""),
-                            tool_calls=_tool_calls(c["message"].get("tool_calls")),
-                        ),
-                        finish_reason=str(c.get("finish_reason") or ""),
-                        logprobs=_struct(c.get("logprobs")),
-                    )
-                    for c in data.get("choices", [])
-                ],
-                usage=_usage(data.get("usage")),
-            )
-
-        return await self._guard(context, work)
+        data = await self._unary(context, CHAT, _body(lambda: _chat_body(request, False)))
+        return pb.ChatCompletion(
+            id=str(data.get("id", "")),
+            model=str(data.get("model", "")),
+            created=int(data.get("created", 0)),
+            choices=[
+                pb.ChatChoice(
+                    index=int(c.get("index", 0)),
+                    message=pb.Message(
+                        role=str(c["message"].get("role") or "assistant"),
+                        content=str(c["message"].get("content") or ""),
+                        tool_calls=_tool_calls(c["message"].get("tool_calls")),
+                    ),
+                    finish_reason=str(c.get("finish_reason") or ""),
+                    logprobs=_struct(c.get("logprobs")),
+                )
+                for c in data.get("choices", [])
+            ],
+            usage=_usage(data.get("usage")),
+        )
 
     async def StreamChatCompletion(  # noqa: N802
         self, request: pb.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ChatCompletionChunk]:
         """A chat completion as it is generated."""
-        try:
-            body = _chat_body(request)
-        except GatewayError as error:
-            await _abort(context, error)
-            return
-        async for chunk in self._stream_json(context, body, "/v1/chat/completions", ChatRequest):
+        body = _body(lambda: _chat_body(request, True))
+        async for chunk in self._stream(context, CHAT, body):
             yield pb.ChatCompletionChunk(
                 id=str(chunk.get("id", "")),
                 model=str(chunk.get("model", "")),
@@ -316,29 +252,22 @@ class GatewayService(pb_grpc.GatewayServicer):
         self, request: pb.CompletionRequest, context: grpc.aio.ServicerContext
     ) -> pb.Completion:
         """A whole text completion."""
-        body = _completion_body(request)
-
-        async def work() -> pb.Completion:
-            admitted = await self._admit(context, body, CompletionRequest, stream=False)
-            data = await self._unary_json(
-                admitted, "/v1/completions", body, self._request_id(context)
-            )
-            return pb.Completion(
-                id=str(data.get("id", "")),
-                model=str(data.get("model", "")),
-                created=int(data.get("created", 0)),
-                choices=[_completion_choice(c) for c in data.get("choices", [])],
-                usage=_usage(data.get("usage")),
-            )
-
-        return await self._guard(context, work)
+        body = _body(lambda: _completion_body(request, False))
+        data = await self._unary(context, COMPLETIONS, body)
+        return pb.Completion(
+            id=str(data.get("id", "")),
+            model=str(data.get("model", "")),
+            created=int(data.get("created", 0)),
+            choices=[_completion_choice(c) for c in data.get("choices", [])],
+            usage=_usage(data.get("usage")),
+        )
 
     async def StreamCompletion(  # noqa: N802
         self, request: pb.CompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.CompletionChunk]:
         """A text completion as it is generated."""
-        body = _completion_body(request)
-        async for chunk in self._stream_json(context, body, "/v1/completions", CompletionRequest):
+        body = _body(lambda: _completion_body(request, True))
+        async for chunk in self._stream(context, COMPLETIONS, body):
             yield pb.CompletionChunk(
                 id=str(chunk.get("id", "")),
                 model=str(chunk.get("model", "")),
@@ -350,53 +279,31 @@ class GatewayService(pb_grpc.GatewayServicer):
         self, request: pb.EmbeddingsRequest, context: grpc.aio.ServicerContext
     ) -> pb.Embeddings:
         """Embeddings of one or more texts."""
-
-        async def work() -> pb.Embeddings:
-            metadata = dict(context.invocation_metadata() or ())
-            caller = await self.core.authenticate_client(
-                metadata.get("authorization"), self._client_address(context, metadata)
-            )
-            if not request.model or not request.input:
-                raise invalid("model and at least one input are required")
-            body = {
-                "model": request.model,
-                "input": list(request.input),
-                "encoding_format": "float",
-            }
-            EmbeddingRequest.model_validate(body)
-            admitted = await self.core.admit(
-                caller, request.model, estimate_tokens(body["input"]), 0, False
-            )
-            data = await self._unary_json(
-                admitted, "/v1/embeddings", body, self._request_id(context)
-            )
-            return pb.Embeddings(
-                model=str(data.get("model", "")),
-                data=[
-                    pb.Embedding(index=int(d.get("index", i)), values=d.get("embedding", []))
-                    for i, d in enumerate(data.get("data", []))
-                ],
-                usage=_usage(data.get("usage")),
-            )
-
-        return await self._guard(context, work)
+        data = await self._unary(context, EMBEDDINGS, _body(lambda: _embeddings_body(request)))
+        return pb.Embeddings(
+            model=str(data.get("model", "")),
+            data=[
+                pb.Embedding(index=int(d.get("index", i)), values=d.get("embedding", []))
+                for i, d in enumerate(data.get("data", []))
+            ],
+            usage=_usage(data.get("usage")),
+        )
 
     async def ListModels(  # noqa: N802
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         """The models the caller's key may use."""
-
-        async def work() -> pb.ListModelsResponse:
-            metadata = dict(context.invocation_metadata() or ())
-            caller = await self.core.authenticate_client(
-                metadata.get("authorization"), self._client_address(context, metadata)
-            )
-            return pb.ListModelsResponse(models=await self.core.models_for(caller))
-
-        return await self._guard(context, work)
+        return pb.ListModelsResponse(models=await self.core.list_models(self._call(context)))
 
 
-def _chat_body(request: pb.ChatCompletionRequest) -> dict[str, Any]:
+def _stream_fields(stream: bool) -> dict[str, Any]:
+    """Whether the RPC streams; a streamed one always ends with a usage chunk."""
+    if not stream:
+        return {"stream": False}
+    return {"stream": True, "stream_options": {"include_usage": True}}
+
+
+def _chat_body(request: pb.ChatCompletionRequest, stream: bool) -> dict[str, Any]:
     tools: dict[str, Any] = {}
     if request.HasField("tools"):
         tools["tools"] = json_format.MessageToDict(request.tools)
@@ -408,16 +315,24 @@ def _chat_body(request: pb.ChatCompletionRequest) -> dict[str, Any]:
         "model": request.model,
         "messages": [_message_json(m) for m in request.messages],
         **_params(request.params),
+        **_stream_fields(stream),
     }
 
 
-def _completion_body(request: pb.CompletionRequest) -> dict[str, Any]:
+def _completion_body(request: pb.CompletionRequest, stream: bool) -> dict[str, Any]:
     return {
         **_extra(request),
         "model": request.model,
         "prompt": request.prompt,
         **_params(request.params),
+        **_stream_fields(stream),
     }
+
+
+def _embeddings_body(request: pb.EmbeddingsRequest) -> dict[str, Any]:
+    if not request.model or not request.input:
+        raise invalid("model and at least one input are required")
+    return {"model": request.model, "input": list(request.input), "encoding_format": "float"}
 
 
 def _completion_choice(choice: dict[str, Any]) -> pb.CompletionChoice:
@@ -445,6 +360,16 @@ async def _abort(context: grpc.aio.ServicerContext, error: GatewayError) -> None
     await context.abort(_CODES[error.grpc_code], error.message)
 
 
+async def _abort_for(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Ends a call that raised: `GatewayError` as its status code, a bug as INTERNAL."""
+    if isinstance(exc, grpc.aio.AbortError):  # already aborted with its status
+        raise exc
+    if not isinstance(exc, GatewayError):
+        logger.error("unhandled error", exc_info=exc)
+        exc = errors.internal()
+    await _abort(context, exc)
+
+
 @dataclass(frozen=True)
 class _Malformed:
     """What a request that does not parse as its message type becomes."""
@@ -452,12 +377,14 @@ class _Malformed:
     reason: str
 
 
-class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Answers a request that does not parse with INVALID_ARGUMENT.
+class MapErrors(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The one place gRPC calls' errors become status codes, unary and streaming alike.
 
-    grpcio itself answers UNKNOWN ("Exception deserializing request!"), which tells a client
-    nothing about whose fault it was. The request is parsed by a deserializer that cannot
-    fail; the method then refuses a request that did not parse, saying why.
+    `GatewayError` becomes its ``grpc_code`` (with ``retry-after`` trailing metadata on
+    RESOURCE_EXHAUSTED and UNAVAILABLE), as the REST app's one handler makes it a status.
+    A request that does not parse gets INVALID_ARGUMENT: grpcio itself answers UNKNOWN
+    ("Exception deserializing request!"), which tells a client nothing about whose fault it
+    was, so requests are parsed by a deserializer that cannot fail and refused here.
     """
 
     async def intercept_service(
@@ -480,9 +407,12 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             unary = handler.unary_unary
 
             async def checked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-                return await unary(request, context)
+                try:
+                    if isinstance(request, _Malformed):
+                        raise invalid(request.reason)
+                    return await unary(request, context)
+                except Exception as exc:
+                    await _abort_for(context, exc)
 
             return grpc.unary_unary_rpc_method_handler(
                 checked_unary, tolerant, handler.response_serializer
@@ -491,10 +421,13 @@ class RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             streaming = handler.unary_stream
 
             async def checked_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-                async for item in streaming(request, context):
-                    yield item
+                try:
+                    if isinstance(request, _Malformed):
+                        raise invalid(request.reason)
+                    async for item in streaming(request, context):
+                        yield item
+                except Exception as exc:
+                    await _abort_for(context, exc)
 
             return grpc.unary_stream_rpc_method_handler(
                 checked_stream, tolerant, handler.response_serializer
@@ -526,7 +459,7 @@ async def start_grpc(core: GatewayCore, host: str, port: int) -> RunningGrpc:
     """
     limit = core.settings.max_body_bytes
     server = grpc.aio.server(
-        interceptors=[RejectMalformed()],
+        interceptors=[MapErrors()],
         options=[("grpc.max_receive_message_length", limit)],
     )
     pb_grpc.add_GatewayServicer_to_server(GatewayService(core), server)  # type: ignore[no-untyped-call]
