@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from llmops_contract import LLM_DEPLOYMENT_PREFIX
+from llmops_contract import HELD_REQUESTS_METRIC, llm_deployment_name
 
 # vLLM metrics as Ray exports them: "vllm:" becomes "ray_vllm_".
 VLLM_WAITING = "ray_vllm_num_requests_waiting"
@@ -81,13 +81,53 @@ def worker_pod_regex(deployment: str) -> str:
     return worker_pods(deployment)
 
 
-def gpu_utilization(namespace: str, deployment: str) -> TriggerQuery:
-    """Average DCGM GPU utilisation (0-100) over the GPUs of the deployment's worker pods.
+# KubeRay cuts a worker's generateName, `<cluster>-<group>`, to this many characters
+# (ray-operator/controllers/ray/utils/util.go, PodName / CheckName).
+POD_PREFIX_MAX = 50
+# KubeRay < 1.4 refused longer RayService names (its `-raycluster-` infix needed the room).
+OLD_NAME_MAX_LENGTH = 36
+
+
+def group_worker_pods(deployment: str, group: str) -> str:
+    """Regex of the worker pod names of one worker group (one model) of one deployment.
+
+    The group name follows ``<rayservice>-[raycluster-]<5 random>-`` in the name, cut where
+    KubeRay cuts the generateName (`worker_pods`): a cut group matches by the part that is
+    left, and where nothing of it is left (a RayService name of 43 or more characters) that
+    naming's branch matches every worker of the deployment, as `worker_pod_regex` does.
+
+    Raises:
+        ValueError: ``deployment`` is not a DNS label or ``group`` not a model name.
+    """
+    if not _DNS_LABEL.fullmatch(deployment):
+        raise ValueError(f"not a DNS label: {deployment!r}")
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", group):
+        raise ValueError(f"not a worker group name: {group!r}")
+    suffix = f"{KUBERAY_RANDOM}{{5}}"
+    cut = f"{KUBERAY_RANDOM}{{1,5}}"
+    branches = []
+    for cluster_infix in ("", "raycluster-"):
+        if cluster_infix and len(deployment) > OLD_NAME_MAX_LENGTH:
+            continue  # no cluster of the old naming can have this name
+        before = len(deployment) + 1 + len(cluster_infix) + 5 + 1
+        room = POD_PREFIX_MAX - before
+        if room <= 0:  # nothing of the group is left in the name: every worker
+            branches.append(f"{deployment}-{cluster_infix}({suffix}-.*|{cut})-worker-{suffix}")
+            continue
+        # A dot in a model name is literal; [.] needs no escaping inside a PromQL string.
+        kept = group[:room].replace(".", "[.]")
+        branches.append(f"{deployment}-{cluster_infix}{suffix}-{kept}-worker-{suffix}")
+    return "|".join(branches)
+
+
+def gpu_utilization(namespace: str, deployment: str, group: str | None = None) -> TriggerQuery:
+    """Average DCGM GPU utilisation (0-100) over the GPUs of the deployment's worker pods, or
+    of one worker group's (one model's) with ``group``.
 
     Series of the GPU Operator's scrape name the GPU's pod in ``exported_pod``; the second
     branch of the ``or`` reads a scrape with ``honorLabels: true``, where it is ``pod``.
     """
-    pods = worker_pod_regex(deployment)
+    pods = group_worker_pods(deployment, group) if group else worker_pod_regex(deployment)
     exported = f'exported_namespace="{namespace}", exported_pod=~"{pods}"'
     honored = f'namespace="{namespace}", pod=~"{pods}"'
     return TriggerQuery(
@@ -98,27 +138,35 @@ def gpu_utilization(namespace: str, deployment: str) -> TriggerQuery:
     )
 
 
-def queue_depth(namespace: str, deployment: str) -> TriggerQuery:
-    """Requests waiting: in vLLM's scheduler plus in Serve's queues in front of the LLMs.
+def queue_depth(namespace: str, deployment: str, model: str) -> TriggerQuery:
+    """Requests waiting for one model: in its vLLM engines' schedulers (vLLM labels its
+    gauges with the served ``model_name``) plus in Serve's queue in front of its deployment.
 
     KEDA divides it by the replica count (AverageValue), so the target is per replica. The
-    Serve queue counts requests waiting for a replica, so a deployment scaled to zero still
+    Serve queue counts requests waiting for a replica, so a model scaled to zero still
     shows demand.
     """
     sel = _selector(namespace, deployment)
-    serve = f'{sel}, deployment=~"{LLM_DEPLOYMENT_PREFIX}.*"'
+    engines = f'{sel}, model_name="{model}"'
+    serve = f'{sel}, deployment="{llm_deployment_name(model)}"'
     return TriggerQuery(
         "queue-depth",
-        f"(sum({VLLM_WAITING}{{{sel}}}) or vector(0))"
+        f"(sum({VLLM_WAITING}{{{engines}}}) or vector(0))"
         f" + (sum({SERVE_QUEUED}{{{serve}}}) or vector(0))",
         "AverageValue",
     )
 
 
-def kv_cache_usage(namespace: str, deployment: str) -> TriggerQuery:
-    """KV-cache usage in percent, averaged over the deployment's vLLM engines."""
+def kv_cache_usage(namespace: str, deployment: str, model: str) -> TriggerQuery:
+    """KV-cache usage in percent, averaged over one model's vLLM engines."""
+    sel = f'{_selector(namespace, deployment)}, model_name="{model}"'
+    return TriggerQuery("kv-cache-usage", f"avg({VLLM_KV_CACHE_USAGE}{{{sel}}}) * 100", "Value")
+
+
+def held_requests(model: str) -> TriggerQuery:
+    """Requests the gateway holds for a model with no serving replica (scaled to zero or
+    starting): the gateway's gauge, by served model name. Activated above 0, it wakes the
+    model; as an AverageValue it also counts as waiting demand per replica."""
     return TriggerQuery(
-        "kv-cache-usage",
-        f"avg({VLLM_KV_CACHE_USAGE}{{{_selector(namespace, deployment)}}}) * 100",
-        "Value",
+        "held-requests", f'sum({HELD_REQUESTS_METRIC}{{model="{model}"}})', "AverageValue"
     )

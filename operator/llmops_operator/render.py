@@ -5,13 +5,23 @@ nothing at serving time: the RayService's serveConfigV2 carries the services gra
 (`llmops_contract.GraphConfig`, validated here), so the cluster runs the graph
 `llmops up` runs locally.
 
-Replica counts live in the serveConfigV2 ``deployments`` overrides, never in the
-application ``args`` nor the Ray cluster config: a change of spec.replicas (as KEDA writes it)
-is then a lightweight Serve update that keeps running replicas, and KubeRay applies it to the
-running cluster in place. LLM replica counts are always written as an ``autoscaling_config``
-(min = max = the count): Ray refuses ``num_replicas: 0`` (ray/serve/schema.py types it as a
-positive int), reaches zero only through ``min_replicas: 0``, and restarts the application when
-a deployment switches between ``num_replicas`` and ``autoscaling_config``.
+Each model scales on its own: its `LLMModel` (named `<deployment>-<model>`) is the scale
+target KEDA and `kubectl scale` write, and its count reaches that model's Serve deployment and
+worker group only. Replica counts live in the serveConfigV2 ``deployments`` overrides, never in
+the application ``args`` nor the Ray cluster config: a changed count is then a lightweight
+Serve update of that deployment alone. Ray Serve compares the new config's code version
+(import_path, args, runtime_env: serve/_private/application_state.py `apply_app_config`,
+`get_app_code_version`) and, when it is unchanged, only applies the deployment overrides
+(`override_deployment_info`) without rebuilding the application; a deployment whose
+autoscaling_config alone changed keeps its replicas' version (serve/_private/version.py
+`DeploymentVersion.requires_actor_restart` leaves the autoscaling config out), so Serve adds or
+removes replicas of that deployment and leaves the others as they are. KubeRay applies the new
+serveConfigV2 to the running cluster in place.
+
+LLM replica counts are always written as an ``autoscaling_config`` (min = max = the count):
+Ray refuses ``num_replicas: 0`` (ray/serve/schema.py types it as a positive int), reaches zero
+only through ``min_replicas: 0``, and restarts the application when a deployment switches
+between ``num_replicas`` and ``autoscaling_config``.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -32,6 +42,7 @@ from llmops_contract import (
     ENCODER_DEPLOYMENT,
     GRAPH_IMPORT_PATH,
     KIND,
+    MODEL_KIND,
     ROUTER_DEPLOYMENT,
     GraphConfig,
 )
@@ -39,14 +50,17 @@ from llmops_contract.tracing import tracing_env
 from llmops_operator import queries
 from llmops_operator.models import (
     MAX_NAME_LENGTH,
+    MODEL_OBJECT_MAX_LENGTH,
     NAME_PATTERN,
     LLMDeploymentSpec,
     ModelSpec,
+    model_scaling,
     parse_spec,
 )
 from llmops_operator.settings import DEFAULT_WORKER_IMAGE, OperatorSettings
 
 DEPLOYMENT_LABEL = "llmops.dev/deployment"
+MODEL_LABEL = "llmops.dev/model"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = "llmops-operator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -79,7 +93,15 @@ _DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 class RenderError(ValueError):
-    """The manifest cannot be rendered; the message says what to fix."""
+    """The manifest cannot be rendered; the message says what to fix.
+
+    Attributes:
+        reason: The Ready condition's reason the operator reports it with.
+    """
+
+    def __init__(self, message: str, reason: str = "InvalidSpec") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -147,6 +169,9 @@ class Observed:
 
     active_cluster: str | None = None
     secret_version: str | None = None
+    model_replicas: Mapping[str, int] = field(default_factory=dict)
+    """Each model's replica count by model name: its LLMModel's spec.replicas (what KEDA or
+    `kubectl scale` set). A model without one starts at its spec's count."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +209,30 @@ def parse_manifest(manifest: Mapping[str, Any]) -> Target:
         spec = parse_spec(dict(manifest.get("spec") or {}))
     except ValidationError as exc:
         raise RenderError(_explain(exc)) from exc
+    for model in spec.models:
+        object_name = model_object_name(name, model.name)
+        if len(object_name) > MODEL_OBJECT_MAX_LENGTH:
+            raise RenderError(
+                f"model {model.name!r}: its scale target {MODEL_KIND} {object_name!r} would "
+                f"have {len(object_name)} characters, over {MODEL_OBJECT_MAX_LENGTH} (it names "
+                "the model's ScaledObject, which KEDA puts in a label of its HPA): shorten "
+                "metadata.name or the model name",
+                reason="NameTooLong",
+            )
     return Target(name, meta.get("namespace") or "default", meta.get("uid"), spec)
+
+
+def model_object_name(deployment: str, model: str) -> str:
+    """The name of a model's LLMModel and ScaledObject: ``<deployment>-<model>``."""
+    return f"{deployment}-{model}"
+
+
+def model_replicas(target: Target, observed: Observed | None = None) -> dict[str, int]:
+    """Each model's replica count: its LLMModel's when observed, else its spec's."""
+    seen = (observed or Observed()).model_replicas
+    return {
+        m.name: seen.get(m.name, model_scaling(target.spec, m).replicas) for m in target.spec.models
+    }
 
 
 def _explain(exc: ValidationError) -> str:
@@ -205,8 +253,9 @@ def render(
         defaults: Operator-wide defaults (images, Prometheus URL).
 
     Returns:
-        PVC, loader Job, RayService, Service, then ScaledObject (when autoscaling is on) and
-        PodMonitor. With metadata.uid set, each carries an owner reference to the manifest.
+        PVC, loader Job, an LLMModel per model, RayService, Service, NetworkPolicy, then a
+        ScaledObject per model (when autoscaling is on) and PodMonitor. With metadata.uid
+        set, each carries an owner reference to the manifest.
 
     Raises:
         RenderError: the manifest is invalid; nothing should be applied.
@@ -223,11 +272,13 @@ def render_target(
     children = []
     if shared_cache(target.spec):
         children += [cache_claim(target), cache_loader(target, defaults, observed)]
-    children += [ray_service(target, defaults, graph), graph_service(target, observed)]
+    counts = model_replicas(target, observed)
+    children += [llm_model(target, m, counts[m.name]) for m in target.spec.models]
+    children += [ray_service(target, defaults, graph, counts), graph_service(target, observed)]
     if defaults.network is not None:
         children.append(network_policy(target, defaults.network))
     if target.spec.autoscaling.enabled:
-        children.append(scaled_object(target, defaults))
+        children += [scaled_object(target, defaults, m) for m in target.spec.models]
     children.append(pod_monitor(target))
     if target.uid:
         for child in children:
@@ -263,12 +314,12 @@ def _meta(target: Target, name: str, component: str) -> dict[str, Any]:
 
 
 def worker_selector(name: str, model: str) -> str:
-    """Label selector of one model's Ray worker pods (status.selector, the scale's selector).
+    """Label selector of one model's Ray worker pods (the LLMModel's status.selector, the
+    scale's selector).
 
     The HPA multiplies a Value metric's ratio by the ready pods this selector matches
-    (pkg/controller/podautoscaler/replica_calculator.go): it must match one replica's pods
-    only, never the head, another model's workers or loader pods. spec.replicas applies to
-    every model, so one model's workers count the replicas.
+    (pkg/controller/podautoscaler/replica_calculator.go): it must match one model's replica
+    pods only, never the head, another model's workers or loader pods.
     """
     return f"{DEPLOYMENT_LABEL}={name},{RAY_NODE_TYPE_LABEL}=worker,{RAY_GROUP_LABEL}={model}"
 
@@ -329,14 +380,18 @@ def graph_config(target: Target) -> GraphConfig:
         raise RenderError(f"the serving graph is invalid: {_explain(exc)}") from exc
 
 
-def serve_config(target: Target, graph: GraphConfig) -> dict[str, Any]:
-    """The Ray Serve config (serveConfigV2): one application built by `build_app`."""
+def serve_config(
+    target: Target, graph: GraphConfig, counts: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """The Ray Serve config (serveConfigV2): one application built by `build_app`, each LLM
+    deployment at its model's replica count (``counts``, by model name)."""
     spec = target.spec
+    counts = counts if counts is not None else model_replicas(target)
     drain = spec.rollout.drain_seconds
     deployments: list[dict[str, Any]] = [
         {
             "name": llm.deployment_name,
-            "autoscaling_config": serve_replicas(spec.replicas),
+            "autoscaling_config": serve_replicas(counts[llm.name]),
             "graceful_shutdown_timeout_s": drain,
         }
         for llm in graph.llms
@@ -357,17 +412,12 @@ def serve_config(target: Target, graph: GraphConfig) -> dict[str, Any]:
     }
 
 
-def min_replicas(spec: LLMDeploymentSpec) -> int:
-    """The fewest replicas autoscaling may choose (scaleToZero and minReplicas 0 both mean 0)."""
-    return 0 if spec.autoscaling.scale_to_zero else spec.autoscaling.min_replicas
-
-
 def serve_replicas(replicas: int) -> dict[str, Any]:
     """A fixed replica count as Serve accepts it, zero included.
 
     Serve validates max_replicas >= 1, so zero is min 0 / max 1 starting at 0 and released
-    at once: KEDA (through spec.replicas) decides when a model runs, Serve's own autoscaler
-    does not.
+    at once: KEDA (through the model's LLMModel) decides when a model runs, Serve's own
+    autoscaler does not.
     """
     if replicas == 0:
         return {
@@ -702,19 +752,22 @@ def _pod_template(
     return {"metadata": {"labels": labels(target, "ray")}, "spec": pod}
 
 
-def _worker_group(target: Target, model: ModelSpec, images: tuple[str, str]) -> dict[str, Any]:
+def _worker_group(
+    target: Target, model: ModelSpec, images: tuple[str, str], count: int
+) -> dict[str, Any]:
+    """One model's worker group, at its replica count, within its bounds (each worker pod
+    holds one replica). At 0 no worker of it is kept: Ray's autoscaler removes idle ones."""
     spec = target.spec
     res = model.resources
     limits: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
     if res.gpus:
         limits["nvidia.com/gpu"] = res.gpus
-    autoscaling = spec.autoscaling
-    if autoscaling.enabled:
-        low = min_replicas(spec)
-        high = autoscaling.max_replicas
+    if spec.autoscaling.enabled:
+        scaling = model_scaling(spec, model)
+        low, high = scaling.min_replicas, scaling.max_replicas
     else:
         # Without KEDA, replicas are set by hand; room to grow without a new Ray cluster.
-        low, high = 0, max(spec.replicas, 1) * 4
+        low, high = 0, max(count, 1) * 4
     container = _ray_container(
         target,
         "ray-worker",
@@ -724,17 +777,23 @@ def _worker_group(target: Target, model: ModelSpec, images: tuple[str, str]) -> 
     )
     return {
         "groupName": model.name,
-        "replicas": low,
-        "minReplicas": low,
-        "maxReplicas": high,
+        "replicas": count,
+        "minReplicas": min(low, count),
+        "maxReplicas": max(high, count),
         "rayStartParams": {"num-gpus": str(res.gpus)},
         "template": _pod_template(target, container, images, res.gpus, res.gpu_type),
     }
 
 
-def ray_service(target: Target, defaults: RenderDefaults, graph: GraphConfig) -> dict[str, Any]:
+def ray_service(
+    target: Target,
+    defaults: RenderDefaults,
+    graph: GraphConfig,
+    counts: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
     """The RayService: head (router, encoder) plus one GPU worker group per model."""
     spec = target.spec
+    counts = counts if counts is not None else model_replicas(target)
     image = spec.images.worker or defaults.worker_image
     images = (image, spec.images.loader or defaults.loader_image)
     head_resources = {"cpu": HEAD_CPU, "memory": HEAD_MEMORY}
@@ -766,7 +825,7 @@ def ray_service(target: Target, defaults: RenderDefaults, graph: GraphConfig) ->
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
             "template": _pod_template(target, head_container, images, 0, None),
         },
-        "workerGroupSpecs": [_worker_group(target, m, images) for m in spec.models],
+        "workerGroupSpecs": [_worker_group(target, m, images, counts[m.name]) for m in spec.models],
     }
     # Tracing reaches every Ray process (Ray Serve reads it in each replica): a changed
     # endpoint is a pod change, rolled out like any other.
@@ -786,7 +845,7 @@ def ray_service(target: Target, defaults: RenderDefaults, graph: GraphConfig) ->
                 "type": "NewCluster" if spec.rollout.strategy == "NewCluster" else "None"
             },
             "serveConfigV2": yaml.dump(
-                serve_config(target, graph), Dumper=_DUMPER, sort_keys=False
+                serve_config(target, graph, counts), Dumper=_DUMPER, sort_keys=False
             ),
             "rayClusterConfig": cluster,
         },
@@ -903,26 +962,48 @@ def http_endpoint(name: str, namespace: str) -> str:
 # --- autoscaling and monitoring ---------------------------------------------------------
 
 
-def scaled_object(target: Target, defaults: RenderDefaults) -> dict[str, Any]:
-    """KEDA scales spec.replicas (the scale subresource) from DCGM and vLLM signals."""
+def llm_model(target: Target, model: ModelSpec, replicas: int) -> dict[str, Any]:
+    """A model's scale target. The operator creates it with ``replicas`` and never applies
+    spec.replicas again while autoscaling is on (KEDA's HPA and `kubectl scale` own it); see
+    reconcile.sync_models."""
+    meta = _meta(target, model_object_name(target.name, model.name), "model")
+    meta["labels"][MODEL_LABEL] = model.name
+    return {
+        "apiVersion": API_VERSION,
+        "kind": MODEL_KIND,
+        "metadata": meta,
+        "spec": {"deployment": target.name, "model": model.name, "replicas": replicas},
+    }
+
+
+def scaled_object(target: Target, defaults: RenderDefaults, model: ModelSpec) -> dict[str, Any]:
+    """KEDA scales one model's LLMModel (its scale subresource) from that model's signals:
+    DCGM over its worker pods, its vLLM queue and KV cache, Serve's queue in front of it and
+    the requests the gateway holds for it (which wake it from zero)."""
     auto = target.spec.autoscaling
+    scaling = model_scaling(target.spec, model)
+    targets = scaling.targets
+    ns, name = target.namespace, target.name
     wanted = [
-        (queries.gpu_utilization, auto.targets.gpu_utilization),
-        (queries.queue_depth, auto.targets.queue_depth),
-        (queries.kv_cache_usage, auto.targets.kv_cache_usage),
+        (queries.gpu_utilization(ns, name, model.name), targets.gpu_utilization),
+        (queries.queue_depth(ns, name, model.name), targets.queue_depth),
+        (queries.kv_cache_usage(ns, name, model.name), targets.kv_cache_usage),
+        # A held request is waiting demand like a queued one, per replica.
+        (queries.held_requests(model.name), targets.queue_depth or 1),
     ]
     triggers = []
-    for make, threshold in wanted:
+    for query, threshold in wanted:
         if threshold is None:
             continue
-        query = make(target.namespace, target.name)
         metadata = {
             "serverAddress": defaults.prometheus_url,
             "query": query.query,
             "threshold": str(threshold),
         }
-        if query.name == "queue-depth":
-            # From zero replicas, one waiting request is enough to start one.
+        if query.name in {"queue-depth", "held-requests"}:
+            # KEDA activates (0 -> 1) when the value is above activationThreshold
+            # (pkg/scalers/prometheus_scaler.go, GetMetricsAndActivity: value >
+            # activationThreshold): one waiting or held request starts a model at zero.
             metadata["activationThreshold"] = "0"
         triggers.append(
             {
@@ -932,14 +1013,17 @@ def scaled_object(target: Target, defaults: RenderDefaults) -> dict[str, Any]:
                 "metadata": metadata,
             }
         )
+    object_name = model_object_name(name, model.name)
+    meta = _meta(target, object_name, "autoscaler")
+    meta["labels"][MODEL_LABEL] = model.name
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": _meta(target, target.name, "autoscaler"),
+        "metadata": meta,
         "spec": {
-            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": target.name},
-            "minReplicaCount": min_replicas(target.spec),
-            "maxReplicaCount": auto.max_replicas,
+            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": MODEL_KIND, "name": object_name},
+            "minReplicaCount": scaling.min_replicas,
+            "maxReplicaCount": scaling.max_replicas,
             "pollingInterval": auto.polling_interval_seconds,
             "cooldownPeriod": auto.cooldown_seconds,
             "advanced": {

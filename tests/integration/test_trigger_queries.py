@@ -140,6 +140,33 @@ def long_name_series(*, honor: bool) -> list[dict[str, str]]:
     ]
 
 
+def per_group_gpu_series() -> list[dict[str, str]]:
+    """Workers of three groups whose names share prefixes: only the named group counts."""
+    gpu = queries.DCGM_GPU_UTIL
+    return [
+        dcgm(gpu, f"{CLUSTER}-llama-3-worker-bc4df", 0, 90, honor=False),
+        dcgm(gpu, f"{CLUSTER}-llama-3-large-worker-bc4dg", 1, 10, honor=False),
+        dcgm(gpu, f"{CLUSTER}-llama-3x1-worker-bc4dh", 2, 70, honor=False),  # not "llama-3.1"
+        dcgm(gpu, f"{CLUSTER}-llama-3.1-worker-bc4dj", 3, 20, honor=False),
+        dcgm(gpu, MISTRAL_WORKER, 4, 30, honor=False),
+    ]
+
+
+def held_series() -> list[dict[str, str]]:
+    """llmops_gateway_held_requests as the gateway's PodMonitor stores it: one series per
+    gateway pod and model (gateway/llmops_gateway/metrics.py)."""
+    target = {"namespace": "llmops-system", "container": "gateway", "job": "llmops-gateway"}
+    found = []
+    for pod, model, value in (
+        ("gw-a", "llama-3", 2),
+        ("gw-b", "llama-3", 1),
+        ("gw-a", "mistral", 0),
+    ):
+        stored = {"model": model, **target, "pod": f"llmops-gateway-7d9f-{pod}"}
+        found.append(series(queries.HELD_REQUESTS_METRIC, labels(stored), value))
+    return found
+
+
 # --- Ray and vLLM series, as the deployment's PodMonitor stores them --------------------------
 
 
@@ -193,8 +220,8 @@ GpuQuery = Callable[[str, str], queries.TriggerQuery]
 def trigger_tests(gpu_query: GpuQuery = queries.gpu_utilization) -> list[dict[str, Any]]:
     """promtool test groups for every trigger query; ``gpu_query`` makes the GPU one."""
     gpu = gpu_query(NS, "llama")
-    queue = queries.queue_depth(NS, "llama")
-    kv = queries.kv_cache_usage(NS, "llama")
+    queue = queries.queue_depth(NS, "llama", "llama-3")
+    kv = queries.kv_cache_usage(NS, "llama", "llama-3")
     engines = [
         vllm(queries.VLLM_WAITING, LLAMA_WORKER, "llama-3", 3),
         vllm(queries.VLLM_WAITING, MISTRAL_WORKER, "mistral", 4),
@@ -213,7 +240,34 @@ def trigger_tests(gpu_query: GpuQuery = queries.gpu_utilization) -> list[dict[st
             "name": "gpu operator scrape (honorLabels false)",
             "interval": "1m",
             "input_series": gpu_series(honor=False) + engines,
-            "promql_expr_test": [expect(gpu, 60), expect(queue, 12), expect(kv, 60)],
+            "promql_expr_test": [
+                expect(gpu, 60),
+                # One model's signals: its engines (vLLM's model_name) and its Serve queue.
+                expect(queue, 8),
+                expect(kv, 50),
+                expect(queries.queue_depth(NS, "llama", "mistral"), 4),
+                expect(queries.kv_cache_usage(NS, "llama", "mistral"), 70),
+            ],
+        },
+        {
+            "name": "one model's GPUs (its worker group's pods)",
+            "interval": "1m",
+            "input_series": per_group_gpu_series(),
+            "promql_expr_test": [
+                expect(queries.gpu_utilization(NS, "llama", "llama-3"), 90),
+                expect(queries.gpu_utilization(NS, "llama", "mistral"), 30),
+                expect(queries.gpu_utilization(NS, "llama", "llama-3.1"), 20),
+            ],
+        },
+        {
+            "name": "requests the gateway holds, per model, over its replicas",
+            "interval": "1m",
+            "input_series": held_series(),
+            "promql_expr_test": [
+                expect(queries.held_requests("llama-3"), 3),
+                expect(queries.held_requests("mistral"), 0),
+                expect_nothing(queries.held_requests("qwen")),
+            ],
         },
         {
             "name": "scrape with honorLabels true",
@@ -228,6 +282,11 @@ def trigger_tests(gpu_query: GpuQuery = queries.gpu_utilization) -> list[dict[st
             "promql_expr_test": [
                 expect(gpu_query(NS, LONG), 40),
                 expect(gpu_query(NS, LONGEST), 90),
+                # The group name cut to "lla" still tells it apart; at 47 characters nothing
+                # of it is left and the model's query reads the deployment's workers.
+                expect(queries.gpu_utilization(NS, LONG, "llama-3-1-8b-instruct"), 40),
+                expect_nothing(queries.gpu_utilization(NS, LONG, "mistral")),
+                expect(queries.gpu_utilization(NS, LONGEST, "llama-3-1-8b-instruct"), 90),
             ],
         },
         {

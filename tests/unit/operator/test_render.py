@@ -12,8 +12,8 @@ import yaml
 
 from llmops_operator import queries
 from llmops_operator.crd import CRD_FILE_NAME, MODEL_CRD_FILE_NAME, crd_files
-from llmops_operator.render import RenderDefaults, RenderError, render
-from tests.schemas import assert_valid, schema_errors
+from llmops_operator.render import RenderDefaults, RenderError, cluster_hash, render
+from tests.operator_schemas import assert_valid, schema_errors
 
 ROOT = Path(__file__).parents[3]
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
@@ -126,10 +126,17 @@ def test_replicas_live_only_in_serve_overrides() -> None:
     scaled["spec"]["replicas"] = 5
     one = {o["kind"]: o for o in render(base)}
     five = {o["kind"]: o for o in render(scaled)}
-    assert (
-        one["RayService"]["spec"]["rayClusterConfig"]
-        == five["RayService"]["spec"]["rayClusterConfig"]
-    )
+    # Only the worker group's counts differ, which KubeRay's cluster hash leaves out (no new
+    # cluster): ray-operator/controllers/ray/utils/util.go.
+    cluster_one = one["RayService"]["spec"]["rayClusterConfig"]
+    cluster_five = five["RayService"]["spec"]["rayClusterConfig"]
+    assert cluster_hash(cluster_one) == cluster_hash(cluster_five)
+    (group,) = cluster_five["workerGroupSpecs"]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (5, 1, 8)
+    for cluster in (cluster_one, cluster_five):
+        for group in cluster["workerGroupSpecs"]:
+            del group["replicas"]
+    assert cluster_one == cluster_five
     app_one = yaml.safe_load(one["RayService"]["spec"]["serveConfigV2"])["applications"][0]
     app_five = yaml.safe_load(five["RayService"]["spec"]["serveConfigV2"])["applications"][0]
     assert app_one["args"] == app_five["args"]
@@ -162,20 +169,27 @@ def test_scaled_object_uses_the_shared_trigger_queries() -> None:
     defaults = RenderDefaults(prometheus_url="http://prom.example:9090")
     scaled = next(o for o in render(manifest, defaults) if o["kind"] == "ScaledObject")
     triggers = {t["name"]: t for t in scaled["spec"]["triggers"]}
-    ns, name = "llmops-demo", "llama-8b"
+    ns, name, model = "llmops-demo", "llama-8b", "llama-3.1-8b-instruct"
     assert (
-        triggers["gpu-utilization"]["metadata"]["query"] == queries.gpu_utilization(ns, name).query
+        triggers["gpu-utilization"]["metadata"]["query"]
+        == queries.gpu_utilization(ns, name, model).query
     )
-    assert triggers["queue-depth"]["metadata"]["query"] == queries.queue_depth(ns, name).query
-    assert triggers["kv-cache-usage"]["metadata"]["query"] == queries.kv_cache_usage(ns, name).query
+    assert (
+        triggers["queue-depth"]["metadata"]["query"] == queries.queue_depth(ns, name, model).query
+    )
+    assert (
+        triggers["kv-cache-usage"]["metadata"]["query"]
+        == queries.kv_cache_usage(ns, name, model).query
+    )
+    assert triggers["held-requests"]["metadata"]["query"] == queries.held_requests(model).query
     assert triggers["queue-depth"]["metricType"] == "AverageValue"
     assert all(
         t["metadata"]["serverAddress"] == "http://prom.example:9090" for t in triggers.values()
     )
     assert scaled["spec"]["scaleTargetRef"] == {
         "apiVersion": "llmops.dev/v1alpha1",
-        "kind": "LLMDeployment",
-        "name": name,
+        "kind": "LLMModel",
+        "name": f"{name}-{model}",
     }
     behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300
@@ -184,6 +198,10 @@ def test_scaled_object_uses_the_shared_trigger_queries() -> None:
 def test_disabled_target_drops_its_trigger_and_disabled_autoscaling_drops_keda() -> None:
     manifest = load(ROOT / "deploy" / "examples" / "llama-70b-tp.yaml")
     scaled = next(o for o in render(manifest) if o["kind"] == "ScaledObject")
-    assert {t["name"] for t in scaled["spec"]["triggers"]} == {"queue-depth", "kv-cache-usage"}
+    assert {t["name"] for t in scaled["spec"]["triggers"]} == {
+        "queue-depth",
+        "kv-cache-usage",
+        "held-requests",
+    }
     tiny = load(ROOT / "deploy" / "examples" / "tiny-cpu.yaml")
     assert "ScaledObject" not in {o["kind"] for o in render(tiny)}

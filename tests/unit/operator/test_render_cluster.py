@@ -21,7 +21,7 @@ from llmops_contract.tracing import tracing_env
 from llmops_operator import render
 from llmops_operator.render import Observed, RenderError
 from llmops_operator.settings import OperatorSettings
-from tests.schemas import assert_valid, schema_errors
+from tests.operator_schemas import assert_valid, schema_errors
 
 ROOT = Path(__file__).parents[3]
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
@@ -72,6 +72,8 @@ def test_every_example_at_any_replica_count_is_a_config_ray_accepts(
 ) -> None:
     manifest = yaml.safe_load(example.read_text())
     manifest["spec"]["replicas"] = replicas
+    for model in manifest["spec"]["models"]:
+        model.pop("replicas", None)  # spec.replicas is where models without their own start
     config = serve_config(manifest)
     ServeDeploySchema.model_validate(config)
     llms = [d for d in config["applications"][0]["deployments"] if d["name"].startswith("llm-")]
@@ -104,7 +106,7 @@ def test_generated_scale_specs_render_configs_ray_accepts(
     ServeDeploySchema.model_validate(
         yaml.safe_load(objs["RayService/llama-8b"]["spec"]["serveConfigV2"])
     )
-    scaled = objs["ScaledObject/llama-8b"]["spec"]
+    scaled = objs["ScaledObject/llama-8b-llama-3.1-8b-instruct"]["spec"]
     assert scaled["minReplicaCount"] == (0 if to_zero else low)
     assert_valid(objs.values())
 
@@ -114,7 +116,7 @@ def test_min_replicas_zero_is_accepted_and_means_scale_to_zero() -> None:
     manifest["spec"]["autoscaling"]["minReplicas"] = 0
     assert schema_errors(manifest) == []
     objs = children(manifest)
-    assert objs["ScaledObject/llama-8b"]["spec"]["minReplicaCount"] == 0
+    assert objs["ScaledObject/llama-8b-llama-3.1-8b-instruct"]["spec"]["minReplicaCount"] == 0
     group = objs["RayService/llama-8b"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert group["minReplicas"] == 0
 
@@ -142,11 +144,27 @@ def test_names_kuberay_refuses_are_refused_by_the_crd_and_the_renderer(
 def test_the_longest_name_makes_names_the_api_server_accepts() -> None:
     manifest = load("llama-70b-tp.yaml")  # a shared cache: PVC and loader Job
     manifest["metadata"]["name"] = "a" * render.MAX_NAME_LENGTH
+    # The LLMModel `<deployment>-<model>` must stay a label value (63): 15 characters left.
+    manifest["spec"]["models"][0]["name"] = "llama-3.1-70b-i"
     objs = children(manifest, Observed(secret_version="123"))
     job = next(o for o in objs.values() if o["kind"] == "Job")
     # Job names end up in the pods' job-name label: at most 63 characters.
     assert len(job["metadata"]["name"]) <= 63
+    (model,) = [o for o in objs.values() if o["kind"] == "LLMModel"]
+    assert len(model["metadata"]["name"]) == 63
     assert_valid(objs.values())
+
+
+def test_a_model_object_name_over_63_characters_is_refused_naming_both_parts() -> None:
+    """KEDA labels a ScaledObject's HPA with its name (scaledobject.keda.sh/name), and label
+    values hold at most 63 characters (k8s.io/apimachinery/pkg/util/validation)."""
+    manifest = load("llama-70b-tp.yaml")
+    manifest["metadata"]["name"] = "a" * render.MAX_NAME_LENGTH
+    manifest["spec"]["models"][0]["name"] = "llama-3.1-70b-in"
+    with pytest.raises(render.RenderError, match="64 characters, over 63") as refused:
+        children(manifest)
+    assert refused.value.reason == "NameTooLong"
+    assert "shorten metadata.name or the model name" in str(refused.value)
 
 
 @pytest.mark.parametrize(
