@@ -6,15 +6,15 @@ normalised as the folder's sentence-transformers modules declare (`read_pooling`
 from concurrent requests into one forward pass, up to ``max_batch_size`` or
 ``batch_wait_timeout_s``, whichever comes first.
 
-Why this encoder and not vLLM's pooling runner: the graph runs the encoder beside the LLMs on
-the same machine, and for the small encoders semantic routing wants a vLLM engine is the wrong
-size. A vLLM engine process imports vLLM, compiles or captures its model runner and reserves a
-KV/activation budget before the first request, while this class is one ``AutoModel`` in the
-replica's process. What vLLM would bring is pooling read from the model's configuration, which
-`read_pooling` does here from the same files vLLM reads (``modules.json`` and the Pooling
-module's ``config.json``), with every sentence-transformers pooling mode. A model whose modules
-need more than Transformer -> Pooling -> Normalize (a Dense projection, for example) is refused
-at load, never served with wrong vectors.
+Why this encoder and not vLLM's pooling runner (measured side by side in docs/benchmarks.md,
+"Semantic `auto` routing"): on the same model folder vLLM gives the same vectors, but its
+engine (an EngineCore process beside the caller, vLLM's imports and model runner) takes several
+times longer to its first vector and about four times the memory, for a model of tens of MB
+that runs on the graph's head beside the router. What vLLM would bring is pooling read from the
+model's configuration; `read_pooling` reads the same files vLLM reads (``modules.json`` and the
+Pooling module's ``config.json``), with every sentence-transformers pooling mode. A model whose
+modules need more than Transformer -> Pooling -> Normalize (a Dense projection, for example)
+is refused at load, never served with wrong vectors.
 """
 
 from __future__ import annotations
