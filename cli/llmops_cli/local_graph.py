@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmops_cli.placement import DEFAULT_HOUSEKEEPING_NICE, Placer
+from llmops_cli.scale import DEFAULT_SERVE_API_PORT, deploy, serve_config
 from llmops_contract import APP_NAME, GraphConfig
 from llmops_services.sources import Progress, resolve_source
 
@@ -35,6 +36,8 @@ class LocalGraph:
     config: GraphConfig
     ray_logs: str
     """Folder where Ray writes the replicas' logs."""
+    serve_api: str
+    """The Ray dashboard's URL: Serve's REST API, which `llmops scale` PUTs configs to."""
 
 
 def logical_cpus(config: GraphConfig) -> int:
@@ -43,7 +46,8 @@ def logical_cpus(config: GraphConfig) -> int:
     Ray counts logical CPUs, not cores: each LLM replica takes its actor's CPU plus its
     engine's placement bundle, so the default graph needs more than a laptop's core count.
     """
-    llm = sum((1 + max(spec.resources.cpus, 1.0)) * spec.replicas for spec in config.llms)
+    # A model at zero still gets room for one replica: `llmops scale` starts it later.
+    llm = sum((1 + max(spec.resources.cpus, 1.0)) * max(spec.replicas, 1) for spec in config.llms)
     encoder = config.encoder.resources.cpus * config.encoder.replicas if config.encoder else 0
     router = 0.5 * config.router.replicas
     return max(int(llm + encoder + router) + 2, os.cpu_count() or 1)
@@ -93,6 +97,31 @@ def wait_ready(url: str, timeout_s: float = 120.0) -> None:
     raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s ({last})")
 
 
+def wait_deployed(timeout_s: float = 3600.0) -> None:
+    """Waits until Serve reports the graph's application RUNNING (every replica started).
+
+    A deploy from a config returns at once; ``serve.run`` used to wait, and to raise when the
+    application failed, which this does too.
+
+    Raises:
+        RuntimeError: the application failed to deploy; the message is Serve's.
+        TimeoutError: not running within ``timeout_s``.
+    """
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        state = app.status.value if app is not None else "NOT_STARTED"
+        if state == "RUNNING":
+            return
+        if state == "DEPLOY_FAILED":
+            problems = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+            raise RuntimeError(f"the graph failed to deploy: {app.message or '; '.join(problems)}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the graph was not running after {timeout_s:.0f} s")
+
+
 @contextmanager
 def run_local(
     config: GraphConfig,
@@ -103,6 +132,7 @@ def run_local(
     metrics_port: int | None = None,
     housekeeping_nice: int = DEFAULT_HOUSEKEEPING_NICE,
     reserve_engine_cpus: bool = False,
+    serve_api_port: int = DEFAULT_SERVE_API_PORT,
 ) -> Iterator[LocalGraph]:
     """Starts Ray and the graph, yields once it is ready, and shuts both down after.
 
@@ -117,6 +147,8 @@ def run_local(
         housekeeping_nice: Steps of niceness Ray's housekeeping runs below the graph (0-19).
         reserve_engine_cpus: Keep the graph's other processes off the CPUs vLLM binds its
             compute threads to (placement.py; opt-in).
+        serve_api_port: Port of the Ray dashboard, whose Serve REST API deploys the graph
+            (and later takes `llmops scale`'s configs).
     """
     # vLLM announces at import that Triton has no CPU backend: noise on a local console.
     logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
@@ -142,15 +174,17 @@ def run_local(
     import ray
     from ray import serve
 
-    from llmops_services.app import build_app
-
     placer = Placer(housekeeping_nice, reserve_engine_cpus)
     prefetch(config, progress)
     # Replicas start vLLM workers with spawn; they inherit this environment.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     context = ray.init(
         num_cpus=logical_cpus(config),
-        include_dashboard=False,
+        # The dashboard serves Serve's REST API: the graph is deployed through it, as KubeRay
+        # deploys a RayService's serveConfigV2, so that `llmops scale` can change one model.
+        include_dashboard=True,
+        dashboard_host=host,
+        dashboard_port=serve_api_port,
         log_to_driver=False,
         configure_logging=False,
         _metrics_export_port=metrics_port,
@@ -163,13 +197,15 @@ def run_local(
                 target=_watch, args=(stop, on_status), name="llmops-status", daemon=True
             )
             watcher.start()
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        serve_api = f"http://{host}:{serve_api_port}"
+        deploy(serve_api, serve_config(config, host, port))
         url = f"http://{host}:{port}"
+        wait_deployed()
         wait_ready(url)
         stop.set()
         placer.start()
         logs = str(Path(context.address_info["session_dir"]) / "logs")
-        yield LocalGraph(url=url, config=config, ray_logs=logs)
+        yield LocalGraph(url=url, config=config, ray_logs=logs, serve_api=serve_api)
     finally:
         stop.set()
         placer.stop()

@@ -17,6 +17,7 @@ from llmops_cli.keys import KEYS_FILE_ENV, default_keys_file
 from llmops_cli.keys import app as keys_app
 from llmops_cli.monitoring import MonitoringError, find_prometheus, run_prometheus
 from llmops_cli.ports import busy_ports, duplicate_ports
+from llmops_cli.scale import DEFAULT_SERVE_API_PORT, scale_command
 from llmops_cli.usage import usage_command
 from llmops_contract import GraphConfig, ModelSourceError, default_graph_config
 
@@ -33,6 +34,7 @@ app.command("crd")(cluster.crd_command)
 app.command("operator")(cluster.operator_command)
 app.command("fetch")(cluster.fetch_command)
 app.command("usage")(usage_command)
+app.command("scale")(scale_command)
 
 
 def load_graph_config(path: Path | None) -> GraphConfig:
@@ -132,6 +134,13 @@ def up(
     ray_metrics_port: Annotated[
         int, typer.Option(help="Port where Ray serves the graph's Prometheus metrics.")
     ] = 9465,
+    serve_api_port: Annotated[
+        int,
+        typer.Option(
+            help="Port of the Ray dashboard: Serve's REST API, which deploys the graph and "
+            "takes `llmops scale`."
+        ),
+    ] = DEFAULT_SERVE_API_PORT,
     reserve_engine_cpus: Annotated[
         bool | None,
         typer.Option(
@@ -182,6 +191,7 @@ def up(
             raise typer.Exit(2) from exc
     # Every port this run listens on, checked now rather than after minutes of model loading.
     ports = {"--port": port, "--ray-metrics-port": ray_metrics_port}
+    ports["--serve-api-port"] = serve_api_port
     if gateway:
         ports |= {"--graph-port": graph_port, "--metrics-port": metrics_port}
         ports |= {"--grpc-port": grpc_port}
@@ -208,6 +218,7 @@ def up(
                     metrics_port=ray_metrics_port,
                     housekeeping_nice=nice_steps,
                     reserve_engine_cpus=reserve_engine_cpus,
+                    serve_api_port=serve_api_port,
                 )
             )
             url, key = running.url, "unused"
@@ -240,6 +251,7 @@ def up(
                 typer.echo(f"gRPC: {host}:{grpc_port} (protos/llmops/v1/gateway.proto)")
                 typer.echo(f"metrics: http://{host}:{metrics_port}/metrics")
             typer.echo(f"graph metrics (Ray): http://{host}:{ray_metrics_port}/metrics")
+            typer.echo(f"Serve API (llmops scale --serve-api): {running.serve_api}")
             if prometheus is not None:
                 typer.echo(f"Prometheus: {prometheus.url} (more targets: {prometheus.targets_dir})")
                 typer.echo(

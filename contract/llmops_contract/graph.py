@@ -14,7 +14,16 @@ import json
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from llmops_contract.names import AUTO_MODEL, llm_deployment_name
 from llmops_contract.sources import ModelSourceError, parse_source
@@ -22,6 +31,7 @@ from llmops_contract.sources import ModelSourceError, parse_source
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 DEFAULT_LLM_NAME = "smollm2-135m-instruct"
 DEFAULT_ENCODER_NAME = "all-minilm-l6-v2"
+DEFAULT_DRAIN_SECONDS = 60
 # vLLM's engine arguments, generated from the pinned vLLM by
 # `python -m llmops_services.engine_args`.
 VLLM_ENGINE_ARGS_FILE = "vllm_engine_args.json"
@@ -341,7 +351,20 @@ class LLMSpec(StrictModel):
     resources: ReplicaResources = Field(
         default_factory=ReplicaResources, description="Per-replica resources."
     )
-    replicas: int = Field(default=1, ge=0, le=1024, description="Serve replicas of this model.")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=1024,
+        description="Serve replicas of this model; 0 starts it scaled to zero (no replica runs "
+        "until `llmops scale`, or KEDA on a cluster, gives it one).",
+    )
+    drain_seconds: int = Field(
+        default=DEFAULT_DRAIN_SECONDS,
+        ge=0,
+        le=3600,
+        description="How long a stopping replica keeps serving its in-flight requests (Serve's "
+        "graceful_shutdown_timeout_s): a scale-down lets streams this long finish.",
+    )
     route_examples: list[str] = Field(
         default_factory=list,
         description="Example prompts this model should answer; model 'auto' sends a prompt to "
@@ -389,6 +412,15 @@ class LLMSpec(StrictModel):
         if not gpus and tp > 1:
             raise ValueError("tensor_parallel_size > 1 needs resources.gpus")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_drain(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Left out at its default, so a config rendered before the field existed dumps the
+        # same: a serveConfigV2 whose args change redeploys every replica of the graph.
+        data: dict[str, Any] = handler(self)
+        if self.drain_seconds == DEFAULT_DRAIN_SECONDS:
+            data.pop("drain_seconds", None)
+        return data
 
     @property
     def deployment_name(self) -> str:

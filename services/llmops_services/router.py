@@ -31,11 +31,13 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
+    RayServeException,
     ReplicaUnavailableError,
 )
 from ray.serve.handle import DeploymentHandle
 
 from llmops_contract import (
+    APP_NAME,
     AUTO_MODEL,
     REQUEST_ID_HEADER,
     ROUTED_MODEL_HEADER,
@@ -46,6 +48,7 @@ from llmops_contract import (
 )
 from llmops_services.errors import ServingError, model_not_found
 from llmops_services.metrics import RouterMetrics
+from llmops_services.replicas import ReplicaStates, scaled_to_zero
 from llmops_services.routing import DecisionCache, RouteDecision, RouteIndex, conversation_text
 from llmops_services.tracing import OPERATION, REQUEST_MODEL, tracer
 
@@ -150,6 +153,14 @@ def _embedding_payload(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "base64":
         return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
     return vector
+
+
+def _app_name() -> str:
+    """The Serve application this router runs in (the graph's usual name outside a replica)."""
+    try:
+        return str(serve.get_replica_context().app_name)
+    except RayServeException:
+        return APP_NAME
 
 
 async def _probe(call: Any, timeout_s: float = 5.0) -> str:
@@ -259,6 +270,17 @@ class Router:
         self._decisions = DecisionCache()
         self._encoder_dimensions: int | None = None
         self.metrics = RouterMetrics()
+        self.replicas = ReplicaStates(
+            _app_name(),
+            {llm.name: llm.deployment_name for llm in self.config.llms},
+        )
+
+    async def _check_serving(self, model: str) -> None:
+        """Raises the scaled-to-zero 503 when the model has no running replica: a request
+        sent to its handle then would wait, and wake it (`llmops_services.replicas`)."""
+        state = await self.replicas.get(model)
+        if state is not None and state.running == 0:
+            raise scaled_to_zero(model)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -352,6 +374,7 @@ class Router:
             _check_generation_args(body)
             decision = await self.resolve_model(body.model, prompt)
             self.metrics.routed(decision)
+            await self._check_serving(decision.model)
             if span is not None:
                 span.set_attributes(
                     {
@@ -515,13 +538,18 @@ class Router:
 
     @app.get("/readyz")
     async def readyz(self) -> Response:
-        """Readiness: every model deployment answers its health check."""
+        """Readiness: every model deployment answers its health check; one scaled to zero
+        is not probed (the probe would wake it) and counts as ready."""
         checks: dict[str, str] = {}
         for name, handle in self._probes.items():
+            replicas = await self.replicas.get(name)
+            if replicas is not None and replicas.running == 0 and replicas.target == 0:
+                checks[name] = "ok (scaled to zero)"
+                continue
             checks[name] = await _probe(handle.check_health.remote())
         if self.encoder is not None and self.config.encoder is not None:
             checks[self.config.encoder.name] = await _probe(self.encoder.dimensions.remote())
-        ready = all(state == "ok" for state in checks.values())
+        ready = all(state.startswith("ok") for state in checks.values())
         return JSONResponse(
             {"status": "ready" if ready else "not ready", "models": checks},
             status_code=200 if ready else 503,
