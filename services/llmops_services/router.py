@@ -498,6 +498,8 @@ class Router:
                         code="tokenizer_not_found",
                     )
                 raise model_not_found(model, list(self.llms))
+            # At zero the call would wait for a replica, and wake the model.
+            await self._check_serving(model)
             content = await handle.tokenizer_json.remote()
             if content is None:
                 raise ServingError(
