@@ -195,6 +195,7 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         self._model_folder = folder
         self._tokenizer_file: bytes | None = None
         await super().__init__(llm_config_for(self.spec, str(folder), engine_traces_endpoint()))
+        _adopt_tokenization(self.engine)
 
     async def tokenizer_json(self) -> bytes | None:
         """The ``tokenizer.json`` the engine loaded, as bytes; None when it has none.
@@ -283,6 +284,20 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         reads it, so the setting has one path whichever batcher runs.
         """
         return batch_stream(generator, self._get_batch_interval_ms() / 1000)
+
+
+def _adopt_tokenization(engine: Any) -> None:
+    """Hands Ray Serve LLM's vLLM engine vLLM's tokenize/detokenize handler.
+
+    Ray 2.60's VLLMEngine reads it from vLLM's serving state as ``openai_serving_tokenization``;
+    the pinned vLLM keeps it as ``serving_tokenization``
+    (vllm/entrypoints/launchers/api_server/app_state.py), so without this every tokenize
+    request would answer that the model "does not support the 'tokenization' task".
+    """
+    if engine is None or getattr(engine, "_oai_serving_tokenization", True) is not None:
+        return
+    state = getattr(engine, "_app_state", None)
+    engine._oai_serving_tokenization = getattr(state, "serving_tokenization", None)
 
 
 def _read_tokenizer(folder: Path) -> bytes:

@@ -82,6 +82,83 @@ class EmbeddingsRequest(BaseModel):
     user: str | None = None
 
 
+class ScoreRequest(BaseModel):
+    """vLLM's /v1/score request: ``queries`` and ``documents`` (or vLLM's other spellings of
+    the two sides: ``text_1``/``text_2``, ``data_1``/``data_2``, ``queries``/``items``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    items: str | list[str] | None = None
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+    data_1: str | list[str] | None = None
+    data_2: str | list[str] | None = None
+
+    def sides(self) -> tuple[str | list[str], str | list[str]]:
+        """The two sides to score, whichever names the request used.
+
+        Raises:
+            ServingError: 400 when a side is missing.
+        """
+        for first, second in (
+            ("queries", "documents"),
+            ("queries", "items"),
+            ("text_1", "text_2"),
+            ("data_1", "data_2"),
+        ):
+            left, right = getattr(self, first), getattr(self, second)
+            if left is not None and right is not None:
+                return left, right
+        raise ServingError(
+            "score needs queries and documents (or text_1 and text_2)", param="documents"
+        )
+
+
+class RerankRequest(BaseModel):
+    """vLLM's /v1/rerank request (Jina's and Cohere's shape)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    query: str
+    documents: list[str] = Field(min_length=1)
+    top_n: int = Field(default=0, ge=0)
+    return_documents: bool = True
+
+
+def _score_pairs(left: str | list[str], right: str | list[str]) -> list[tuple[str, str]]:
+    """vLLM's pairing of a score request's sides: one against each (1:N), or pairwise (N:N).
+
+    Raises:
+            ServingError: 400 for empty sides or lists of different lengths.
+    """
+    lefts = [left] if isinstance(left, str) else list(left)
+    rights = [right] if isinstance(right, str) else list(right)
+    if not lefts or not rights or not all(lefts) or not all(rights):
+        raise ServingError("score inputs must be non-empty strings", param="documents")
+    if len(lefts) == 1:
+        return [(lefts[0], text) for text in rights]
+    if len(lefts) != len(rights):
+        raise ServingError(
+            f"{len(lefts)} queries and {len(rights)} documents: send one query, or as many "
+            "queries as documents",
+            param="documents",
+        )
+    return list(zip(lefts, rights, strict=True))
+
+
+class _ModelField(BaseModel):
+    """Just the fields that pick a request's shape."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: Any = None
+
+
 app = FastAPI(
     title="llmops serving graph",
     description="OpenAI-compatible ingress of the llmops Ray Serve graph.",
@@ -255,11 +332,19 @@ class Router:
         # vLLM's request models: their import pulls in vLLM, torch and transformers, about 11 s
         # of CPU. Here the replica pays it before it reports ready; on the first request it
         # blocked the router's event loop, every request and health check with it.
+        from ray.llm._internal.serve.core.configs.openai_api_models import (
+            DetokenizeRequest,
+            TokenizeChatRequest,
+            TokenizeCompletionRequest,
+        )
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
         self._request_models: dict[str, type[BaseModel]] = {
             "chat": ChatCompletionRequest,
             "completions": CompletionRequest,
+            "tokenize": TokenizeCompletionRequest,
+            "tokenize_chat": TokenizeChatRequest,
+            "detokenize": DetokenizeRequest,
         }
         self.llms = {name: handle.options(stream=True) for name, handle in llms.items()}
         self._probes = llms
@@ -479,6 +564,169 @@ class Router:
             assert self.encoder is not None
             self._encoder_dimensions = int(await self.encoder.dimensions.remote())
         return self._encoder_dimensions
+
+    # -- tokenize, score and rerank -----------------------------------------------------------
+
+    async def _engine_answer(self, model: str, method: str, body: Any) -> Any:
+        """One whole answer of a model's engine (tokenize, detokenize, ...).
+
+        Raises:
+            ServingError: the engine's error, 504 past the graph's timeout, 503 while the
+                model cannot serve.
+        """
+        try:
+            stream = getattr(self.llms[model], method).remote(body)
+            answer = await asyncio.wait_for(
+                stream.__anext__(), timeout=self.config.router.request_timeout_s
+            )
+        except TimeoutError as exc:
+            raise ServingError(
+                "the model did not answer in time", status=504, type="timeout"
+            ) from exc
+        except ServingError:
+            raise
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
+            raise engine_unavailable(model) from exc
+        error = _as_error(answer)
+        if error is not None:
+            raise error
+        return answer
+
+    async def _token_model(self, model: str | None) -> str:
+        """The LLM a tokenize or detokenize request names (or the default one): token ids
+        belong to one model's tokenizer, so ``auto`` is refused."""
+        if model == AUTO_MODEL:
+            raise ServingError(
+                "token ids depend on the model's tokenizer: name a model, not 'auto'",
+                param="model",
+            )
+        return (await self.resolve_model(model, "")).model
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: a ``prompt``, or chat ``messages`` rendered with the model's
+        chat template, to the model's token ids."""
+        request_id = _request_id(request)
+        try:
+            shape = await _parse(request, _ModelField)
+            kind = "tokenize_chat" if shape.messages is not None else "tokenize"
+            body: Any = await _parse(request, self._request_models[kind])
+            body.model = await self._token_model(body.model)
+            answer = await self._engine_answer(body.model, "tokenize", body)
+        except ServingError as error:
+            return _error_response(error, request_id)
+        return JSONResponse(
+            answer.model_dump(exclude_none=True), headers={REQUEST_ID_HEADER: request_id}
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: a model's token ids back to text."""
+        request_id = _request_id(request)
+        try:
+            body: Any = await _parse(request, self._request_models["detokenize"])
+            body.model = await self._token_model(body.model)
+            answer = await self._engine_answer(body.model, "detokenize", body)
+        except ServingError as error:
+            return _error_response(error, request_id)
+        return JSONResponse(answer.model_dump(), headers={REQUEST_ID_HEADER: request_id})
+
+    def _scoring_model(self, model: str | None) -> str:
+        """The embedding model a score or rerank request may name (or none).
+
+        vLLM scores only with pooling models (a cross-encoder, or an embedding model's
+        cosine similarity); this graph's pooling model is its encoder, so that scores.
+        """
+        encoder = self.config.encoder
+        if encoder is None or self.encoder is None:
+            raise ServingError(
+                "this graph serves no embedding model, which score and rerank need", status=404
+            )
+        if model is None or model == encoder.name:
+            return encoder.name
+        if model in self.llms or model == AUTO_MODEL:
+            raise ServingError(
+                f"{model!r} is a generative model; score and rerank come from the embedding "
+                f"model {encoder.name!r} (cosine similarity of its embeddings)",
+                param="model",
+                code="wrong_model_type",
+            )
+        raise model_not_found(model, self.model_names())
+
+    async def _similarities(self, pairs: list[tuple[str, str]]) -> tuple[list[float], int]:
+        """Cosine similarity of each pair's embeddings, every distinct text embedded once
+        (the encoder's vectors are unit length: the dot product is the cosine).
+
+        Returns:
+            One score per pair, and the input tokens embedded.
+        """
+        assert self.encoder is not None
+        texts = list(dict.fromkeys(text for pair in pairs for text in pair))
+        vectors, tokens = await self.encoder.embed.remote(texts)
+        by_text = dict(zip(texts, vectors, strict=True))
+        scores = [
+            sum(a * b for a, b in zip(by_text[left], by_text[right], strict=True))
+            for left, right in pairs
+        ]
+        return scores, tokens
+
+    @app.post("/v1/score")
+    async def score(self, request: Request) -> Response:
+        """vLLM's /v1/score: one score per (query, document) pair, 1:N or N:N."""
+        request_id = _request_id(request)
+        try:
+            body = await _parse(request, ScoreRequest)
+            model = self._scoring_model(body.model)
+            scores, tokens = await self._similarities(_score_pairs(*body.sides()))
+        except ServingError as error:
+            return _error_response(error, request_id)
+        return JSONResponse(
+            {
+                "id": f"score-{request_id}",
+                "object": "list",
+                "created": int(time.time()),
+                "model": model,
+                "data": [
+                    {"index": i, "object": "score", "score": value}
+                    for i, value in enumerate(scores)
+                ],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+            headers={REQUEST_ID_HEADER: request_id},
+        )
+
+    @app.post("/v1/rerank")
+    async def rerank(self, request: Request) -> Response:
+        """vLLM's /v1/rerank (Jina's and Cohere's shape): the documents, most relevant to
+        the query first, ``top_n`` of them (0: all)."""
+        request_id = _request_id(request)
+        try:
+            body = await _parse(request, RerankRequest)
+            model = self._scoring_model(body.model)
+            pairs = _score_pairs(body.query, body.documents)
+            scores, tokens = await self._similarities(pairs)
+        except ServingError as error:
+            return _error_response(error, request_id)
+        order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)
+        if body.top_n:
+            order = order[: body.top_n]
+        results = []
+        for i in order:
+            result: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+            if body.return_documents:
+                result["document"] = {"text": body.documents[i]}
+            results.append(result)
+        return JSONResponse(
+            {
+                "id": f"rerank-{request_id}",
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "results": results,
+            },
+            headers={REQUEST_ID_HEADER: request_id},
+        )
 
     # -- tokenizer files -------------------------------------------------------------------
 

