@@ -461,6 +461,11 @@ class EncoderSpec(StrictModel):
     replicas: int = Field(default=1, ge=1, le=1024, description="Serve replicas.")
 
 
+REQUEST_TIMEOUT_HEADER = "x-llmops-request-timeout-s"
+"""Request header: the request's own deadline in seconds, when shorter than the graph's
+``router.request_timeout_s`` (a longer one is capped at that)."""
+
+
 class RouterSpec(StrictModel):
     """The graph's ingress: OpenAI-compatible HTTP, routing by model name or semantically."""
 
@@ -478,7 +483,12 @@ class RouterSpec(StrictModel):
         "calibrate it on labelled prompts with tests/bench/route_eval.py.",
     )
     request_timeout_s: float = Field(
-        default=600.0, gt=0, le=86400, description="Longest a request may take end to end."
+        default=600.0,
+        gt=0,
+        le=86400,
+        description="Longest a request may take end to end, a stream included (a request may "
+        "ask for less in the x-llmops-request-timeout-s header). Past it the router answers "
+        "504, or ends a stream with a timeout error event, and cancels the model's work on it.",
     )
     replicas: int = Field(default=1, ge=1, le=1024, description="Serve replicas.")
     max_ongoing_requests: int = Field(

@@ -46,6 +46,7 @@ from llmops_contract import (
     RequestBodyError,
     parse_request_body,
 )
+from llmops_contract.graph import REQUEST_TIMEOUT_HEADER
 from llmops_services.errors import ServingError, model_not_found
 from llmops_services.metrics import RouterMetrics
 from llmops_services.replicas import ReplicaStates, scaled_to_zero
@@ -279,13 +280,67 @@ def _as_error(item: Any) -> ServingError | None:
     )
 
 
-async def _sse(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[str]:
+def request_deadline(request: Request, limit_s: float) -> float:
+    """When a request must be done (``time.monotonic()``): the graph's ``request_timeout_s``
+    from now, or sooner when the request asks for less in `REQUEST_TIMEOUT_HEADER`.
+
+    Raises:
+        ServingError: 400 for a header that is not a positive number of seconds.
+    """
+    asked = request.headers.get(REQUEST_TIMEOUT_HEADER)
+    if asked is not None:
+        try:
+            seconds = float(asked)
+        except ValueError:
+            seconds = float("nan")
+        if not seconds > 0:  # also refuses nan
+            raise ServingError(
+                f"{REQUEST_TIMEOUT_HEADER} must be a positive number of seconds, got {asked!r}",
+                param=REQUEST_TIMEOUT_HEADER,
+            )
+        limit_s = min(limit_s, seconds)
+    return time.monotonic() + limit_s
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
+
+
+def request_timed_out() -> ServingError:
+    """The 504 of a request whose deadline passed (the gateway's shape for its own)."""
+    return ServingError(
+        "the request did not finish before its deadline; the model stopped working on it",
+        status=504,
+        type="timeout_error",
+        code="timeout",
+    )
+
+
+def _cancel(call: Any) -> None:
+    """Cancels a deployment handle call, if it is one still running.
+
+    Serve cancels the replica's task; the engine's generator is closed in it
+    (`engine_guarded`), and vLLM aborts the request then (vllm/v1/engine/async_llm.py,
+    ``generate``), freeing its sequence slot and KV cache.
+    """
+    cancel = getattr(call, "cancel", None)
+    if cancel is not None:
+        cancel()
+
+
+async def _sse(
+    first: Any, rest: AsyncIterator[Any], deadline: float = float("inf"), done_marker: bool = True
+) -> AsyncIterator[str]:
     """Relays Serve LLM stream batches as SSE; a failure becomes an error event.
 
     Each batch the LLM deployment sends leaves as one body chunk: one message to the HTTP
-    proxy per batch, not per token.
+    proxy per batch, not per token. Past ``deadline`` the stream ends with a timeout event;
+    then, and when the client leaves, the upstream call is cancelled, so the engine stops.
+    ``done_marker``: end with ``data: [DONE]`` (chat and completions do; the Responses API's
+    events do not).
     """
     done = False
+    finished = False
     try:
         batch: Any = first
         while True:
@@ -300,15 +355,20 @@ async def _sse(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[str]:
                 texts.append(text)
             if texts:
                 yield "".join(texts)
-            batch = await rest.__anext__()
+            batch = await asyncio.wait_for(rest.__anext__(), timeout=_left(deadline))
     except StopAsyncIteration:
-        pass
+        finished = True
+    except TimeoutError:
+        yield f"data: {json.dumps(request_timed_out().body())}\n\n"
     except Exception as exc:  # the stream already started: tell the client, do not cut it
         failure = ServingError(
             f"the stream failed upstream: {type(exc).__name__}", status=502, type="server_error"
         )
         yield f"data: {json.dumps(failure.body())}\n\n"
-    if not done:
+    finally:
+        if not finished:
+            _cancel(rest)
+    if not done and done_marker:
         yield "data: [DONE]\n\n"
 
 
@@ -448,7 +508,9 @@ class Router:
     ) -> Response:
         """Sends a generation to its model's deployment; ``span`` (tracing on) is current, so
         the handle call carries it, and ends when the first chunk is back."""
+        stream: Any = None
         try:
+            deadline = request_deadline(request, self.config.router.request_timeout_s)
             body: Any = await _parse(request, self._request_models[kind])
             if kind == "chat":
                 if not body.messages:
@@ -471,21 +533,18 @@ class Router:
             body.model = decision.model
             body.request_id = request_id
             stream = getattr(self.llms[decision.model], kind).remote(body)
-            first = await asyncio.wait_for(
-                stream.__anext__(), timeout=self.config.router.request_timeout_s
-            )
+            first = await asyncio.wait_for(stream.__anext__(), timeout=_left(deadline))
         except ServingError as error:
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, error.message))
             return _error_response(error, request_id)
         except TimeoutError:
+            _cancel(stream)
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, "timeout"))
-            return _error_response(
-                ServingError("the model did not answer in time", status=504, type="timeout"),
-                request_id,
-            )
+            return _error_response(request_timed_out(), request_id)
         except Exception as exc:
+            _cancel(stream)
             if not _is_unavailable(exc):
                 raise
             if span is not None:
@@ -499,7 +558,7 @@ class Router:
         if not getattr(body, "stream", False):
             return JSONResponse(head.model_dump(exclude_none=True), headers=headers)
         return StreamingResponse(
-            _sse(first, stream), media_type="text/event-stream", headers=headers
+            _sse(first, stream, deadline), media_type="text/event-stream", headers=headers
         )
 
     @app.post("/v1/chat/completions")
@@ -574,18 +633,17 @@ class Router:
             ServingError: the engine's error, 504 past the graph's timeout, 503 while the
                 model cannot serve.
         """
+        stream: Any = None
         try:
             stream = getattr(self.llms[model], method).remote(body)
             answer = await asyncio.wait_for(
                 stream.__anext__(), timeout=self.config.router.request_timeout_s
             )
         except TimeoutError as exc:
-            raise ServingError(
-                "the model did not answer in time", status=504, type="timeout"
-            ) from exc
-        except ServingError:
-            raise
+            _cancel(stream)
+            raise request_timed_out() from exc
         except Exception as exc:
+            _cancel(stream)
             if not _is_unavailable(exc):
                 raise
             raise engine_unavailable(model) from exc
