@@ -252,7 +252,7 @@ class Reply:
     data: dict[str, Any] = field(default_factory=dict)
     """``payload`` as a JSON object ({} if not one)."""
     media_type: str = "application/json"
-    events: AsyncGenerator[bytes] | None = None
+    events: AsyncGenerator[bytes, None] | None = None
     """A stream's whole SSE events; its end, failure or the client's going settles it."""
 
 
@@ -1183,7 +1183,7 @@ async def relay_sse(
     response: aiohttp.ClientResponse,
     client_wants_usage: bool,
     request_id: str = "",
-) -> AsyncGenerator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Relays an upstream SSE stream as it arrives, settling usage however it ends.
 
     Yields whole events, as many as each read from upstream completed (never waiting for
