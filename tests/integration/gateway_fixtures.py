@@ -1,4 +1,8 @@
-"""Processes for gateway tests: the stub upstream and gateways in front of it."""
+"""Processes for gateway tests: the stub upstream and gateways in front of it.
+
+The module-scoped fixtures ``upstream`` and ``keys`` serve each test module that imports them
+(`upstream_fixture`, `keys_fixture`), and `stub_gateway` runs that module's gateway on both.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from llmops_gateway.keys import FileKeyStore
 from llmops_gateway.local import stop_process
 from tests.conftest import free_port
 
@@ -83,3 +90,35 @@ def gateway(log_dir: Path, **settings: object) -> Iterator[Gateway]:
         )
     finally:
         stop_process(process)
+
+
+@pytest.fixture(scope="module", name="upstream")
+def upstream_fixture() -> Iterator[str]:
+    """The stub upstream, one for the test module."""
+    with stub_upstream() as url:
+        yield url
+
+
+@pytest.fixture(scope="module", name="keys")
+def keys_fixture(tmp_path_factory: pytest.TempPathFactory) -> FileKeyStore:
+    """An empty key file, one for the test module."""
+    return FileKeyStore(tmp_path_factory.mktemp("keys") / "keys.json")
+
+
+@contextmanager
+def stub_gateway(
+    upstream: str,
+    redis_url: str,
+    keys: FileKeyStore,
+    tmp_path_factory: pytest.TempPathFactory,
+    **settings: object,
+) -> Iterator[Gateway]:
+    """A gateway in front of ``upstream`` with Redis limits and the keys of ``keys``."""
+    with gateway(
+        tmp_path_factory.mktemp("gw"),
+        default_backend=upstream,
+        keys_file=keys.path,
+        redis_url=redis_url,
+        **settings,
+    ) as running:
+        yield running

@@ -12,19 +12,13 @@ import openai
 import pytest
 
 from llmops_gateway.keys import FileKeyStore, Tenant
-from tests.integration.gateway_fixtures import Gateway, gateway, stub_upstream
+from tests.integration.gateway_fixtures import (
+    Gateway,
+    keys_fixture,  # noqa: F401 (the fixture "keys")
+    stub_gateway,
+    upstream_fixture,  # noqa: F401 (the fixture "upstream")
+)
 from tests.integration.gateway_metrics import wait_settled
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    with stub_upstream() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> FileKeyStore:
-    return FileKeyStore(tmp_path_factory.mktemp("keys") / "keys.json")
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +26,8 @@ def gw(
     upstream: str, redis_url: str, keys: FileKeyStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     keys.create(Tenant(name="bootstrap"))
-    with gateway(
-        tmp_path_factory.mktemp("gw"),
-        default_backend=upstream,
-        keys_file=keys.path,
-        redis_url=redis_url,
-        max_body_bytes=4096,
-        default_max_tokens=20,
+    with stub_gateway(
+        upstream, redis_url, keys, tmp_path_factory, max_body_bytes=4096, default_max_tokens=20
     ) as running:
         yield running
 

@@ -11,33 +11,22 @@ import openai
 import pytest
 
 from llmops_gateway.keys import FileKeyStore, Tenant
-from tests.integration.gateway_fixtures import Gateway, gateway, stub_upstream
+from tests.integration.gateway_fixtures import (
+    Gateway,
+    keys_fixture,  # noqa: F401 (the fixture "keys")
+    stub_gateway,
+    upstream_fixture,  # noqa: F401 (the fixture "upstream")
+)
 from tests.integration.gateway_metrics import settled_tokens, wait_settled
 
 MESSAGES = [{"role": "user", "content": "x"}]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    with stub_upstream() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> FileKeyStore:
-    return FileKeyStore(tmp_path_factory.mktemp("keys") / "keys.json")
-
-
-@pytest.fixture(scope="module")
 def gw(
     upstream: str, redis_url: str, keys: FileKeyStore, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    with gateway(
-        tmp_path_factory.mktemp("gw"),
-        default_backend=upstream,
-        keys_file=keys.path,
-        redis_url=redis_url,
-    ) as running:
+    with stub_gateway(upstream, redis_url, keys, tmp_path_factory) as running:
         yield running
 
 
