@@ -658,6 +658,7 @@ class Router:
             decision = await self.resolve_model(shape.model, prompt)
             self.metrics.routed(decision)
             model = data["model"] = decision.model
+            await self._check_serving(model)
             data["request_id"] = request_id
             stream = self.llms[decision.model].responses.remote(data)
             first = await asyncio.wait_for(stream.__anext__(), timeout=_left(deadline))
@@ -692,6 +693,7 @@ class Router:
             ServingError: the engine's error, 504 past the graph's timeout, 503 while the
                 model cannot serve.
         """
+        await self._check_serving(model)
         stream: Any = None
         try:
             stream = getattr(self.llms[model], method).remote(body)
