@@ -6,6 +6,7 @@ requests and streams in flight may finish for up to ``drain_timeout_s``; then it
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from types import FrameType
 
@@ -89,4 +90,6 @@ def main() -> None:
     """Entry point: ``python -m llmops_gateway``."""
     settings = GatewaySettings()
     configure_logging(settings.log_format)
-    serve(settings)
+    # uvicorn drains on Ctrl-C, then raises the SIGINT it handled again: the exit is clean.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(settings)
