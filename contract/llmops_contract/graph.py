@@ -482,13 +482,11 @@ class RouterSpec(StrictModel):
         "below this; -1 never falls back. It depends on the encoder and the route examples: "
         "calibrate it on labelled prompts with tests/bench/route_eval.py.",
     )
+    # End to end, a stream included: past it the router answers 504, or ends a stream with a
+    # timeout event, and cancels the model's work (a request may ask for less, in
+    # REQUEST_TIMEOUT_HEADER).
     request_timeout_s: float = Field(
-        default=600.0,
-        gt=0,
-        le=86400,
-        description="Longest a request may take end to end, a stream included (a request may "
-        "ask for less in the x-llmops-request-timeout-s header). Past it the router answers "
-        "504, or ends a stream with a timeout error event, and cancels the model's work on it.",
+        default=600.0, gt=0, le=86400, description="Longest a request may take end to end."
     )
     replicas: int = Field(default=1, ge=1, le=1024, description="Serve replicas.")
     max_ongoing_requests: int = Field(
