@@ -48,9 +48,9 @@ MESSAGE_TOKENS = 5
 tokenizer_config.json. A template's default system prompt (SmolLM2's and Qwen's add one when
 the conversation has none) is not counted: settlement charges it."""
 REPLY_TOKENS = 4
-"""The generation prompt that opens the assistant's reply, plus a BOS where the template writes
-one: ChatML ``<|im_start|>assistant\\n`` is 3, Llama 3 ``<|begin_of_text|>`` + ``<|start_header_id|>
-assistant<|end_header_id|>\\n\\n`` is 5."""
+"""The generation prompt that opens the assistant's reply, with the BOS a template writes:
+ChatML's ``<|im_start|>assistant\\n`` is 3, Llama 3's ``<|begin_of_text|>`` plus
+``<|start_header_id|>assistant<|end_header_id|>\\n\\n`` is 5; 4 is within one of either."""
 IMAGE_WRAP_TOKENS = 2
 """Tokens around an image's patches (Qwen2-VL's ``<|vision_start|>`` and ``<|vision_end|>``)."""
 THREAD_CHARS = 16_384

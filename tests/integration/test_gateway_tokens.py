@@ -15,6 +15,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from llmops_gateway.core import estimate_tokens
 from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.local import stop_process
 from llmops_gateway.tokens import MESSAGE_TOKENS, REPLY_TOKENS, image_tokens
-from tests.conftest import free_port
+from tests.conftest import RunningGraph, free_port
 from tests.fakes.tokenizer_files import smollm2_tokenizer
 from tests.integration.gateway_fixtures import Gateway, gateway, wait_http
 
@@ -105,14 +106,14 @@ def _key(keys: FileKeyStore, tokens_per_minute: int) -> str:
     return keys.create(Tenant(name=name, tokens_per_minute=tokens_per_minute))[1]
 
 
-def _post(gw: Gateway, key: str, path: str, body: dict[str, Any]) -> httpx.Response:
+def _post(url: str, key: str, path: str, body: dict[str, Any]) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"}
-    return httpx.post(f"{gw.url}/v1/{path}", json=body, headers=headers, timeout=60)
+    return httpx.post(f"{url}/v1/{path}", json=body, headers=headers, timeout=60)
 
 
 def _reserved(gw: Gateway, keys: FileKeyStore, path: str, body: dict[str, Any]) -> int:
     """The prompt tokens the gateway reserves for ``body`` (the refusal says the total)."""
-    response = _post(gw, _key(keys, 1), path, {**body, "max_tokens": MAX_TOKENS})
+    response = _post(gw.url, _key(keys, 1), path, {**body, "max_tokens": MAX_TOKENS})
     assert response.status_code == 400, response.text
     found = re.search(r"may use (\d+) tokens", response.json()["error"]["message"])
     assert found, response.text
@@ -148,7 +149,7 @@ def test_a_300_kb_image_is_admitted_near_the_image_budget(
     ]
     body = _chat(content)
     key = _key(keys, 3 * IMAGE_BUDGET)
-    response = _post(gw, key, "chat/completions", {**body, "max_tokens": MAX_TOKENS})
+    response = _post(gw.url, key, "chat/completions", {**body, "max_tokens": MAX_TOKENS})
     assert response.status_code == 200, response.text
     expected = (
         _encode(tokenizer, "what is in this picture?")
@@ -216,7 +217,7 @@ def test_a_backend_without_the_tokenizer_falls_back_to_the_estimate(
 ) -> None:
     body = _chat(CJK, model="plain-chat")
     assert _reserved(gw, keys, "chat/completions", body) == estimate_tokens(body["messages"])
-    response = _post(gw, _key(keys, 10_000), "chat/completions", {**body, "max_tokens": 4})
+    response = _post(gw.url, _key(keys, 10_000), "chat/completions", {**body, "max_tokens": 4})
     assert response.status_code == 200, response.text
 
 
@@ -230,9 +231,50 @@ def test_one_fetch_for_many_concurrent_requests(tokenizer: Tokenizer, tmp_path: 
         gateway(tmp_path, **_settings(keys, upstream)) as fresh,
         ThreadPoolExecutor(24) as pool,
     ):
-        answers = list(pool.map(lambda _: _post(fresh, key, "chat/completions", body), range(24)))
+        answers = list(
+            pool.map(lambda _: _post(fresh.url, key, "chat/completions", body), range(24))
+        )
         fetches = httpx.get(f"{upstream}/stub/tokenizer-fetches").json()
     expected = _encode(tokenizer, CJK) + MESSAGE_TOKENS + REPLY_TOKENS + MAX_TOKENS
     assert fetches == {"stub-chat": 1}
     assert {a.status_code for a in answers} == {400}
     assert all(f"may use {expected} tokens" in a.text for a in answers)
+
+
+@pytest.mark.slow
+def test_the_count_matches_vllms_usage_on_the_real_graph(graph: RunningGraph) -> None:
+    """`llmops up`: the gateway fetches the model's tokenizer.json from the graph's router and
+    reserves what vLLM then reports as usage.prompt_tokens, exactly for a completion (both
+    encode the prompt with the tokenizer's special tokens), and within one message's template
+    markers for a chat (the ChatML constants; a system message is sent, else SmolLM2's template
+    adds a default one that only settlement charges)."""
+    store = FileKeyStore(graph.keys_file)
+    key = store.create(Tenant(name="tokens-probe", tokens_per_minute=1))[1]
+    messages = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "What is the capital of France? 北京是中国的首都。"},
+    ]
+    bodies = {
+        "completions": {"model": "smollm2-geography", "prompt": ["Once upon a time,", CJK[:200]]},
+        "chat/completions": {"model": "smollm2-geography", "messages": messages},
+    }
+    for path, body in bodies.items():
+        engine = httpx.post(
+            f"{graph.graph_url}/v1/{path}", json={**body, "max_tokens": 1}, timeout=120
+        )
+        assert engine.status_code == 200, engine.text
+        vllm = engine.json()["usage"]["prompt_tokens"]
+        outputs = len(body.get("prompt", [None])) * MAX_TOKENS
+        tolerance = 0 if path == "completions" else MESSAGE_TOKENS
+        # The first requests may be estimated while the gateway downloads the tokenizer.
+        deadline = time.monotonic() + 60
+        while True:
+            response = _post(graph.url, key, path, {**body, "max_tokens": MAX_TOKENS})
+            assert response.status_code == 400, response.text
+            found = re.search(r"may use (\d+) tokens", response.json()["error"]["message"])
+            assert found, response.text
+            counted = int(found.group(1)) - outputs
+            if abs(counted - vllm) <= tolerance or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert abs(counted - vllm) <= tolerance, (path, counted, vllm)
