@@ -252,9 +252,9 @@ class PromptParts:
 def prompt_parts(data: dict[str, Any], media: MediaBudget) -> PromptParts:
     """Splits a chat, completion, Responses or embeddings request body's prompt.
 
-    The shape says which: ``messages`` (chat), ``prompt`` (completions), ``input`` with
-    ``instructions`` or items (Responses) or texts and token ids (embeddings, and Responses
-    text input, which count alike but for the template).
+    The shape says which: ``messages`` (chat), ``prompt`` (completions), ``input`` as one
+    text or with items (Responses: rendered with the chat template), or as a list of texts or
+    token ids (embeddings).
     """
     parts = PromptParts()
     if "messages" in data:
@@ -290,9 +290,10 @@ def prompt_parts(data: dict[str, Any], media: MediaBudget) -> PromptParts:
 
 
 def _responses(data: dict[str, Any]) -> bool:
-    """A Responses API body: instructions, or input items (embeddings take no dicts)."""
+    """A Responses API body: one input text, instructions, or input items (dicts). An
+    embeddings body with one text is taken for one too: a few template tokens too many."""
     items = data.get("input")
-    if "instructions" in data and isinstance(items, str | list):
+    if isinstance(items, str) or ("instructions" in data and isinstance(items, list)):
         return True
     return isinstance(items, list) and any(isinstance(item, dict) for item in items)
 

@@ -117,8 +117,11 @@ def test_responses_input_counts_its_text_and_instructions(tokenizer: Tokenizer) 
     texts = ["Answer briefly.", CJK, "f", '{"x": 1}', "42"]
     expected = sum(_encode(tokenizer, t) for t in texts) + 4 * MESSAGE_TOKENS + REPLY_TOKENS
     assert prompt_parts(body, MEDIA).count(tokenizer) == expected
-    single = prompt_parts({"input": CJK, "instructions": None}, MEDIA).count(tokenizer)
-    assert single == _encode(tokenizer, CJK) + MESSAGE_TOKENS + REPLY_TOKENS
+    for body in ({"input": CJK, "instructions": None}, {"input": CJK}):
+        single = prompt_parts(body, MEDIA).count(tokenizer)
+        assert single == _encode(tokenizer, CJK) + MESSAGE_TOKENS + REPLY_TOKENS
+    texts = prompt_parts({"input": ["a b", CJK]}, MEDIA).count(tokenizer)  # embeddings
+    assert texts == _encode(tokenizer, "a b", special=True) + _encode(tokenizer, CJK, special=True)
 
 
 def test_batch_encoding_counts_the_same(tokenizer: Tokenizer) -> None:
