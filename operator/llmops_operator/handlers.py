@@ -3,8 +3,11 @@
 Create, spec update and resume (operator start) run a pass at once. While the deployment is not
 Ready a timer repeats it, backing off while nothing changes; watching the Jobs, RayServices and
 ScaledObjects it owns brings the next pass forward as soon as one of them reports. Once Ready,
-a slower timer repairs drift. Deletion needs no handler and no finalizer: every child carries an
-owner reference, so Kubernetes' garbage collector removes them.
+a slower timer repairs drift. A model's LLMModel whose spec.replicas changed (KEDA's HPA or
+`kubectl scale` wrote its /scale) runs a pass of its LLMDeployment at once, which carries the
+count to that model's Serve deployment and worker group. Deletion needs no handler and no
+finalizer: every child carries an owner reference, so Kubernetes' garbage collector removes
+them.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
-from llmops_contract import GROUP, KIND, PLURAL, VERSION
+from llmops_contract import API_VERSION, GROUP, KIND, MODEL_PLURAL, PLURAL, VERSION
 from llmops_operator import render
 from llmops_operator.kube import KubeClient, KubeError
 from llmops_operator.metrics import OperatorMetrics
@@ -101,6 +104,10 @@ class ClientHolder:
     # Change handlers and timers run concurrently; passes over one object must not overlap.
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
+    carried: dict[str, dict[str, int]] = field(default_factory=dict)
+    """By LLMDeployment uid: the count each model's last pass carried to the graph, so an
+    LLMModel event that changes nothing (a status write) runs no pass."""
+
     def lock(self, uid: str) -> asyncio.Lock:
         return self.locks.setdefault(uid, asyncio.Lock())
 
@@ -174,7 +181,7 @@ async def run_pass(
         metrics.reconciles.labels(trigger=trigger, result="invalid").inc()
         metrics.errors.labels(reason="InvalidSpec").inc()
         metrics.set_state(namespace, name, "Invalid")
-        _report_invalid(body, patch, logger, str(exc))
+        _report_invalid(body, patch, logger, str(exc), exc.reason)
         if trigger == "change":
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
         return None
@@ -192,6 +199,10 @@ async def run_pass(
     metrics.set_state(namespace, name, "Ready" if outcome.ready else "NotReady")
     ready_replicas = int(outcome.status.get("replicas", 0))
     metrics.set_replicas(namespace, name, outcome.desired_replicas, ready_replicas)
+    metrics.set_model_replicas(namespace, name, outcome.model_replicas)
+    if body.metadata.uid:
+        counts = {model: desired for model, (desired, _) in outcome.model_replicas.items()}
+        memo.holder.carried[body.metadata.uid] = counts
     for action, keys in (
         ("created", outcome.created),
         ("patched", outcome.patched),
@@ -204,19 +215,39 @@ async def run_pass(
     return outcome
 
 
+async def run_owner_pass(namespace: str, name: str, logger: Logger, memo: Context) -> None:
+    """A pass over one LLMDeployment outside its own handlers (a model's scale changed):
+    reads it, runs the pass and writes its status, as Kopf does for its handlers."""
+    client = memo.holder.get()
+    raw = await client.get(API_VERSION, KIND, namespace, name)
+    if raw is None or raw.get("metadata", {}).get("deletionTimestamp"):
+        return
+    body, patch = kopf.Body(cast(kopf.RawBody, raw)), kopf.Patch()
+    try:
+        await run_pass("scale", body, patch, logger, memo)
+    except (kopf.PermanentError, kopf.TemporaryError) as exc:
+        logger.warning(f"pass after a model's scale change failed: {exc}")
+    if patch.get("status"):
+        await client.merge_patch(
+            API_VERSION, KIND, namespace, name, {"status": dict(patch["status"])}, "status"
+        )
+
+
 def _report_invalid(
     body: kopf.Body,
     patch: kopf.Patch,
     logger: Logger,
     message: str,
+    reason: str = "InvalidSpec",
 ) -> None:
-    """Ready=False with reason InvalidSpec; an Event only when this is news."""
+    """Ready=False with the refusal's reason (InvalidSpec, NameTooLong); an Event only when
+    this is news."""
     generation = body.metadata.get("generation")
     previous = {c.get("type"): c for c in body.status.get("conditions", [])}
     old = previous.get("Ready", {})
-    if not (old.get("reason") == "InvalidSpec" and old.get("message") == message):
-        _say(body, logger)("warning", "InvalidSpec", f"invalid spec: {message}")
-    ready = make_condition("Ready", False, "InvalidSpec", message[:2000], generation)
+    if not (old.get("reason") == reason and old.get("message") == message):
+        _say(body, logger)("warning", reason, f"invalid spec: {message}")
+    ready = make_condition("Ready", False, reason, message[:2000], generation)
     (condition,) = stamp_transitions([ready], list(previous.values()))
     kept = [c for t, c in previous.items() if t != "Ready"]
     status = {"observedGeneration": generation, "ready": "False", "conditions": [*kept, condition]}
@@ -342,10 +373,40 @@ def build_registry(
         if memo.pacer.resync_due(body.metadata.uid or ""):
             await run_pass("resync", body, patch, logger, memo)
 
+    @kopf.on.event(
+        GROUP,
+        VERSION,
+        MODEL_PLURAL,
+        labels={render.MANAGED_BY_LABEL: render.MANAGED_BY},
+        registry=registry,
+    )
+    async def on_event_llmmodel(
+        event: kopf.RawEvent, body: kopf.Body, logger: Logger, memo: Context, **_: Any
+    ) -> None:
+        if event.get("type") == "DELETED":
+            return
+        owner = next(
+            (
+                o
+                for o in body.metadata.get("ownerReferences", [])
+                if o.get("kind") == KIND and o.get("controller")
+            ),
+            None,
+        )
+        if owner is None:
+            return
+        carried = memo.holder.carried.get(owner.get("uid", ""))
+        model, replicas = body.spec.get("model"), body.spec.get("replicas")
+        # Before the owner's first pass (operator start) that pass reads the count itself.
+        if carried is None or carried.get(str(model)) == replicas:
+            return
+        await run_owner_pass(body.metadata.namespace or "default", owner["name"], logger, memo)
+
     @kopf.on.delete(*resource, optional=True, registry=registry)
     def on_delete_llmdeployment(body: kopf.Body, memo: Context, **_: Any) -> None:
         memo.metrics.set_state(body.metadata.namespace or "default", body.metadata.name or "", None)
         memo.holder.locks.pop(body.metadata.uid or "", None)
+        memo.holder.carried.pop(body.metadata.uid or "", None)
         memo.pacer.forget(body.metadata.uid or "")
 
     return registry

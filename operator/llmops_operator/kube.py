@@ -27,10 +27,14 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import incluster_config
 
+from llmops_contract import API_VERSION, KIND, MODEL_KIND, MODEL_PLURAL, PLURAL
+
 USER_AGENT = "llmops-operator"
 
 # Kinds the operator touches: (apiVersion, kind) -> plural.
 PLURALS = {
+    (API_VERSION, KIND): PLURAL,
+    (API_VERSION, MODEL_KIND): MODEL_PLURAL,
     ("v1", "PersistentVolumeClaim"): "persistentvolumeclaims",
     ("v1", "Service"): "services",
     ("v1", "Pod"): "pods",
@@ -44,6 +48,7 @@ PLURALS = {
     ("apiextensions.k8s.io/v1", "CustomResourceDefinition"): "customresourcedefinitions",
 }
 JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # a JSON body is valid YAML
 FIELD_MANAGER = "llmops-operator"
 # Applied objects whose resourceVersion is remembered (to tell a changing apply from a no-op).
@@ -270,6 +275,38 @@ class KubeClient:
         self._applied_versions[path] = version
         created = status == 201
         return Applied(applied, created, created or (before is not None and before != version))
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Creates an object (POST) under the operator's field manager; None when an object
+        of that name exists already (409 AlreadyExists).
+
+        The fields it sets are owned by the manager's Update entry, not its Apply entry, so a
+        later server-side apply that leaves one of them out does not remove it.
+        """
+        meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta.get("namespace"))
+        try:
+            return await self._request("POST", path, obj, params={"fieldManager": FIELD_MANAGER})
+        except KubeError as exc:
+            if exc.status == 409:
+                return None
+            raise
+
+    async def merge_patch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        subresource: str | None = None,
+    ) -> dict[str, Any] | None:
+        """JSON merge patch (RFC 7386) of an object or its ``status``; None when it is gone."""
+        path = resource_path(api_version, kind, namespace, name)
+        if subresource:
+            path = f"{path}/{subresource}"
+        params = {"fieldManager": FIELD_MANAGER}
+        return await self._request("PATCH", path, patch, MERGE_PATCH, params)
 
     async def json_patch(
         self,

@@ -22,7 +22,9 @@ class OperatorMetrics:
     deployments: Gauge
     desired_replicas: Gauge
     ready_replicas: Gauge
+    model_replicas: Gauge
     _states: dict[tuple[str, str], str] = field(default_factory=dict)
+    _models: dict[tuple[str, str], set[str]] = field(default_factory=dict)
 
     def set_state(self, namespace: str, name: str, state: str | None) -> None:
         """Tracks one LLMDeployment's state (Ready, NotReady, Invalid); None forgets it."""
@@ -32,6 +34,7 @@ class OperatorMetrics:
             for gauge in (self.desired_replicas, self.ready_replicas):
                 with contextlib.suppress(KeyError):  # never reported
                     gauge.remove(namespace, name)
+            self.set_model_replicas(namespace, name, {})
         else:
             self._states[key] = state
         counts: dict[str, int] = {"Ready": 0, "NotReady": 0, "Invalid": 0}
@@ -44,6 +47,29 @@ class OperatorMetrics:
         """Replicas one LLMDeployment asks for and serves (alert: stuck below desired)."""
         self.desired_replicas.labels(namespace=namespace, deployment=name).set(desired)
         self.ready_replicas.labels(namespace=namespace, deployment=name).set(ready)
+
+    def set_model_replicas(
+        self, namespace: str, name: str, models: dict[str, tuple[int, int]]
+    ) -> None:
+        """Each model's (desired, ready) replicas; models no longer listed are forgotten.
+
+        Kube-state-metrics cannot see custom resources, so the per-model counts (scaled to
+        zero included) are exported here for dashboards and alerts.
+        """
+        key = (namespace, name)
+        for gone in self._models.get(key, set()) - set(models):
+            for state in ("desired", "ready"):
+                with contextlib.suppress(KeyError):
+                    self.model_replicas.remove(namespace, name, gone, state)
+        for model, (desired, ready) in models.items():
+            for state, value in (("desired", desired), ("ready", ready)):
+                self.model_replicas.labels(
+                    namespace=namespace, deployment=name, model=model, state=state
+                ).set(value)
+        if models:
+            self._models[key] = set(models)
+        else:
+            self._models.pop(key, None)
 
     @classmethod
     def create(cls) -> OperatorMetrics:
@@ -92,6 +118,13 @@ class OperatorMetrics:
                 "llmops_operator_ready_replicas",
                 "Serve replicas an LLMDeployment serves with (status.replicas).",
                 ["namespace", "deployment"],
+                registry=registry,
+            ),
+            model_replicas=Gauge(
+                "llmops_operator_model_replicas",
+                "Replicas of one model: desired (its LLMModel's spec.replicas, KEDA's choice) "
+                "and ready (serving).",
+                ["namespace", "deployment", "model", "state"],
                 registry=registry,
             ),
         )

@@ -8,14 +8,19 @@ Status layout (``status`` of the LLMDeployment)::
 
     observedGeneration  metadata.generation this pass rendered
     replicas            replicas now serving: the fewest over models (statusReplicasPath)
-    selector            label selector of the Ray pods (scale subresource labelSelectorPath)
-    ready / modelsSummary   short strings for `kubectl get` columns
+    selector            label selector of the first model's worker pods (scale subresource)
+    ready / modelsSummary / replicasSummary   short strings for `kubectl get` columns
+                        (replicasSummary: "chat 2/2, code 0/0", ready/desired per model)
     conditions          ModelCached, ServingReady, AutoscalingReady, Ready (type/status/reason/
                         message/lastTransitionTime/observedGeneration)
     endpoints.http      in-cluster base URL of the graph's OpenAI-compatible API
-    models[]            name, state (Pending, Loading, Ready, Failed), message, replicas (ready
-                        worker pods of the active cluster's group, while its Serve deployment
-                        is HEALTHY)
+    models[]            name, state (Pending, Loading, Ready, Failed), message, replicas and
+                        readyReplicas (ready worker pods of the active cluster's group, while
+                        its Serve deployment is HEALTHY), desiredReplicas (its LLMModel's
+                        spec.replicas)
+
+Each model's LLMModel (`sync_models`) carries its count; its status holds ``replicas`` (the
+model's ready replicas) and ``selector`` (its worker pods), which its /scale reports.
     sources[]           source, revision: the commit each hf:// source resolved to, from the
                         loader's report (its termination message)
 """
@@ -31,10 +36,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmops_contract import APP_NAME
+from llmops_contract import API_VERSION, APP_NAME, MODEL_KIND
 from llmops_operator import render
 from llmops_operator.kube import KubeClient, KubeError
-from llmops_operator.models import Condition
+from llmops_operator.models import Condition, model_scaling
 
 RAYSERVICE_CRD = "rayservices.ray.io"
 SCALEDOBJECT_CRD = "scaledobjects.keda.sh"
@@ -46,6 +51,10 @@ PREREQUISITES = {
     PODMONITOR_CRD: ("monitoring.coreos.com/v1", "podmonitors"),
 }
 APPLICATION = APP_NAME
+WRITTEN_ANNOTATION = "llmops.dev/replicas-written"
+"""On an LLMModel while autoscaling is off: the count the operator last wrote through from the
+LLMDeployment, so it writes again only when the spec's count changes (`kubectl scale
+llmmodel` holds until then)."""
 # A shared cache volume still Pending after this long is not going to bind by itself.
 PVC_PENDING_GRACE_S = 120.0
 
@@ -59,6 +68,8 @@ class Outcome:
     status: dict[str, Any]
     ready: bool
     desired_replicas: int = 0
+    model_replicas: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """(desired, ready) replicas by model name."""
     created: list[str] = field(default_factory=list)
     patched: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -212,6 +223,128 @@ async def converge(
         observed[key] = applied.obj
     deleted = await _prune(client, children, jobs, namespace, name, keda_installed)
     return observed, created, patched, deleted
+
+
+async def live_models(client: KubeClient, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+    """This deployment's LLMModels by model name."""
+    selector = {render.DEPLOYMENT_LABEL: name, render.MANAGED_BY_LABEL: render.MANAGED_BY}
+    found = await client.list(API_VERSION, MODEL_KIND, namespace, selector)
+    return {
+        str(obj["spec"]["model"]): obj
+        for obj in found
+        if (obj.get("spec") or {}).get("deployment") == name and not _deleting(obj)
+    }
+
+
+def _deleting(obj: Mapping[str, Any]) -> bool:
+    return bool(obj.get("metadata", {}).get("deletionTimestamp"))
+
+
+def model_counts(target: render.Target, live: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """Each model's count: its LLMModel's spec.replicas (KEDA's, `kubectl scale`'s or the
+    one it was created with); with autoscaling off, the spec's count once it changed since
+    the operator last wrote it (WRITTEN_ANNOTATION); a model without an LLMModel yet, the
+    spec's count."""
+    counts = {}
+    autoscaled = target.spec.autoscaling.enabled
+    for model in target.spec.models:
+        wanted = model_scaling(target.spec, model).replicas
+        obj = live.get(model.name)
+        if obj is None:
+            counts[model.name] = wanted
+            continue
+        written = (obj["metadata"].get("annotations") or {}).get(WRITTEN_ANNOTATION)
+        if not autoscaled and written != str(wanted):
+            counts[model.name] = wanted
+        else:
+            counts[model.name] = int(obj["spec"].get("replicas") or 0)
+    return counts
+
+
+async def sync_models(
+    client: KubeClient,
+    target: render.Target,
+    rendered: list[dict[str, Any]],
+    live: Mapping[str, Mapping[str, Any]],
+    counts: Mapping[str, int],
+) -> tuple[dict[str, dict[str, Any]], list[str], list[str], list[str]]:
+    """Creates, updates and prunes the LLMModels; their spec.replicas is set once.
+
+    A new LLMModel is created (POST) with its first count. After that the operator applies it
+    without spec.replicas, which KEDA's HPA and `kubectl scale` own: the create's fields
+    belong to the manager's Update entry, so the apply, which leaves spec.replicas out, does
+    not remove it (k8s.io/apimachinery/pkg/util/managedfields). With autoscaling off, a
+    changed spec count is written through with a merge patch and remembered in
+    WRITTEN_ANNOTATION.
+
+    Returns:
+        The LLMModels by model name as the API server holds them, and the keys created,
+        patched and deleted.
+    """
+    created: list[str] = []
+    patched: list[str] = []
+    deleted: list[str] = []
+    observed: dict[str, dict[str, Any]] = {}
+    autoscaled = target.spec.autoscaling.enabled
+    for obj in rendered:
+        model = obj["spec"]["model"]
+        key = _key(obj)
+        desired = copy.deepcopy(obj)
+        if not autoscaled:
+            desired["metadata"]["annotations"] = {WRITTEN_ANNOTATION: str(counts[model])}
+        current = live.get(model)
+        if current is None:
+            made = await client.create(desired)
+            if made is not None:
+                created.append(key)
+                observed[model] = made
+                continue
+        elif int(current["spec"].get("replicas") or 0) != counts[model]:
+            # Autoscaling off and the spec's count changed: write it through.
+            await client.merge_patch(
+                API_VERSION,
+                MODEL_KIND,
+                target.namespace,
+                obj["metadata"]["name"],
+                {"spec": {"replicas": counts[model]}},
+            )
+            patched.append(key)
+        del desired["spec"]["replicas"]
+        applied = await client.apply(desired, force=True)
+        if applied.changed and key not in patched:
+            patched.append(key)
+        observed[model] = applied.obj
+    wanted = {obj["spec"]["model"] for obj in rendered}
+    for model, gone in live.items():
+        if model not in wanted:
+            await client.delete(API_VERSION, MODEL_KIND, target.namespace, gone["metadata"]["name"])
+            deleted.append(f"{MODEL_KIND}/{gone['metadata']['name']}")
+    return observed, created, patched, deleted
+
+
+async def report_models(
+    client: KubeClient,
+    target: render.Target,
+    observed: Mapping[str, Mapping[str, Any]],
+    ready: Mapping[str, int],
+) -> None:
+    """Writes each LLMModel's status (ready replicas, its workers' selector) when it differs:
+    what its /scale reports to the HPA and `kubectl get llmmodels` shows."""
+    for model, obj in observed.items():
+        status = {
+            "replicas": ready.get(model, 0),
+            "selector": render.worker_selector(target.name, model),
+        }
+        if is_subset(status, obj.get("status") or {}):
+            continue
+        await client.merge_patch(
+            API_VERSION,
+            MODEL_KIND,
+            target.namespace,
+            obj["metadata"]["name"],
+            {"status": status},
+            subresource="status",
+        )
 
 
 def active_cluster(rayservice: Mapping[str, Any] | None) -> str | None:
@@ -452,7 +585,9 @@ async def _prune(
     name: str,
     keda_installed: bool,
 ) -> list[str]:
-    """Deletes loader Jobs of older cache contents and a ScaledObject no longer wanted."""
+    """Deletes loader Jobs of older cache contents and ScaledObjects no longer wanted (a
+    removed model's, every one with autoscaling off, and the single ScaledObject of the whole
+    deployment that per-model scaling replaced)."""
     wanted = {_key(c) for c in children}
     deleted = []
     for job in jobs:
@@ -463,12 +598,14 @@ async def _prune(
             await client.delete("batch/v1", "Job", namespace, job["metadata"]["name"])
             deleted.append(key)
     # Without KEDA there is no ScaledObject to remove (and no API to ask).
-    if (
-        keda_installed
-        and f"ScaledObject/{name}" not in wanted
-        and await client.delete("keda.sh/v1alpha1", "ScaledObject", namespace, name)
-    ):
-        deleted.append(f"ScaledObject/{name}")
+    if keda_installed:
+        selector = {render.DEPLOYMENT_LABEL: name, render.MANAGED_BY_LABEL: render.MANAGED_BY}
+        for scaled in await client.list("keda.sh/v1alpha1", "ScaledObject", namespace, selector):
+            key = _key({"kind": "ScaledObject", **scaled})
+            if key not in wanted and await client.delete(
+                "keda.sh/v1alpha1", "ScaledObject", namespace, scaled["metadata"]["name"]
+            ):
+                deleted.append(key)
     return deleted
 
 
@@ -578,8 +715,12 @@ def _serving(
 
 
 def _autoscaling(
-    enabled: bool, keda: bool, scaled: Mapping[str, Any] | None, generation: int | None
+    enabled: bool,
+    keda: bool,
+    scaled: Mapping[str, Mapping[str, Any] | None],
+    generation: int | None,
 ) -> dict[str, Any]:
+    """AutoscalingReady from each model's ScaledObject (``scaled``, by model name)."""
     if not enabled:
         return make_condition(
             "AutoscalingReady", True, "Disabled", "replicas are set by hand", generation
@@ -593,16 +734,20 @@ def _autoscaling(
             "spec.autoscaling.enabled=false",
             generation,
         )
-    for cond in (scaled or {}).get("status", {}).get("conditions", []):
-        if cond.get("type") == "Ready":
-            ok = cond.get("status") == "True"
-            reason = "Active" if ok else (cond.get("reason") or "NotReady")
-            return make_condition(
-                "AutoscalingReady", ok, reason, cond.get("message", ""), generation
-            )
-    return make_condition(
-        "AutoscalingReady", False, "Pending", "KEDA has not reported yet", generation
-    )
+    for model, obj in scaled.items():
+        found = [
+            c
+            for c in (obj or {}).get("status", {}).get("conditions", [])
+            if c.get("type") == "Ready"
+        ]
+        if not found:
+            message = f"KEDA has not reported on model {model} yet"
+            return make_condition("AutoscalingReady", False, "Pending", message, generation)
+        if found[0].get("status") != "True":
+            reason = found[0].get("reason") or "NotReady"
+            message = f"model {model}: {found[0].get('message', '')}"
+            return make_condition("AutoscalingReady", False, reason, message, generation)
+    return make_condition("AutoscalingReady", True, "Active", "KEDA scales every model", generation)
 
 
 async def reconcile(
@@ -657,15 +802,31 @@ async def reconcile(
     secret_name = target.spec.cache.credentials_secret
     secret_version, secret_missing = await credentials_version(client, namespace, secret_name)
 
+    live_llm_models = await live_models(client, namespace, name)
+    counts = model_counts(target, live_llm_models)
+
     def rendered(active: str | None) -> list[dict[str, Any]]:
-        state = render.Observed(active_cluster=active, secret_version=secret_version)
+        state = render.Observed(
+            active_cluster=active, secret_version=secret_version, model_replicas=counts
+        )
         everything = render.render_target(target, defaults, graph, state)
         return [c for c in everything if c["kind"] not in skipped]
 
-    applied = rendered(None)
-    observed, created, patched, deleted = await converge(
-        client, applied, namespace, name, keda, say, rendered
+    everything = rendered(None)
+    models_rendered = [c for c in everything if c["kind"] == MODEL_KIND]
+    applied = [c for c in everything if c["kind"] != MODEL_KIND]
+    llm_models, created, patched, deleted = await sync_models(
+        client, target, models_rendered, live_llm_models, counts
     )
+
+    def rendered_children(active: str | None) -> list[dict[str, Any]]:
+        return [c for c in rendered(active) if c["kind"] != MODEL_KIND]
+
+    observed, *changes = await converge(
+        client, applied, namespace, name, keda, say, rendered_children
+    )
+    for done, more in zip((created, patched, deleted), changes, strict=True):
+        done += more
     active = active_cluster(observed.get(f"RayService/{name}"))
     rayservice = next(c for c in applied if c["kind"] == "RayService")
     live = await client.get("ray.io/v1", "RayCluster", namespace, active) if active else None
@@ -713,9 +874,11 @@ async def reconcile(
             "credentials (HF_TOKEN for gated Hugging Face repos)"
         )
         cache = make_condition("ModelCached", False, "CredentialsMissing", message, generation)
-    autoscaling = _autoscaling(
-        target.spec.autoscaling.enabled, keda, observed.get(f"ScaledObject/{name}"), generation
-    )
+    scaled = {
+        m.name: observed.get(f"ScaledObject/{render.model_object_name(name, m.name)}")
+        for m in target.spec.models
+    }
+    autoscaling = _autoscaling(target.spec.autoscaling.enabled, keda, scaled, generation)
     parts = [cache, serving, autoscaling]
     ready = all(c["status"] == "True" for c in parts)
     not_ready = [c for c in parts if c["status"] != "True"]
@@ -732,7 +895,10 @@ async def reconcile(
     workers = ready_workers(pods)
     for model in models:
         model["replicas"] = workers[model["name"]] if model["state"] == "Ready" else 0
+        model["readyReplicas"] = model["replicas"]
+        model["desiredReplicas"] = counts[model["name"]]
     replicas = min((model["replicas"] for model in models), default=0)
+    await report_models(client, target, llm_models, {m["name"]: m["readyReplicas"] for m in models})
     source_entries, differ = reports.sources_status(fetched, previous.get("sources") or [])
     if source_entries != (previous.get("sources") or []):
         for warning in differ:
@@ -740,6 +906,9 @@ async def reconcile(
     status = {
         **base,
         "replicas": replicas,
+        "replicasSummary": ", ".join(
+            f"{m['name']} {m['readyReplicas']}/{m['desiredReplicas']}" for m in models
+        ),
         "ready": overall["status"],
         "conditions": conditions,
         "models": models,
@@ -751,7 +920,8 @@ async def reconcile(
             "PrometheusOperatorMissing",
             f"Prometheus Operator is not installed (no CRD {PODMONITOR_CRD}): no PodMonitor",
         )
-    return Outcome(status, ready, target.spec.replicas, created, patched, deleted)
+    per_model = {m["name"]: (m["desiredReplicas"], m["readyReplicas"]) for m in models}
+    return Outcome(status, ready, target.spec.replicas, per_model, created, patched, deleted)
 
 
 def _announce(

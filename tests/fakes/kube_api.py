@@ -240,11 +240,18 @@ def record_update(
 NAMESPACE_PATH = re.compile(r"/api/v1/namespaces/([a-z0-9-]+)")
 
 LLMDEPLOYMENTS = "llmops.dev/v1alpha1/llmdeployments"
+LLMMODELS = "llmops.dev/v1alpha1/llmmodels"
 
 # Every resource the operator reads or writes, as discovery reports it.
 RESOURCES: dict[str, dict[str, Any]] = {
     LLMDEPLOYMENTS: {
         "kind": "LLMDeployment",
+        "namespaced": True,
+        "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"],
+        "subresources": ["status", "scale"],
+    },
+    LLMMODELS: {
+        "kind": "LLMModel",
         "namespaced": True,
         "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"],
         "subresources": ["status", "scale"],

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from kmock._internal import aiobus, enums, k8s, rendering
 
-from llmops_operator.crd import crd_manifest
+from llmops_operator.crd import crd_manifest, model_crd_manifest
 from tests.schemas import cel_errors, custom_validators
 
 if TYPE_CHECKING:
@@ -212,6 +212,16 @@ def _llmd_schema() -> dict[str, Any]:
     return schema
 
 
+@functools.cache
+def _schemas() -> dict[str, dict[str, Any]]:
+    """The project's own kinds -> their CRD's structural schema."""
+    found = {}
+    for crd in (crd_manifest(), model_crd_manifest()):
+        kind = crd["spec"]["names"]["kind"]
+        found[kind] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return found
+
+
 def prune(value: Any, schema: Mapping[str, Any], path: str = "", root: bool = False) -> list[str]:
     """Drops fields the schema does not declare; returns their paths.
 
@@ -321,8 +331,8 @@ def schema_causes(
             body = f"Invalid value: {_value(error.instance)}: {field} in body {error.message}"
             causes.append({"reason": reason, "message": body})
         causes[-1]["field"] = field
-    if causes or not cel_rules:
-        return causes
+    if causes or not cel_rules or obj.get("kind") != "LLMDeployment":
+        return causes  # the LLMModel CRD has no CEL rules
     for line in cel_lines(_llmd_schema(), obj, old):
         where, _, message = line.partition(": ")
         field = ("" if where == "<root>" else where) + _rule_field_paths().get(message, "")
@@ -359,20 +369,21 @@ def admit_custom(
     cel_rules: bool = True,
     old: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An LLMDeployment as the API server stores it: pruned, defaulted, validated.
+    """An LLMDeployment or LLMModel as the API server stores it: pruned, defaulted, validated.
 
     Unknown fields are pruned silently unless ``fieldValidation=Strict`` (what kubectl
     sends), which refuses them with 400 (k8s.io/apiserver/pkg/endpoints/handlers,
     "strict decoding error: unknown field"). The Warning header of ``Warn`` is not sent.
     """
-    if obj.get("kind") != "LLMDeployment":
+    schema = _schemas().get(str(obj.get("kind")))
+    if schema is None:
         return obj
     result = copy.deepcopy(obj)
-    dropped = prune(result, _llmd_schema(), root=True)
+    dropped = prune(result, schema, root=True)
     if dropped and request.params.get("fieldValidation") == "Strict":
         unknown = ", ".join(f'unknown field "{path}"' for path in dropped)
         raise BadRequestError(message=f"strict decoding error: {unknown}")
-    default(result, _llmd_schema())
+    default(result, schema)
     causes = schema_causes(result, cel_rules, old)
     if causes:
         raise invalid(result, causes)
@@ -543,16 +554,19 @@ def admit_merge_patch(api: KubeAPI, request: rendering.Request, sent: str | None
 
 
 def scale_paths(resource: Any) -> dict[str, str] | None:
-    """The CRD's scale subresource paths for a resource, from the CRD the fake installs."""
-    crd = crd_manifest()
-    if resource is None or resource.plural != crd["spec"]["names"]["plural"]:
+    """The CRD's scale subresource paths for a resource, from the CRDs the fake installs
+    (LLMDeployment and LLMModel)."""
+    if resource is None:
         return None
-    if resource.group != crd["spec"]["group"]:
-        return None
-    for version in crd["spec"]["versions"]:
-        if version["name"] == resource.version:
-            paths: dict[str, str] | None = version.get("subresources", {}).get("scale")
-            return paths
+    for crd in (crd_manifest(), model_crd_manifest()):
+        if resource.plural != crd["spec"]["names"]["plural"]:
+            continue
+        if resource.group != crd["spec"]["group"]:
+            return None
+        for version in crd["spec"]["versions"]:
+            if version["name"] == resource.version:
+                paths: dict[str, str] | None = version.get("subresources", {}).get("scale")
+                return paths
     return None
 
 
@@ -597,7 +611,7 @@ async def serve_scale(api: KubeAPI, request: rendering.Request) -> Any:
     """
     import aiohttp.web
 
-    from tests.fakes.kube_api import NotFoundError
+    from tests.fakes.kube_api import NotFoundError, manager_of, record_update
 
     paths = scale_paths(request.resource)
     if paths is None:
@@ -630,6 +644,11 @@ async def serve_scale(api: KubeAPI, request: rendering.Request) -> Any:
         for key in parents:
             target = target.setdefault(key, {})
         target[leaf] = replicas
+        # The scale's writer (the HPA, `kubectl scale`) now owns spec.replicas, as the
+        # API server's field manager records for a subresource update.
+        new.setdefault("metadata", {})["managedFields"] = record_update(
+            current, new, manager_of(request), str(current.get("apiVersion", ""))
+        )
         main = attrs.evolve(request, subresource=None)
         result = admitted(api, main, current, new, sent_version(scale))
         result["metadata"]["resourceVersion"] = str(next(api._versions))

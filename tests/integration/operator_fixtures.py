@@ -254,17 +254,21 @@ async def report_children_ready(
     )
     llmd = live(api, "llmops.dev/v1alpha1/llmdeployments", namespace)[name]
     if (llmd["spec"].get("autoscaling") or {}).get("enabled", True):
-        # A pass applies the ScaledObject after the RayService: report once it exists.
-        await eventually(
-            lambda: live(api, "keda.sh/v1alpha1/scaledobjects", namespace).get(name),
-            what=f"the ScaledObject {name}",
-        )
-        ready = {"type": "Ready", "status": "True", "reason": "ScaledObjectReady"}
-        await patch(
-            api,
-            f"/apis/keda.sh/v1alpha1/{ns}/scaledobjects/{name}/status",
-            {"status": {"conditions": [ready]}},
-        )
+        # A pass applies each model's ScaledObject after the RayService: report once it exists.
+        for model in llmd["spec"]["models"]:
+            scaled = f"{name}-{model['name']}"
+            await eventually(
+                lambda scaled=scaled: live(api, "keda.sh/v1alpha1/scaledobjects", namespace).get(
+                    scaled
+                ),
+                what=f"the ScaledObject {scaled}",
+            )
+            ready = {"type": "Ready", "status": "True", "reason": "ScaledObjectReady"}
+            await patch(
+                api,
+                f"/apis/keda.sh/v1alpha1/{ns}/scaledobjects/{scaled}/status",
+                {"status": {"conditions": [ready]}},
+            )
     return cluster
 
 
@@ -272,9 +276,11 @@ async def report_children_ready(
 # test (test_operator.py) checks this against the operator's own traffic; the chart test checks
 # the rendered Roles grant it.
 OPERATOR_NEEDS = {
-    ("llmops.dev", "llmdeployments"): {"list", "watch", "patch"},
+    ("llmops.dev", "llmdeployments"): {"get", "list", "watch", "patch"},
     ("llmops.dev", "llmdeployments/status"): {"patch"},
     ("llmops.dev", "llmdeployments/finalizers"): {"update"},
+    ("llmops.dev", "llmmodels"): {"list", "watch", "create", "patch", "delete"},
+    ("llmops.dev", "llmmodels/status"): {"patch"},
     ("ray.io", "rayservices"): {"list", "watch", "create", "patch"},
     ("ray.io", "rayclusters"): {"get", "patch", "delete"},
     ("", "pods"): {"list"},
@@ -293,6 +299,10 @@ DISCOVERY_NEEDS = {
 }
 # Granted, but not exercised by the RBAC test's flow, each for a reason.
 NEEDED_ELSEWHERE = {
+    ("llmops.dev", "llmmodels"): (
+        {"delete"},
+        "a removed model's LLMModel is pruned (test_operator_models.py)",
+    ),
     ("", "namespaces"): ({"list", "watch"}, "Kopf watches namespaces for glob patterns"),
     ("llmops.dev", "llmdeployments/finalizers"): (
         {"update"},

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from llmops_operator.kube import USER_AGENT, KubeClient
+from llmops_operator.render import cluster_hash
 from tests.fakes.kube_api import APPLY_PATCH, KubeAPI, content_type
 from tests.integration.operator_fixtures import (
     DISCOVERY_NEEDS,
@@ -28,7 +29,7 @@ from tests.integration.operator_fixtures import (
     report_children_ready,
     running_operator,
 )
-from tests.schemas import assert_valid
+from tests.operator_schemas import assert_valid
 
 pytestmark = [pytest.mark.kmock(cls=KubeAPI), pytest.mark.timeout(120)]
 
@@ -40,12 +41,14 @@ CHILD_RESOURCES = {
     "ScaledObject": "keda.sh/v1alpha1/scaledobjects",
     "PodMonitor": "monitoring.coreos.com/v1/podmonitors",
     "NetworkPolicy": "networking.k8s.io/v1/networkpolicies",
+    "LLMModel": "llmops.dev/v1alpha1/llmmodels",
 }
+SCALED = "llama-8b-llama-3.1-8b-instruct"  # the model's LLMModel and ScaledObject
 
 
 def shared(name: str) -> dict[str, Any]:
     """An example with a shared cache (ReadWriteMany): a PVC and a loader Job among its
-    children, the six kinds CHILD_RESOURCES lists (a per-pod cache has neither)."""
+    children, the kinds CHILD_RESOURCES lists (a per-pod cache has neither)."""
     manifest = example(name)
     manifest["spec"].setdefault("cache", {})["accessMode"] = "ReadWriteMany"
     return manifest
@@ -53,6 +56,10 @@ def shared(name: str) -> dict[str, Any]:
 
 def children(api: KubeAPI) -> dict[str, dict[str, dict[str, Any]]]:
     return {kind: live(api, resource) for kind, resource in CHILD_RESOURCES.items()}
+
+
+def model_path(name: str) -> str:
+    return f"/apis/llmops.dev/v1alpha1/namespaces/{NAMESPACE}/llmmodels/{name}"
 
 
 def llmd(api: KubeAPI, name: str) -> dict[str, Any]:
@@ -79,10 +86,10 @@ async def test_apply_creates_valid_children_with_owner_references(kmock: KubeAPI
     async with running_operator(kmock):
         created = await create(kmock, shared("llama-8b-gpu"))
         uid = created["metadata"]["uid"]
-        await eventually(lambda: all(children(kmock).values()), what="all seven children")
+        await eventually(lambda: all(children(kmock).values()), what="all eight children")
         found = children(kmock)
         objects = [obj for by_name in found.values() for obj in by_name.values()]
-        assert len(objects) == 7
+        assert len(objects) == 8
         for obj in objects:
             owners = obj["metadata"]["ownerReferences"]
             assert owners == [
@@ -156,8 +163,28 @@ async def test_status_follows_children_to_ready(kmock: KubeAPI) -> None:
             "Ready": "True",
         }
         assert status["models"] == [
-            {"name": "llama-3.1-8b-instruct", "state": "Ready", "message": "", "replicas": 1}
+            {
+                "name": "llama-3.1-8b-instruct",
+                "state": "Ready",
+                "message": "",
+                "replicas": 1,
+                "readyReplicas": 1,
+                "desiredReplicas": 1,
+            }
         ]
+        assert status["replicasSummary"] == "llama-3.1-8b-instruct 1/1"
+        model = {**labels, "model": "llama-3.1-8b-instruct"}
+        for state in ("desired", "ready"):
+            value = operator.metrics.registry.get_sample_value(
+                "llmops_operator_model_replicas", {**model, "state": state}
+            )
+            assert value == 1
+        # The LLMModel's status is what its /scale reports to the HPA.
+        llm_model = live(kmock, "llmops.dev/v1alpha1/llmmodels")[SCALED]
+        assert llm_model["status"] == {
+            "replicas": 1,
+            "selector": status["selector"],
+        }
 
 
 async def test_spec_update_patches_children(kmock: KubeAPI) -> None:
@@ -178,7 +205,7 @@ async def test_spec_update_patches_children(kmock: KubeAPI) -> None:
         )
         await eventually(
             lambda: (
-                live(kmock, "keda.sh/v1alpha1/scaledobjects")["llama-8b"]["spec"]["maxReplicaCount"]
+                live(kmock, "keda.sh/v1alpha1/scaledobjects")[SCALED]["spec"]["maxReplicaCount"]
                 == 6
             ),
             what="ScaledObject maxReplicaCount 6",
@@ -196,7 +223,7 @@ async def test_spec_update_patches_children(kmock: KubeAPI) -> None:
         # Patched in place: the same objects (uids), each at a new resourceVersion.
         for kind, name in (
             ("PersistentVolumeClaim", "llama-8b-model-cache"),
-            ("ScaledObject", "llama-8b"),
+            ("ScaledObject", SCALED),
         ):
             old, new = before[kind][name]["metadata"], after[kind][name]["metadata"]
             assert new["uid"] == old["uid"], kind
@@ -213,8 +240,11 @@ async def test_scale_subresource_reaches_serve_replicas_without_new_cluster(
         before = await eventually(
             lambda: live(kmock, "ray.io/v1/rayservices").get("llama-8b"), what="RayService"
         )
-        # What KEDA's HPA does: write spec.replicas through the scale subresource.
-        await patch(kmock, llmd_path("llama-8b") + "/scale", {"spec": {"replicas": 3}})
+        # What KEDA's HPA does: write the model's LLMModel through its scale subresource.
+        await eventually(
+            lambda: live(kmock, "llmops.dev/v1alpha1/llmmodels").get(SCALED), what="LLMModel"
+        )
+        await patch(kmock, model_path(SCALED) + "/scale", {"spec": {"replicas": 3}})
 
         def replicas() -> int:
             config = serve_config(kmock, "llama-8b")["applications"][0]
@@ -226,8 +256,12 @@ async def test_scale_subresource_reaches_serve_replicas_without_new_cluster(
 
         await eventually(lambda: replicas() == 3, what="Serve replicas 3")
         after = live(kmock, "ray.io/v1/rayservices")["llama-8b"]
-        # Only the Serve override changed: same cluster config, same app args (no restart).
-        assert after["spec"]["rayClusterConfig"] == before["spec"]["rayClusterConfig"]
+        # Only the Serve override and the worker group's count changed, which KubeRay's
+        # cluster hash leaves out: same cluster, same app args (no restart).
+        old_cluster = before["spec"]["rayClusterConfig"]
+        new_cluster = after["spec"]["rayClusterConfig"]
+        assert cluster_hash(old_cluster) == cluster_hash(new_cluster)
+        assert [g["replicas"] for g in new_cluster["workerGroupSpecs"]] == [3]
         old_app = yaml.safe_load(before["spec"]["serveConfigV2"])["applications"][0]
         new_app = yaml.safe_load(after["spec"]["serveConfigV2"])["applications"][0]
         assert new_app["args"] == old_app["args"]
@@ -434,11 +468,11 @@ async def test_rbac_grants_exactly_the_verbs_the_operator_uses(kmock: KubeAPI) -
         job = next(iter(children(kmock)["Job"]))
         await report_children_ready(kmock, "llama-8b", job, ["llm-llama-3-1-8b-instruct"])
         await eventually(lambda: llmd(kmock, "llama-8b")["status"]["ready"] == "True")
-        await patch(kmock, llmd_path("llama-8b") + "/scale", {"spec": {"replicas": 2}})
+        await patch(kmock, model_path(SCALED) + "/scale", {"spec": {"replicas": 2}})
         await patch(kmock, llmd_path("llama-8b"), {"spec": {"autoscaling": {"maxReplicas": 3}}})
         await eventually(
             lambda: (
-                live(kmock, "keda.sh/v1alpha1/scaledobjects")["llama-8b"]["spec"]["maxReplicaCount"]
+                live(kmock, "keda.sh/v1alpha1/scaledobjects")[SCALED]["spec"]["maxReplicaCount"]
                 == 3
             ),
             what="the ScaledObject patched",

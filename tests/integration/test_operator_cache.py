@@ -152,9 +152,9 @@ async def test_a_pending_volume_is_resized_once_bound_and_never_blocks_a_pass(
         await patch(kmock, path, {"spec": change})
 
         def max_replicas() -> Any:
-            return live(kmock, "keda.sh/v1alpha1/scaledobjects")["llama-8b"]["spec"][
-                "maxReplicaCount"
-            ]
+            return live(kmock, "keda.sh/v1alpha1/scaledobjects")["llama-8b-llama-3.1-8b-instruct"][
+                "spec"
+            ]["maxReplicaCount"]
 
         await eventually(lambda: max_replicas() == 6, what="the rest of the pass applied")
 

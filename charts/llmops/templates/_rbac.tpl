@@ -8,9 +8,10 @@ names the loader Job, so a fixed token replaces a failed download); loader Jobs 
 containers reference the Secret by name, the operator never copies its data.
 */}}
 {{- define "llmops.operator.namespacedRules" -}}
+# get: a model's scale change runs a pass of its LLMDeployment, read then.
 - apiGroups: ["llmops.dev"]
   resources: ["llmdeployments"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["llmops.dev"]
   resources: ["llmdeployments/status"]
   verbs: ["patch"]
@@ -19,6 +20,15 @@ containers reference the Secret by name, the operator never copies its data.
 - apiGroups: ["llmops.dev"]
   resources: ["llmdeployments/finalizers"]
   verbs: ["update"]
+# One LLMModel per model (its scale target): created once with its first replica count, then
+# applied without it (KEDA's HPA and `kubectl scale` own it); watched for scale changes;
+# pruned with its model. Its status carries the ready replicas and the worker selector.
+- apiGroups: ["llmops.dev"]
+  resources: ["llmmodels"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+- apiGroups: ["llmops.dev"]
+  resources: ["llmmodels/status"]
+  verbs: ["patch"]
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
   verbs: ["list", "watch", "create", "patch"]
