@@ -440,9 +440,10 @@ class Router:
 
     async def _check_serving(self, model: str) -> None:
         """Raises the scaled-to-zero 503 when the model has no running replica: a request
-        sent to its handle then would wait, and wake it (`llmops_services.replicas`)."""
+        sent to its handle then would wait, and wake it (`llmops_services.replicas`). A model
+        scaled to zero whose last replica still drains its requests takes no new ones either."""
         state = await self.replicas.get(model)
-        if state is not None and state.running == 0:
+        if state is not None and (state.running == 0 or state.target == 0):
             raise scaled_to_zero(model)
 
     # -- routing ---------------------------------------------------------------------------

@@ -89,3 +89,35 @@ def test_the_scaled_to_zero_answer_is_a_503_the_gateway_holds() -> None:
     body = response.body.decode()
     assert SCALED_TO_ZERO_CODE in body
     assert '"type":"server_error"' in body.replace(" ", "")
+
+
+def test_the_router_refuses_a_model_without_running_replicas_or_at_target_zero() -> None:
+    from types import SimpleNamespace
+
+    from llmops_services.errors import ServingError
+    from llmops_services.router import Router
+
+    states = {
+        "running": ModelReplicas(running=1, target=1),
+        "starting": ModelReplicas(running=0, target=1),
+        "at-zero": ModelReplicas(running=0, target=0),
+        "draining": ModelReplicas(running=1, target=0),  # scaled to 0, its replica stopping
+    }
+
+    class Fake:
+        async def get(self, model: str) -> ModelReplicas | None:
+            return states.get(model)
+
+    router = SimpleNamespace(replicas=Fake())
+
+    async def outcome(model: str) -> str | None:
+        try:
+            await Router._check_serving(router, model)  # type: ignore[arg-type]
+        except ServingError as error:
+            return error.code
+        return None
+
+    assert asyncio.run(outcome("running")) is None
+    assert asyncio.run(outcome("unknown")) is None  # no states: the handle decides, as before
+    for model in ("starting", "at-zero", "draining"):
+        assert asyncio.run(outcome(model)) == SCALED_TO_ZERO_CODE, model
