@@ -25,6 +25,7 @@ from grafana_foundation_sdk.builders import dashboard, prometheus, stat, timeser
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
 
+from llmops_contract import HELD_REQUESTS_METRIC
 from llmops_operator.queries import worker_pods
 
 HERE = Path(__file__).parent
@@ -35,6 +36,9 @@ DEP = f'{NS}, llmops_deployment=~"$deployment"'
 LLM = f'{DEP}, model_name=~"$model"'
 WORKER_PODS = worker_pods("$deployment")
 OWNED = f'{NS}, deployment=~"$deployment"'  # the operator's per-deployment gauges
+MODEL_OWNED = f'{OWNED}, model=~"$model"'  # the operator's per-model gauges
+# The gateway's per-model series carry no namespace of the graph (the gateway runs elsewhere).
+HELD = 'model=~"$model"'
 
 Panel = timeseries.Panel | stat.Panel
 
@@ -276,6 +280,42 @@ def serving() -> dashboard.Dashboard:
                     "desired {{deployment}}",
                 ),
                 width=24,
+            ),
+            # Each model scales on its own (its LLMModel); kube-state-metrics cannot see custom
+            # resources, so the operator exports the counts.
+            graph(
+                "Replicas per model (desired / ready)",
+                "short",
+                query(
+                    "sum by (deployment, model) "
+                    f'(llmops_operator_model_replicas{{{MODEL_OWNED}, state="desired"}})',
+                    "desired {{deployment}}/{{model}}",
+                ),
+                query(
+                    "sum by (deployment, model) "
+                    f'(llmops_operator_model_replicas{{{MODEL_OWNED}, state="ready"}})',
+                    "ready {{deployment}}/{{model}}",
+                ),
+            ),
+            single(
+                "Models scaled to zero",
+                "short",
+                query(
+                    "count(sum by (namespace, deployment, model) "
+                    f'(llmops_operator_model_replicas{{{MODEL_OWNED}, state="desired"}}) == 0)'
+                    " or vector(0)"
+                ),
+                width=12,
+            ),
+            graph(
+                "Requests held for a model at zero (gateway)",
+                "short",
+                query(f"sum by (model) ({HELD_REQUESTS_METRIC}{{{HELD}}})", "{{model}}"),
+            ),
+            graph(
+                "Hold time until served or expired (gateway)",
+                "s",
+                *quantiles("llmops_gateway_hold_seconds", HELD, "outcome"),
             ),
         ],
         models=True,

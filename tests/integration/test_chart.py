@@ -139,7 +139,7 @@ def test_default_install_has_every_component() -> None:
         "PrometheusRule": len(list((ROOT / "deploy" / "rules").glob("*.yaml"))),
         "ClusterRole": 2,  # the operator's and the gateway's (read-only discovery)
         "ClusterRoleBinding": 2,
-        "CustomResourceDefinition": 3,  # LLMDeployment and Kopf's two peering kinds
+        "CustomResourceDefinition": 4,  # LLMDeployment, LLMModel and Kopf's two peering kinds
         "ClusterKopfPeering": 1,
         "NetworkPolicy": 4,
     }.items():
@@ -681,7 +681,8 @@ def test_peering_objects_exist_for_active_standby() -> None:
     standalone = render(VALUE_SETS["minimal"])
     assert not by_kind(standalone, "ClusterKopfPeering")
     assert [crd["spec"]["group"] for crd in by_kind(standalone, "CustomResourceDefinition")] == [
-        "llmops.dev"
+        "llmops.dev",  # LLMDeployment
+        "llmops.dev",  # LLMModel
     ]
 
 

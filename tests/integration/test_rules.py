@@ -22,6 +22,8 @@ from tests.integration.test_trigger_queries import HEAD, LLAMA_WORKER, OTHER_WOR
 ROOT = Path(__file__).parents[2]
 RULES = ROOT / "deploy" / "rules" / "platform.yaml"
 UNIT_TESTS = ROOT / "tests" / "data" / "promtool" / "platform_test.yaml"
+SCALING_RULES = ROOT / "deploy" / "rules" / "scaling.yaml"
+SCALING_TESTS = ROOT / "tests" / "data" / "promtool" / "scaling_test.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,45 @@ def test_every_alert_fires_on_bad_series_and_stays_quiet_on_good_ones(promtool: 
     assert set(alerts()) - firing == set(), "alerts never shown to fire"
     assert set(alerts()) - quiet == set(), "alerts never shown to stay quiet"
     run(promtool, "test", "rules", UNIT_TESTS.name, cwd=UNIT_TESTS.parent)
+
+
+def test_scaling_alerts_fire_on_held_requests_and_stay_quiet_while_models_serve(
+    promtool: str,
+) -> None:
+    """Per-model scaling alerts (deploy/rules/scaling.yaml) on the gateway's hold series and
+    the operator's per-model replica gauge, joined by model name."""
+    assert "SUCCESS" in run(promtool, "check", "rules", str(SCALING_RULES))
+    tests = {t["name"]: t for t in yaml.safe_load(SCALING_TESTS.read_text())["tests"]}
+    names = [
+        rule["alert"]
+        for group in yaml.safe_load(SCALING_RULES.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+    firing = {c["alertname"] for c in tests["unhealthy"]["alert_rule_test"] if c["exp_alerts"]}
+    quiet = {c["alertname"] for c in tests["healthy"]["alert_rule_test"] if not c["exp_alerts"]}
+    assert set(names) == firing == quiet
+    run(promtool, "test", "rules", SCALING_TESTS.name, cwd=SCALING_TESTS.parent)
+    # The chart ships a byte copy.
+    shipped = ROOT / "charts" / "llmops" / "files" / "rules" / "scaling.yaml"
+    assert shipped.read_bytes() == SCALING_RULES.read_bytes()
+
+
+def test_scaling_tests_catch_a_model_at_zero_that_is_ignored(promtool: str, tmp_path: Path) -> None:
+    broken = SCALING_RULES.read_text().replace("== 0)", "== 1)")
+    assert broken != SCALING_RULES.read_text()
+    (tmp_path / "deploy" / "rules").mkdir(parents=True)
+    (tmp_path / "deploy" / "rules" / "scaling.yaml").write_text(broken)
+    (tmp_path / "tests" / "data" / "promtool").mkdir(parents=True)
+    shutil.copy(SCALING_TESTS, tmp_path / "tests" / "data" / "promtool")
+    result = subprocess.run(
+        [promtool, "test", "rules", SCALING_TESTS.name],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path / "tests" / "data" / "promtool",
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "LLMOpsModelAtZeroWithHeldRequests" in result.stdout + result.stderr
 
 
 def test_promtool_tests_catch_a_broken_threshold(promtool: str, tmp_path: Path) -> None:
