@@ -124,6 +124,15 @@ _PLATFORM_VLLM_ARGS = {
     "distributed_executor_backend": "Ray Serve LLM sets it",
     "otlp_traces_endpoint": "the graph's tracing settings set it",
 }
+# vLLM's LoRA arguments: they tune the adapters an LLMSpec declares.
+_LORA_VLLM_ARGS = {
+    "enable_lora",
+    "max_loras",
+    "max_lora_rank",
+    "max_cpu_loras",
+    "lora_dtype",
+    "fully_sharded_loras",
+}
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "null": (type(None),),
     "boolean": (bool,),
@@ -337,6 +346,30 @@ def _check_source(value: str) -> str:
 SourceURI = Annotated[str, AfterValidator(_check_source)]
 
 
+class AdapterSpec(StrictModel):
+    """A LoRA adapter served on its base model's deployment under its own name."""
+
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        description="Served model name: the OpenAI `model` clients send for the base model "
+        "with this adapter; unique across models and adapters.",
+    )
+    source: SourceURI = Field(
+        description="A PEFT adapter folder (adapter_config.json and the adapter weights): "
+        "hf://org/name[@revision], file:///path or a folder."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _adapter_scheme(cls, value: str) -> str:
+        # The model cache's s3:// and embedded:// entries are checked as whole models
+        # (config.json); an adapter folder has adapter_config.json instead.
+        scheme = parse_source(value).scheme
+        if scheme not in {"hf", "local"}:
+            raise ValueError(f"adapter sources are hf:// or a folder, not {scheme}://")
+        return value
+
+
 class LLMSpec(StrictModel):
     """One language model served by its own Serve deployment."""
 
@@ -387,6 +420,14 @@ class LLMSpec(StrictModel):
         description="Pick among this model's replicas by prompt-prefix affinity (Ray Serve "
         "LLM's PrefixCacheAffinityRouter), so shared prefixes hit a warm KV cache.",
     )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        description="LoRA adapters of this model, each served by its own name and listed in "
+        "/v1/models with this model as parent. An adapter is loaded on its first request; "
+        "a replica keeps engine.extra_args.max_loras (vLLM's default 1) in the engine at once "
+        "and evicts the least recently used. Ranks above extra_args.max_lora_rank (vLLM's "
+        "default 16) are refused when the adapter loads.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -401,6 +442,15 @@ class LLMSpec(StrictModel):
         if any(not example.strip() for example in value):
             raise ValueError("route_examples must not contain empty strings")
         return value
+
+    @model_validator(mode="after")
+    def _lora_args_need_adapters(self) -> LLMSpec:
+        if "enable_lora" in self.engine.extra_args:
+            raise ValueError("vLLM argument 'enable_lora' is set by adapters, not extra_args")
+        lora_args = sorted(set(self.engine.extra_args) & _LORA_VLLM_ARGS)
+        if lora_args and not self.adapters:
+            raise ValueError(f"engine.extra_args {', '.join(lora_args)} need adapters")
+        return self
 
     @model_validator(mode="after")
     def _gpus_match_parallelism(self) -> LLMSpec:
@@ -420,6 +470,8 @@ class LLMSpec(StrictModel):
         data: dict[str, Any] = handler(self)
         if self.drain_seconds == DEFAULT_DRAIN_SECONDS:
             data.pop("drain_seconds", None)
+        if not self.adapters:
+            data.pop("adapters", None)
         return data
 
     @property
@@ -512,6 +564,7 @@ class GraphConfig(StrictModel):
     @model_validator(mode="after")
     def _check_graph(self) -> GraphConfig:
         names = [llm.name for llm in self.llms]
+        names += [adapter.name for llm in self.llms for adapter in llm.adapters]
         if self.encoder is not None:
             names.append(self.encoder.name)
         duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -9,6 +9,7 @@ hand it the same spec.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from ray.serve.llm import LLMConfig, LLMServer
 
+from llmops_contract.sources import ModelSourceError, parse_source
 from llmops_services.config import LLMSpec
 from llmops_services.sources import resolve_source
 from llmops_services.tracing import (
@@ -126,6 +128,12 @@ def llm_config_for(
             **replica_options(spec.replicas),
         },
     }
+    if spec.adapters:
+        config["engine_kwargs"]["enable_lora"] = True
+        # Ray Serve LLM multiplexes adapters by the request's multiplexed model id. Serve's
+        # own LRU (ray/serve/multiplex.py) keeps every adapter's folder: the engine's LRU
+        # (max_loras, max_cpu_loras) decides which adapters' weights stay loaded.
+        config["lora_config"] = {"max_num_adapters_per_replica": len(spec.adapters)}
     if spec.prefix_aware_routing:
         config["deployment_config"]["request_router_config"] = {
             "request_router_class": PREFIX_AWARE_ROUTER
@@ -147,6 +155,78 @@ def llm_config_for(
     if otlp_traces_endpoint is not None:
         config["engine_kwargs"]["otlp_traces_endpoint"] = otlp_traces_endpoint
     return LLMConfig(**config)
+
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def resolve_adapter(source: str, cache_dir: Path | None = None) -> Path:
+    """Makes a LoRA adapter available as a local folder and returns that folder.
+
+    A folder is used in place; an hf:// repository goes through the model cache as models do.
+
+    Raises:
+        ModelSourceError: the source is missing or is not a PEFT adapter folder.
+    """
+    parsed = parse_source(source)
+    if parsed.scheme == "local":
+        folder = Path(parsed.location).expanduser().resolve()
+    else:
+        folder = resolve_source(source, cache_dir)
+    if not (folder / ADAPTER_CONFIG_FILE).is_file():
+        raise ModelSourceError(
+            f"adapter folder {folder} (from {source!r}) has no {ADAPTER_CONFIG_FILE}: point "
+            "the source at a PEFT adapter (what save_pretrained writes)"
+        )
+    return folder
+
+
+class AdapterLoader:
+    """Ray Serve LLM's LoRA loader, for the adapters an `LLMSpec` declares by name.
+
+    `LLMServer` builds its loader from the class it is given (``model_downloader``) and asks
+    it for ``load_model_from_config(lora_model_id, llm_config)``; Ray's own `LoraModelLoader`
+    (ray/llm/_internal/serve/utils/lora_serve_utils.py) derives a cloud URL from
+    ``lora_config.dynamic_lora_loading_path``, which must be s3://, gs:// or azure://. This one
+    looks the adapter's source up by its served name and resolves it as model sources are.
+
+    Args:
+        adapters: Served adapter name -> source.
+        cache_dir: The model cache folder, or None for the default.
+        download_timeout_s: Ray's setting; resolving has its own timeouts.
+        max_tries: Ray's setting; resolving retries transient hub errors itself.
+    """
+
+    def __init__(
+        self,
+        adapters: dict[str, str],
+        cache_dir: Path | None = None,
+        download_timeout_s: float | None = None,
+        max_tries: int = 1,
+    ) -> None:
+        self.adapters = adapters
+        self.cache_dir = cache_dir
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config: Any) -> Any:
+        """The adapter's folder, as the DiskMultiplexConfig the engine loads it from.
+
+        Raises:
+            ValueError: the name is no adapter of this model.
+            ModelSourceError: the adapter's source cannot be resolved.
+        """
+        from ray.llm._internal.common.models import global_id_manager
+        from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+
+        source = self.adapters.get(lora_model_id)
+        if source is None:
+            raise ValueError(f"{lora_model_id!r} is not an adapter of this model")
+        folder = await asyncio.to_thread(resolve_adapter, source, self.cache_dir)
+        return DiskMultiplexConfig(
+            model_id=lora_model_id,
+            max_total_tokens=None,
+            local_path=str(folder),
+            lora_assigned_int_id=global_id_manager.next(),
+        )
 
 
 def replica_options(replicas: int) -> dict[str, Any]:
@@ -194,8 +274,21 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         folder = await asyncio.to_thread(resolve_source, self.spec.source, cache)
         self._model_folder = folder
         self._tokenizer_file: bytes | None = None
-        await super().__init__(llm_config_for(self.spec, str(folder), engine_traces_endpoint()))
+        self._lora_lock = asyncio.Lock()
+        adapters = {adapter.name: adapter.source for adapter in self.spec.adapters}
+        await super().__init__(
+            llm_config_for(self.spec, str(folder), engine_traces_endpoint()),
+            model_downloader=functools.partial(AdapterLoader, adapters, cache),
+        )
         _adopt_tokenization(self.engine)
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        """Loads the request's adapter into the engine once, as `LLMServer` does, one request
+        at a time: two first requests for one adapter would otherwise both ask vLLM to load
+        it, and the second fails as "already loaded" (vLLM's serving models check the name
+        before ``load_lora_adapter``, `VLLMEngine.resolve_lora` checks it before that lock)."""
+        async with self._lora_lock:
+            await super()._maybe_resolve_lora_from_multiplex()
 
     async def tokenizer_json(self) -> bytes | None:
         """The ``tokenizer.json`` the engine loaded, as bytes; None when it has none.
@@ -225,6 +318,8 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
             ResponsesResponse,
         )
 
+        # An adapter's request (Serve's multiplexed model id) loads it first, as chat does.
+        await self._maybe_resolve_lora_from_multiplex()
         state = getattr(self.engine, "_app_state", None)
         serving = getattr(state, "openai_serving_responses", None)
         if serving is None:

@@ -425,6 +425,19 @@ class Router:
             "detokenize": DetokenizeRequest,
         }
         self.llms = {name: handle.options(stream=True) for name, handle in llms.items()}
+        # A LoRA adapter is served by its base model's deployment: requests name the adapter
+        # alone, as vLLM serves them (--lora-modules name=path), since names are unique
+        # across models and adapters and a tenant's allow-list names what clients send.
+        self.adapters = {
+            adapter.name: llm.name for llm in self.config.llms for adapter in llm.adapters
+        }
+        # The adapter reaches the replica as Serve's multiplexed model id (one handle per
+        # adapter): Ray Serve LLM's LLMServer loads it from that, and Serve prefers a replica
+        # that already holds it.
+        self._adapter_handles = {
+            adapter: self.llms[base].options(multiplexed_model_id=adapter)
+            for adapter, base in self.adapters.items()
+        }
         self._probes = llms
         self.encoder = encoder
         self.created = int(time.time())
@@ -478,6 +491,8 @@ class Router:
             return RouteDecision(self.config.default_llm, 0.0, policy="default")
         if model in self.llms:
             return RouteDecision(model, 1.0, policy="name")
+        if model in self.adapters:
+            return RouteDecision(self.adapters[model], 1.0, policy="name")
         if model == AUTO_MODEL:
             if not self.semantic_enabled or self.encoder is None:
                 return RouteDecision(self.config.default_llm, 0.0, policy="default")
@@ -500,7 +515,7 @@ class Router:
 
     def model_names(self) -> list[str]:
         """Every model name a client may send."""
-        names = list(self.llms)
+        names = [*self.llms, *self.adapters]
         if self.config.encoder is not None:
             names.append(self.config.encoder.name)
         if self.semantic_enabled:
@@ -549,9 +564,11 @@ class Router:
                         "llmops.route_policy": decision.policy,
                     }
                 )
-            body.model = decision.model
+            adapter = body.model if body.model in self.adapters else None
+            body.model = adapter or decision.model
             body.request_id = request_id
-            stream = getattr(self.llms[decision.model], kind).remote(body)
+            handle = self._adapter_handles[adapter] if adapter else self.llms[decision.model]
+            stream = getattr(handle, kind).remote(body)
             first = await asyncio.wait_for(stream.__anext__(), timeout=_left(deadline))
         except ServingError as error:
             if span is not None:
@@ -658,10 +675,13 @@ class Router:
             prompt = shape.input if isinstance(shape.input, str) else ""
             decision = await self.resolve_model(shape.model, prompt)
             self.metrics.routed(decision)
-            model = data["model"] = decision.model
+            model = decision.model
             await self._check_serving(model)
+            adapter = shape.model if shape.model in self.adapters else None
+            data["model"] = adapter or model
             data["request_id"] = request_id
-            stream = self.llms[decision.model].responses.remote(data)
+            handle = self._adapter_handles[adapter] if adapter else self.llms[model]
+            stream = handle.responses.remote(data)
             first = await asyncio.wait_for(stream.__anext__(), timeout=_left(deadline))
         except ServingError as error:
             return _error_response(error, request_id)
@@ -856,7 +876,8 @@ class Router:
         prompt tokens with it); 404 in OpenAI's shape for an unknown model or one without."""
         request_id = _request_id(request)
         try:
-            handle = self._probes.get(model)
+            # An adapter's requests are counted with its base model's tokenizer.
+            handle = self._probes.get(self.adapters.get(model, model))
             if handle is None:
                 if self.config.encoder is not None and model == self.config.encoder.name:
                     raise ServingError(
@@ -892,14 +913,15 @@ class Router:
 
     @app.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        """The models this graph serves, OpenAI-shaped."""
-        return {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": self.created, "owned_by": "llmops"}
-                for name in self.model_names()
-            ],
-        }
+        """The models this graph serves, OpenAI-shaped; an adapter's ``parent`` is its base
+        model (as vLLM lists LoRA modules, vllm/entrypoints/openai/models/serving.py)."""
+        data: list[dict[str, Any]] = []
+        for name in self.model_names():
+            entry = {"id": name, "object": "model", "created": self.created, "owned_by": "llmops"}
+            if name in self.adapters:
+                entry["parent"] = self.adapters[name]
+            data.append(entry)
+        return {"object": "list", "data": data}
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
