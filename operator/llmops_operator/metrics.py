@@ -110,7 +110,8 @@ class OperatorMetrics:
             ),
             desired_replicas=Gauge(
                 "llmops_operator_desired_replicas",
-                "Serve replicas an LLMDeployment asks for (spec.replicas, or KEDA's choice).",
+                "Replicas an LLMDeployment asks for: the fewest over its models (each model's "
+                "LLMModel count, KEDA's choice).",
                 ["namespace", "deployment"],
                 registry=registry,
             ),

@@ -921,7 +921,10 @@ async def reconcile(
             f"Prometheus Operator is not installed (no CRD {PODMONITOR_CRD}): no PodMonitor",
         )
     per_model = {m["name"]: (m["desiredReplicas"], m["readyReplicas"]) for m in models}
-    return Outcome(status, ready, target.spec.replicas, per_model, created, patched, deleted)
+    # Like status.replicas (the fewest ready over models): the fewest asked for, so a model
+    # scaled to zero on purpose is not "below desired".
+    desired = min(counts.values(), default=0)
+    return Outcome(status, ready, desired, per_model, created, patched, deleted)
 
 
 def _announce(

@@ -138,7 +138,7 @@ def observed_current(api: KubeAPI) -> bool:
 
 async def test_one_model_scales_to_zero_and_back_while_the_other_stays(kmock: KubeAPI) -> None:
     kmock.install_crds()
-    async with running_operator(kmock):
+    async with running_operator(kmock) as operator:
         await started(kmock)
         await put_scale(kmock, "team-code", 1)
         await eventually(lambda: serve_count(kmock, "code") == 1, what="code at 1")
@@ -149,6 +149,15 @@ async def test_one_model_scales_to_zero_and_back_while_the_other_stays(kmock: Ku
         assert (zero["min_replicas"], zero["initial_replicas"]) == (0, 0)
         code = groups(kmock)["code"]
         assert (code["replicas"], code["minReplicas"]) == (0, 0)  # no worker of it is kept
+        # A model at zero on purpose is not "below desired" (LLMOpsReplicasBelowDesired).
+        sample = operator.metrics.registry.get_sample_value
+        owned = {"namespace": NAMESPACE, "deployment": "team"}
+        await eventually(
+            lambda: sample("llmops_operator_desired_replicas", owned) == 0, what="desired 0"
+        )
+        at_zero = {**owned, "model": "code", "state": "desired"}
+        assert sample("llmops_operator_model_replicas", at_zero) == 0
+        assert sample("llmops_operator_model_replicas", {**at_zero, "model": "chat"}) == 2
         await put_scale(kmock, "team-code", 1)
         await eventually(lambda: serve_count(kmock, "code") == 1, what="code back at 1")
         assert serve_entries(kmock)["llm-chat"] == chat_entry
