@@ -65,6 +65,7 @@ CHILDREN = (
     "keda.sh/v1alpha1/scaledobjects",
     "monitoring.coreos.com/v1/podmonitors",
     "networking.k8s.io/v1/networkpolicies",
+    "llmops.dev/v1alpha1/llmmodels",  # one per model: its scale target
 )
 LLM_DEPLOYMENT = "llm-llama-3-1-8b-instruct"
 
