@@ -227,7 +227,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 # Tests that start a Ray cluster of their own run first, before the shared graph above starts:
 # two graphs' engines on one small machine starve each other's health checks, and Serve then
 # replaces replicas the tests watch.
-OWN_RAY_CLUSTER = {"test_rayservice_on_ray.py"}
+OWN_RAY_CLUSTER = {"test_rayservice_on_ray.py", "test_graph_lora.py"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
