@@ -118,6 +118,67 @@ async def test_scale_put_and_patch_write_spec_replicas_and_answer_a_scale(kmock:
     assert refused["details"]["causes"][0]["field"] == "spec.replicas"
 
 
+LLMMODELS = f"/apis/llmops.dev/v1alpha1/namespaces/{NAMESPACE}/llmmodels"
+
+
+async def test_llmmodel_scale_follows_its_crd_and_the_writer_owns_spec_replicas(
+    kmock: KubeAPI,
+) -> None:
+    """The LLMModel CRD's /scale (specReplicasPath .spec.replicas, statusReplicasPath
+    .status.replicas, labelSelectorPath .status.selector) as etcd.go ScaleREST serves it; the
+    scale's writer becomes spec.replicas' manager (k8s.io/apimachinery/pkg/util/managedfields),
+    so an apply by the creator that leaves spec.replicas out keeps the scaled value; the CRD's
+    schema refuses a negative count on the main resource too."""
+    body = {
+        "apiVersion": "llmops.dev/v1alpha1",
+        "kind": "LLMModel",
+        "metadata": {"name": "team-code", "namespace": NAMESPACE},
+        "spec": {"deployment": "team", "model": "code", "replicas": 0},
+    }
+    code, made = await call(
+        kmock, "POST", LLMMODELS, body, params={"fieldManager": "llmops-operator"}
+    )
+    assert code < 300, made
+    selector = "llmops.dev/deployment=team,ray.io/node-type=worker,ray.io/group=code"
+    await call(
+        kmock,
+        "PATCH",
+        f"{LLMMODELS}/team-code/status",
+        {"status": {"replicas": 0, "selector": selector}},
+    )
+    code, scale = await call(kmock, "GET", f"{LLMMODELS}/team-code/scale")
+    assert code == 200, scale
+    assert (scale["spec"], scale["status"]) == ({}, {"replicas": 0, "selector": selector})
+    scale["spec"]["replicas"] = 2
+    code, written = await call(
+        kmock,
+        "PUT",
+        f"{LLMMODELS}/team-code/scale",
+        scale,
+        params={"fieldManager": "kube-controller-manager"},
+    )
+    assert (code, written["spec"]) == (200, {"replicas": 2}), written
+    stored = live(kmock, "llmops.dev/v1alpha1/llmmodels")["team-code"]
+    owners = {entry["manager"]: entry["fieldsV1"] for entry in stored["metadata"]["managedFields"]}
+    assert "f:replicas" in owners["kube-controller-manager"]["f:spec"]
+    assert "f:replicas" not in (owners["llmops-operator"].get("f:spec") or {})
+    applied = copy.deepcopy(body)
+    del applied["spec"]["replicas"]
+    applied["metadata"]["labels"] = {"llmops.dev/model": "code"}
+    code, after = await call(
+        kmock,
+        "PATCH",
+        f"{LLMMODELS}/team-code",
+        applied,
+        headers={"Content-Type": APPLY_PATCH},
+        params={"fieldManager": "llmops-operator"},
+    )
+    assert code == 200, after
+    assert after["spec"]["replicas"] == 2
+    code, refused = await call(kmock, "PATCH", f"{LLMMODELS}/team-code", {"spec": {"replicas": -1}})
+    assert (code, refused["reason"]) == (422, "Invalid"), refused
+
+
 # --- 2. validation against the generated CRD ------------------------------------------------
 
 
