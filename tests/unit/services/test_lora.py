@@ -9,6 +9,7 @@ and vLLM's listing of LoRA modules with their base model as ``parent``
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -227,3 +228,65 @@ async def test_an_adapter_request_goes_to_its_base_with_the_adapter_multiplexed(
     assert base_body.model == "base"
     missing = await instance.chat_completions(_request({"model": "law", "messages": messages}))
     assert missing.status_code == 404
+
+
+class _EngineClient:
+    """What vLLM's OpenAIServingModels needs of the engine: loading an adapter takes a while."""
+
+    model_config = renderer = input_processor = None
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+
+    async def add_lora(self, request: Any) -> bool:
+        await asyncio.sleep(0.05)
+        self.loaded.append(request.lora_name)
+        return True
+
+
+def _replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder_name: str
+) -> tuple[Any, _EngineClient]:
+    """An LLMDeployment whose engine is Ray's VLLMEngine over vLLM's own serving models,
+    with a fake engine client beneath; the request names adapter ``geo``."""
+    from ray import serve
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+    from vllm.entrypoints.openai.models.protocol import BaseModelPath
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    from llmops_services.llm import LLMDeployment
+
+    folder = str(_adapter_folder(tmp_path, folder_name))
+    spec = LLMSpec.model_validate(
+        {"name": "base", "source": BASE, "adapters": [{"name": "geo", "source": folder}]}
+    )
+    client = _EngineClient()
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine._oai_models = OpenAIServingModels(client, [BaseModelPath("base", "/models/base")])
+    server: Any = LLMDeployment.__new__(LLMDeployment)  # no engine start: only LoRA resolution
+    server._llm_config = llm_config_for(spec)
+    server.engine = engine
+    server._lora_lock = asyncio.Lock()
+    loader = AdapterLoader({"geo": folder})
+    server._load_model = lambda name: loader.load_model_from_config(name, None)
+    monkeypatch.setattr(serve, "get_multiplexed_model_id", lambda: "geo")
+    return server, client
+
+
+async def test_two_first_requests_for_an_adapter_load_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ray.serve.llm import LLMServer
+
+    server, client = _replica(tmp_path, monkeypatch, "first")
+    # Ray Serve LLM's own method: VLLMEngine.resolve_lora checks the name, then vLLM's
+    # load_lora_adapter refuses the second load of the same name.
+    racing = LLMServer._maybe_resolve_lora_from_multiplex
+    results = await asyncio.gather(racing(server), racing(server), return_exceptions=True)
+    assert any("already been loaded" in str(result) for result in results)
+
+    server, client = _replica(tmp_path, monkeypatch, "second")
+    await asyncio.gather(
+        server._maybe_resolve_lora_from_multiplex(), server._maybe_resolve_lora_from_multiplex()
+    )
+    assert client.loaded == ["geo"]
