@@ -137,7 +137,9 @@ def test_default_install_has_every_component() -> None:
         "PodDisruptionBudget": 2,
         "PodMonitor": 2,
         "PrometheusRule": len(list((ROOT / "deploy" / "rules").glob("*.yaml"))),
-        "ClusterRole": 2,  # the operator's and the gateway's (read-only discovery)
+        # The operator's, the gateway's (read-only discovery) and the two model-scaler
+        # roles aggregated into admin/edit and view.
+        "ClusterRole": 4,
         "ClusterRoleBinding": 2,
         "CustomResourceDefinition": 4,  # LLMDeployment, LLMModel and Kopf's two peering kinds
         "ClusterKopfPeering": 1,
@@ -613,17 +615,40 @@ def test_namespaced_mode_grants_per_namespace() -> None:
     bindings = _component(objs, "RoleBinding", "operator")
     assert sorted(binding["metadata"]["namespace"] for binding in bindings) == namespaces
     # Cluster-wide: read-only discovery, nothing else.
-    (cluster_role,) = by_kind(objs, "ClusterRole")
+    (cluster_role,) = _component(objs, "ClusterRole", "operator")
     assert _granted(cluster_role["rules"]) == DISCOVERY_NEEDS
     peerings = by_kind(objs, "KopfPeering")
     assert sorted(p["metadata"]["namespace"] for p in peerings) == namespaces
     assert not by_kind(objs, "ClusterKopfPeering")
     strict = render(VALUE_SETS["namespaced"], ("operator.rbac.clusterDiscovery=false",))
-    assert not by_kind(strict, "ClusterRole")
+    assert not _component(strict, "ClusterRole", "operator")
     assert not by_kind(strict, "ClusterRoleBinding")
 
 
 GATEWAY_NEEDS = {("llmops.dev", "llmdeployments"): {"list", "watch"}}
+# `kubectl scale llmmodel` reads the Scale, then PATCHes it (PUT with --resource-version).
+SCALER_NEEDS = {
+    ("llmops.dev", "llmmodels"): {"get", "list", "watch"},
+    ("llmops.dev", "llmmodels/scale"): {"get", "update", "patch"},
+}
+
+
+def test_namespace_editors_may_scale_a_model_and_nothing_more() -> None:
+    """Roles labelled aggregate-to-edit/admin/view are merged into the built-in roles by the
+    clusterrole-aggregation controller (pkg/controller/clusterroleaggregation)."""
+    for values in (None, VALUE_SETS["namespaced"]):
+        objs = render(values)
+        roles = {r["metadata"]["name"]: r for r in _component(objs, "ClusterRole", "model-scaler")}
+        (scaler,) = [r for n, r in roles.items() if not n.endswith("-view")]
+        (viewer,) = [r for n, r in roles.items() if n.endswith("-view")]
+        assert _granted(scaler["rules"]) == SCALER_NEEDS
+        labels = scaler["metadata"]["labels"]
+        assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+        assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+        assert _granted(viewer["rules"]) == {("llmops.dev", "llmmodels"): {"get", "list", "watch"}}
+        assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"]
+    off = render(sets=("operator.rbac.create=false",))
+    assert not _component(off, "ClusterRole", "model-scaler")
 
 
 def test_gateway_reads_llmdeployments_and_nothing_else() -> None:

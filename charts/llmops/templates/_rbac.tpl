@@ -90,3 +90,17 @@ What the gateway reads for config.discoverBackends: LLMDeployments, their status
   resources: ["llmdeployments"]
   verbs: ["list", "watch"]
 {{- end }}
+
+{{/*
+What a namespace's admins and editors get for models (templates/clusterrole-model-scaler.yaml):
+read the LLMModels and write their scale subresource, as `kubectl scale llmmodel` does (GET
+then PATCH or PUT of llmmodels/scale). The operator owns everything else of an LLMModel.
+*/}}
+{{- define "llmops.modelScaler.rules" -}}
+- apiGroups: ["llmops.dev"]
+  resources: ["llmmodels"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["llmops.dev"]
+  resources: ["llmmodels/scale"]
+  verbs: ["get", "update", "patch"]
+{{- end }}
