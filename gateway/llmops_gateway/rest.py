@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -40,6 +41,66 @@ CHAT_PATH = CHAT.path
 COMPLETIONS_PATH = COMPLETIONS.path
 EMBEDDINGS_PATH = EMBEDDINGS.path
 RESPONSES_PATH = RESPONSES.path
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize (a prompt, or chat messages) and /detokenize (token ids) requests:
+    the fields the gateway reads; others pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="The model whose tokenizer is used.")
+    prompt: str | None = Field(default=None, description="/tokenize: text to tokenize.")
+    messages: list[Any] | None = Field(
+        default=None, description="/tokenize: chat messages, rendered with the chat template."
+    )
+    tokens: list[int] | None = Field(default=None, description="/detokenize: token ids.")
+
+    @property
+    def input(self) -> Any:
+        """What the admission estimate counts."""
+        return [self.prompt, self.messages, self.tokens]
+
+
+class ScoreRequest(BaseModel):
+    """vLLM's /v1/score request (queries and documents; vLLM's other spellings of the two
+    sides pass through too): the fields the gateway reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="The scoring (embedding) model.")
+
+    @property
+    def input(self) -> Any:
+        """What the admission estimate counts: every text of either side."""
+        return [
+            value
+            for key, value in (self.model_extra or {}).items()
+            if key in {"queries", "documents", "items", "text_1", "text_2", "data_1", "data_2"}
+        ]
+
+
+class RerankRequest(BaseModel):
+    """vLLM's /v1/rerank request: the fields the gateway reads; others pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, description="The scoring (embedding) model.")
+    query: str = Field(description="What the documents are ranked against.")
+    documents: list[str] = Field(min_length=1, description="The documents to rank.")
+
+    @property
+    def input(self) -> Any:
+        """What the admission estimate counts."""
+        return [self.query, self.documents]
+
+
+# Admitted and charged as embeddings are: the estimate is reserved, the backend's usage (or,
+# without one, the estimate) is charged.
+TOKENIZE = Operation("tokenize", "/tokenize", TokenizeRequest, "tokenize")
+DETOKENIZE = Operation("detokenize", "/detokenize", TokenizeRequest, "detokenize")
+SCORE = Operation("score", "/v1/score", ScoreRequest, "score")
+RERANK = Operation("rerank", "/v1/rerank", RerankRequest, "rerank")
 
 
 class ErrorDetail(BaseModel):
@@ -156,6 +217,62 @@ def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+CLIENT_WATCH_AFTER_S = 0.5
+"""A request still unanswered this long after its body was read (held for a model at zero,
+or a long generation that is not streamed) starts watching for its client leaving; quicker
+requests never pay for the watch."""
+
+
+class ClientWatch:
+    """Cancels a request's work when its client disconnects before the answer starts.
+
+    The ASGI server does not stop a handler whose client left; a held request would stay held
+    (its quota reserved) and a long non-streamed generation would run to its end. Once armed,
+    after `CLIENT_WATCH_AFTER_S` this waits for the server's ``http.disconnect`` and cancels
+    the handler's task; the core then ends the request as cancelled (hold released, nothing
+    charged for an answer nobody got). A streamed answer, once it starts, is watched by the
+    streaming response itself.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.left = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def arm(self) -> None:
+        """Starts the watch after `CLIENT_WATCH_AFTER_S`; only once the body has been read."""
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(CLIENT_WATCH_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.request.receive()
+            if message["type"] == "http.disconnect":
+                self.left = True
+                self.task.cancel()
+                return
+
+    def stop(self) -> None:
+        """Ends the watch (the answer is ready, or the request failed)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def gone(self) -> Response:
+        """What is sent to a client that left: nothing reads it (499, as nginx logs it)."""
+        if self.task.cancelling():
+            self.task.uncancel()
+        return Response(status_code=499)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes.
 
@@ -239,7 +356,23 @@ def create_app(core: GatewayCore) -> FastAPI:
 
     async def relay(request: Request, operation: Operation) -> Response:
         call = _call(core, request)
-        reply = await core.generate(operation, call, lambda: read_body(request, limit))
+        watch = ClientWatch(request)
+
+        async def body() -> bytes:
+            raw = await read_body(request, limit)
+            watch.arm()  # the body is read: the client's next message can only be its leaving
+            return raw
+
+        try:
+            reply = await core.generate(operation, call, body)
+        except asyncio.CancelledError:
+            if not watch.left:
+                raise
+            return watch.gone()
+        finally:
+            watch.stop()
+        if watch.left:
+            return watch.gone()
         return _reply(reply, call.request_id)
 
     @relayed.post(
@@ -276,6 +409,32 @@ def create_app(core: GatewayCore) -> FastAPI:
     async def embeddings(request: Request) -> Response:
         """OpenAI embeddings."""
         return await relay(request, EMBEDDINGS)
+
+    @relayed.post(
+        TOKENIZE.path, openapi_extra=_body_schema(TokenizeRequest), responses=GENERATION_ERRORS
+    )
+    async def tokenize(request: Request) -> Response:
+        """vLLM's /tokenize: a prompt or chat messages to the model's token ids."""
+        return await relay(request, TOKENIZE)
+
+    @relayed.post(
+        DETOKENIZE.path, openapi_extra=_body_schema(TokenizeRequest), responses=GENERATION_ERRORS
+    )
+    async def detokenize(request: Request) -> Response:
+        """vLLM's /detokenize: the model's token ids back to text."""
+        return await relay(request, DETOKENIZE)
+
+    @relayed.post(SCORE.path, openapi_extra=_body_schema(ScoreRequest), responses=GENERATION_ERRORS)
+    async def score(request: Request) -> Response:
+        """vLLM's /v1/score: a score per (query, document) pair."""
+        return await relay(request, SCORE)
+
+    @relayed.post(
+        RERANK.path, openapi_extra=_body_schema(RerankRequest), responses=GENERATION_ERRORS
+    )
+    async def rerank(request: Request) -> Response:
+        """vLLM's /v1/rerank: the documents, most relevant to the query first."""
+        return await relay(request, RERANK)
 
     app.include_router(relayed)
 

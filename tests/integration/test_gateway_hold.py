@@ -297,6 +297,30 @@ def test_a_grpc_client_that_leaves_while_held_is_released_and_charged_nothing(
     assert settled_tokens(gw.metrics_url, name, "prompt") == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_rest_client_that_leaves_while_held_is_released_and_charged_nothing(
+    gw: Gateway, keys: FileKeyStore, cold: Callable[[bool], None], stream: bool
+) -> None:
+    """The ASGI server does not stop a handler whose client left (uvicorn only reports
+    ``http.disconnect`` to ``receive``): the gateway watches for it, so a held request whose
+    client gave up is released at once, recorded cancelled, and charged nothing."""
+    name, key = _tenant(keys)
+    cancelled = _holds(gw, "cancelled")
+    body = {"model": COLD, "messages": MESSAGES, "stream": stream}
+    headers = {"authorization": f"Bearer {key}"}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while the request is held
+        httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers, timeout=2.0)
+    _until(lambda: _held(gw) == 0, "the request whose client left is no longer held", 10)
+    assert _holds(gw, "cancelled") == cancelled + 1
+    record = _one_record(keys, name)
+    assert (record["status"], record["prompt_tokens"], record["completion_tokens"]) == (
+        "cancelled",
+        0,
+        0,
+    )
+    assert settled_tokens(gw.metrics_url, name, "prompt") == 0
+
+
 def test_another_model_keeps_answering_while_one_is_held(
     gw: Gateway, keys: FileKeyStore, cold: Callable[[bool], None]
 ) -> None:

@@ -184,3 +184,36 @@ def test_streamed_responses_end_with_the_completed_event(graph: RunningGraph) ->
     assert len(deltas) > 1
     final = events[-1].response  # type: ignore[union-attr]
     assert final.output_text == "".join(deltas)
+
+
+def test_tokenize_and_rerank_through_the_gateway(graph: RunningGraph) -> None:
+    """The gateway relays /tokenize, /detokenize and /v1/rerank with the key checked and the
+    graph's answer passed on unchanged (the same ids and order as the graph gives directly)."""
+    key = {"authorization": f"Bearer {graph.key}"}
+    text = "Rivers flow to the sea."
+    direct = _post(graph, "/tokenize", {"model": GEO, "prompt": text}).json()
+    relayed = httpx.post(
+        f"{graph.url}/tokenize", json={"model": GEO, "prompt": text}, headers=key, timeout=60
+    )
+    assert relayed.status_code == 200, relayed.text
+    assert relayed.json()["tokens"] == direct["tokens"]
+    back = httpx.post(
+        f"{graph.url}/detokenize",
+        json={"model": GEO, "tokens": direct["tokens"]},
+        headers=key,
+        timeout=60,
+    )
+    assert back.status_code == 200, back.text
+    assert back.json()["prompt"] == text
+    documents = ["Bananas are yellow.", "Paris is the capital of France."]
+    body = {"model": ENCODER, "query": "capital of France", "documents": documents}
+    ranked = httpx.post(f"{graph.url}/v1/rerank", json=body, headers=key, timeout=60)
+    assert ranked.status_code == 200, ranked.text
+    assert [r["index"] for r in ranked.json()["results"]] == [1, 0]
+    refused = httpx.post(
+        f"{graph.url}/tokenize",
+        json={"model": GEO, "prompt": text},
+        headers={"authorization": "Bearer sk-wrong"},
+        timeout=60,
+    )
+    assert refused.status_code == 401, refused.text

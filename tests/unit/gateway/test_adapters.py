@@ -104,7 +104,16 @@ def test_rest_posts_are_routed_by_fastapi() -> None:
         for route in app.routes
         if isinstance(route, APIRoute) and "POST" in route.methods
     }
-    assert posts == {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
+    assert posts == {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/embeddings",
+        "/tokenize",
+        "/detokenize",
+        "/v1/score",
+        "/v1/rerank",
+    }
 
 
 class _Refusing(GatewayCore):
