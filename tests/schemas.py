@@ -20,7 +20,7 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-from llmops_operator.crd import crd_manifest
+from llmops_operator.crd import crd_manifest, model_crd_manifest
 
 KUBERNETES_VERSION = "1.33"
 CRD_DIR = Path(__file__).parent / "data" / "crds"
@@ -60,10 +60,30 @@ def _crd_validators(crd: dict[str, Any]) -> dict[tuple[str, str], jsonschema.Dra
     return found
 
 
+def _own_crds() -> list[dict[str, Any]]:
+    """The project's own generated CRDs (LLMDeployment, LLMModel)."""
+    return [crd_manifest(), model_crd_manifest()]
+
+
+@functools.cache
+def _own_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> the openAPIV3Schema of each of the project's own kinds, whose
+    CEL rules (x-kubernetes-validations) the API server evaluates."""
+    schemas = {}
+    for crd in _own_crds():
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
+            schemas[key] = version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
 @functools.cache
 def custom_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
     """(apiVersion, kind) -> validator, for every custom kind the project renders."""
-    validators = _crd_validators(crd_manifest())
+    validators: dict[tuple[str, str], jsonschema.Draft7Validator] = {}
+    for crd in _own_crds():
+        validators.update(_crd_validators(crd))
     for path in sorted(CRD_DIR.glob("*.yaml")):
         validators.update(_crd_validators(yaml.safe_load(path.read_text())))
     return validators
@@ -79,10 +99,11 @@ def schema_errors(obj: dict[str, Any]) -> list[str]:
             f"{where}: {'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
             for error in validator.iter_errors(obj)
         ]
-        if errors or key[0].split("/")[0] != "llmops.dev":
+        schema = _own_schemas().get(key)
+        if errors or schema is None:
             return errors
-        # The API server evaluates CEL rules only on objects that passed the schema.
-        schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        # The API server evaluates CEL rules only on objects that passed the schema, each
+        # kind's own.
         return [f"{where}: {line}" for line in cel_errors(schema, obj)]
     if key[0].split("/")[0].endswith(CUSTOM_GROUPS):
         return [f"{where}: no schema for custom kind {key}"]

@@ -30,7 +30,7 @@ from tests.integration.operator_fixtures import (
     report_children_ready,
     running_operator,
 )
-from tests.operator_schemas import assert_valid
+from tests.schemas import assert_valid
 
 pytestmark = [pytest.mark.kmock(cls=KubeAPI), pytest.mark.timeout(120)]
 

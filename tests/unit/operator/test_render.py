@@ -13,7 +13,7 @@ import yaml
 from llmops_operator import queries
 from llmops_operator.crd import CRD_FILE_NAME, MODEL_CRD_FILE_NAME, crd_files
 from llmops_operator.render import RenderDefaults, RenderError, cluster_hash, render
-from tests.operator_schemas import assert_valid, schema_errors
+from tests.schemas import assert_valid, schema_errors
 
 ROOT = Path(__file__).parents[3]
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))

@@ -21,7 +21,7 @@ from llmops_contract.tracing import tracing_env
 from llmops_operator import render
 from llmops_operator.render import Observed, RenderError
 from llmops_operator.settings import OperatorSettings
-from tests.operator_schemas import assert_valid, schema_errors
+from tests.schemas import assert_valid, schema_errors
 
 ROOT = Path(__file__).parents[3]
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from llmops_operator.render import RenderDefaults, RenderError, render
-from tests.operator_schemas import schema_errors
 from tests.reliability import Outcome, outcome
+from tests.schemas import schema_errors
 
 EXAMPLES = sorted((Path(__file__).parents[3] / "deploy" / "examples").glob("*.yaml"))
 
