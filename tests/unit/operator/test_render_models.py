@@ -20,7 +20,7 @@ from ray.serve.schema import ServeDeploySchema
 from llmops_contract import HELD_REQUESTS_METRIC
 from llmops_operator import queries, render
 from llmops_operator.render import Observed
-from tests.operator_schemas import assert_valid
+from tests.schemas import assert_valid
 
 ROOT = Path(__file__).parents[3]
 UID = "5d3c1b2a-0000-4000-8000-000000000001"
