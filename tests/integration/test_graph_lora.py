@@ -1,6 +1,6 @@
 """LoRA adapters end to end: the `openai` client through `llmops up`'s gateway to vLLM.
 
-Two adapters for the embedded SmolLM2, made here with ``peft`` (random weights, saved as
+Adapters for the embedded SmolLM2, made here with ``peft`` (random weights, saved as
 folders), on a graph of their own whose engine holds one LoRA at a time (``max_loras: 1``).
 Reproduces vLLM's LoRA serving (vllm/entrypoints/openai/models/serving.py: a request's
 ``model`` names the adapter; the model list gives its base as ``parent``) behind Ray Serve
@@ -37,6 +37,8 @@ pytestmark = pytest.mark.slow
 
 BASE = "smollm2-lora-base"
 GEO, LAW = "smollm2-geo-lora", "smollm2-law-lora"
+POEM = "smollm2-poem-lora"
+"""Used by the Responses API test alone: its first request there loads it."""
 STARTUP_TIMEOUT_S = 600
 _TENANTS = itertools.count()
 PROMPT: Any = [{"role": "user", "content": "What is the capital of France?"}]
@@ -71,7 +73,7 @@ class LoraGraph:
 
 @pytest.fixture(scope="module")
 def lora_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraGraph]:
-    """`llmops up` serving one model with two adapters, no encoder."""
+    """`llmops up` serving one model with three adapters, no encoder."""
     folder = tmp_path_factory.mktemp("lora-graph")
     config = {
         "llms": [
@@ -88,6 +90,7 @@ def lora_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraGraph]:
                 "adapters": [
                     {"name": GEO, "source": str(make_adapter(folder / GEO, seed=1))},
                     {"name": LAW, "source": str(make_adapter(folder / LAW, seed=2))},
+                    {"name": POEM, "source": str(make_adapter(folder / POEM, seed=3))},
                 ],
             }
         ],
@@ -155,10 +158,10 @@ def _eventually(call: Any, timeout_s: float = 30) -> Any:
 def test_adapters_are_listed_with_their_base_as_parent(lora_graph: LoraGraph) -> None:
     listed = httpx.get(f"{lora_graph.graph_url}/v1/models", timeout=30).json()["data"]
     parents = {entry["id"]: entry.get("parent") for entry in listed}
-    assert parents == {BASE: None, GEO: BASE, LAW: BASE}
+    assert parents == {BASE: None, GEO: BASE, LAW: BASE, POEM: BASE}
     client = _client(lora_graph, ["*"])
     names = _eventually(lambda: {model.id for model in client.models.list()})
-    assert names == {BASE, GEO, LAW}
+    assert names == {BASE, GEO, LAW, POEM}
 
 
 def test_an_adapter_is_served_by_name_and_changes_the_output(lora_graph: LoraGraph) -> None:
@@ -187,3 +190,21 @@ def test_an_adapter_is_refused_to_a_tenant_without_it(lora_graph: LoraGraph) -> 
     assert {model.id for model in base_only.models.list()} == {BASE}
     with pytest.raises(openai.NotFoundError):
         _answer(allowed, LAW)
+
+
+def test_the_responses_api_serves_an_adapter(lora_graph: LoraGraph) -> None:
+    """`LLMDeployment.responses` loads the request's adapter as chat does: without that, an
+    adapter no chat request loaded before is an unknown model to vLLM's Responses serving."""
+    client = _client(lora_graph, ["*"])
+
+    def text(model: str) -> str:
+        reply = client.responses.create(
+            model=model,
+            input="What is the capital of France?",
+            temperature=0,
+            max_output_tokens=24,
+        )
+        return reply.output_text
+
+    base = _eventually(lambda: text(BASE))
+    assert text(POEM) not in {base, ""}
