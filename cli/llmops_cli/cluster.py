@@ -61,19 +61,21 @@ def render_command(
 def crd_command(
     write: Annotated[
         Path | None,
-        typer.Option("--write", help="Write the CRD into this folder instead of printing it."),
+        typer.Option("--write", help="Write each CRD into this folder instead of printing them."),
     ] = None,
 ) -> None:
-    """Print the LLMDeployment CustomResourceDefinition generated from the operator's models."""
-    from llmops_operator.crd import CRD_FILE_NAME, crd_yaml
+    """Print the project's CustomResourceDefinitions (LLMDeployment, and LLMModel: one per
+    model, its scale target), generated from the operator's models, as one YAML stream."""
+    from llmops_operator.crd import crd_files
 
-    text = crd_yaml()
+    files = crd_files()
     if write is None:
-        typer.echo(text, nl=False)
+        typer.echo("---\n".join(files.values()), nl=False)
         return
     write.mkdir(parents=True, exist_ok=True)
-    (write / CRD_FILE_NAME).write_text(text)
-    typer.echo(f"wrote {write / CRD_FILE_NAME}")
+    for name, text in files.items():
+        (write / name).write_text(text)
+        typer.echo(f"wrote {write / name}")
 
 
 def operator_command() -> None:
