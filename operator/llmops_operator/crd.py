@@ -157,6 +157,10 @@ def crd_manifest() -> dict[str, Any]:
     models["x-kubernetes-list-type"] = "map"
     models["x-kubernetes-list-map-keys"] = ["name"]
     models["items"]["x-kubernetes-validations"] = MODEL_RULES
+    # Likewise two adapters of one model; names across models are the operator's check.
+    adapters = models["items"]["properties"]["adapters"]
+    adapters["x-kubernetes-list-type"] = "map"
+    adapters["x-kubernetes-list-map-keys"] = ["name"]
     spec_schema["properties"]["autoscaling"]["x-kubernetes-validations"] = AUTOSCALING_RULES
     spec_schema["x-kubernetes-validations"] = SPEC_RULES
     status_schema = openapi_schema(LLMDeploymentStatus)

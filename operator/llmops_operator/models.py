@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from llmops_contract import EngineConfig
+from llmops_contract.graph import NAME_PATTERN as SERVED_NAME_PATTERN
 
 # The group, version, kind and plural are llmops_contract's: the gateway reads them too.
 SINGULAR = "llmdeployment"
@@ -31,6 +32,10 @@ MODEL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9.-]{0,38}[a-z0-9])?$"
 SOURCE_PATTERN = (
     r"^(embedded://|hf://|s3://|file://|/).+|^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
 )
+# Adapter folders: a PEFT folder has adapter_config.json, not the config.json the loader checks
+# in s3:// cache entries (llmops_services.sources), and no embedded model is an adapter.
+ADAPTER_SOURCE_PATTERN = r"^(hf://|file://|/).+|^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
+MAX_ADAPTERS = 32
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 # An LLMModel is named `<deployment>-<model>`; it also names the model's ScaledObject, whose
 # name KEDA writes into a label of its HPA (scaledobject.keda.sh/name): a label value, so at
@@ -71,6 +76,27 @@ class ModelResources(CRDModel):
         default="32Gi",
         pattern=QUANTITY_PATTERN,
         description="Memory request and limit per replica.",
+    )
+
+
+class AdapterSpec(CRDModel):
+    """A LoRA adapter of a model, served on that model's replicas under its own name.
+
+    Rendered into the graph's `llmops_contract.AdapterSpec`.
+    """
+
+    name: str = Field(
+        pattern=SERVED_NAME_PATTERN,
+        description="Served model name (the OpenAI `model` that selects this adapter); unique "
+        "across the deployment's models and adapters.",
+    )
+    source: str = Field(
+        pattern=ADAPTER_SOURCE_PATTERN,
+        max_length=512,
+        description="A PEFT adapter folder (adapter_config.json and the adapter weights): "
+        "hf://org/name[@revision] (downloaded into the model cache with the models), "
+        "pvc://claim/folder (mounted read-only, as for models) or an absolute path in the "
+        "image (read in place).",
     )
 
 
@@ -119,6 +145,14 @@ class ModelSpec(CRDModel):
     autoscaling: ModelAutoscaling | None = Field(
         default=None,
         description="Per-model override of spec.autoscaling; unset fields fall back to it.",
+    )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        max_length=MAX_ADAPTERS,
+        description="LoRA adapters of this model, each served by its own name on this model's "
+        "replicas and listed in /v1/models with this model as parent; loaded on first request "
+        "(engine.extra_args max_loras and max_lora_rank tune them). Adding or removing one "
+        "changes the graph config, which restarts every model's replicas.",
     )
 
 
@@ -431,6 +465,23 @@ class LLMDeploymentSpec(CRDModel):
                 raise ValueError("router.policy 'semantic' needs the encoder enabled")
             if not any(m.route_examples for m in self.models):
                 raise ValueError("router.policy 'semantic' needs routeExamples on some model")
+        return self
+
+    @model_validator(mode="after")
+    def _check_adapter_names(self) -> LLMDeploymentSpec:
+        # The graph config checks this too; here the message names the manifest's field.
+        seen = {model.name: f"spec.models[{i}].name" for i, model in enumerate(self.models)}
+        if self.encoder.enabled:
+            seen.setdefault(self.encoder.name, "spec.encoder.name")
+        for i, model in enumerate(self.models):
+            for j, adapter in enumerate(model.adapters):
+                where = f"spec.models[{i}].adapters[{j}].name"
+                if adapter.name in seen:
+                    raise ValueError(
+                        f"{where} {adapter.name!r} is already {seen[adapter.name]}: adapter "
+                        "names must be unique across the deployment's models and adapters"
+                    )
+                seen[adapter.name] = where
         return self
 
     @model_validator(mode="after")

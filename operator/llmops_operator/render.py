@@ -350,6 +350,11 @@ def graph_config(target: Target) -> GraphConfig:
             # vLLM on CPU makes a token every ~100 ms, slower than any useful batch interval.
             "stream_batching_interval_ms": 50.0 if model.resources.gpus else 0.0,
             "prefix_aware_routing": spec.router.policy == "prefix-aware",
+            # The replica resolves hf:// adapters through the model cache, as models.
+            "adapters": [
+                {"name": adapter.name, "source": served_source(adapter.source)}
+                for adapter in model.adapters
+            ],
         }
         for model in spec.models
     ]
@@ -445,17 +450,31 @@ def cache_claim_name(name: str) -> str:
     return f"{name}-model-cache"
 
 
+def model_sources(model: ModelSpec) -> list[str]:
+    """A model's source and its adapters' sources."""
+    return [model.source, *(adapter.source for adapter in model.adapters)]
+
+
 def all_sources(spec: LLMDeploymentSpec) -> list[str]:
-    """Every model source of the graph, in a stable order."""
-    found = [model.source for model in spec.models]
+    """Every model and adapter source of the graph, in a stable order."""
+    found = [source for model in spec.models for source in model_sources(model)]
     if spec.encoder.enabled:
         found.append(spec.encoder.source)
     return sorted(set(found))
 
 
 def sources(spec: LLMDeploymentSpec) -> list[str]:
-    """The sources the model cache must hold: all but pvc:// ones, which are mounted."""
-    return [s for s in all_sources(spec) if not s.startswith("pvc://")]
+    """The sources the model cache must hold: all but pvc:// ones, which are mounted, and
+    adapter folders in the image, which are read in place (``llmops fetch`` checks a folder
+    for a model's config.json, which an adapter folder lacks)."""
+    models = {model.source for model in spec.models}
+    if spec.encoder.enabled:
+        models.add(spec.encoder.source)
+    return [
+        s
+        for s in all_sources(spec)
+        if not s.startswith("pvc://") and (s in models or s.startswith("hf://"))
+    ]
 
 
 def source_claim(source: str) -> tuple[str, str] | None:
@@ -737,7 +756,8 @@ def _pod_template(
     if shared_cache(spec):
         init.append(_wait_for_cache(target, image))
     else:
-        skip = {m.source for m in spec.models if m.resources.gpus} if gpus == 0 else set()
+        gpu_models = [m for m in spec.models if m.resources.gpus] if gpus == 0 else []
+        skip = {s for m in gpu_models for s in model_sources(m)}
         wanted = [s for s in sources(spec) if s not in skip]
         if wanted:
             init.append(_fetch_container(target, FETCH_CONTAINER, loader_image, wanted, None))

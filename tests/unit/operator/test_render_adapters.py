@@ -1,0 +1,226 @@
+"""LoRA adapters of an LLMDeployment's models: rendered into the graph config's
+``LLMSpec.adapters``, fetched into the model cache with the models, names checked.
+
+Upstream behaviour reproduced: Ray Serve validates a serveConfigV2 with
+`ray.serve.schema.ServeDeploySchema` (what KubeRay's PUT /api/serve/applications/ checks), and
+hashes an application's ``args`` into its code version
+(serve/_private/deploy_utils.py `get_app_code_version`): a new version rebuilds the application
+and every deployment gets it (serve/_private/application_state.py `apply_app_config`,
+`build_serve_application`), which restarts their replicas
+(serve/_private/version.py `DeploymentVersion.requires_actor_restart`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray.serve._private.deploy_utils import get_app_code_version
+from ray.serve.schema import ServeDeploySchema
+
+from llmops_contract import GraphConfig
+from llmops_operator import render
+from llmops_operator.render import RenderError
+from tests.schemas import assert_valid, schema_errors
+
+ROOT = Path(__file__).parents[3]
+UID = "7e1f2a3b-0000-4000-8000-00000000ada9"
+HF_ADAPTER = "hf://my-org/chat-sql-lora@v2"
+PVC_ADAPTER = "pvc://adapters/support"
+IMAGE_ADAPTER = "/opt/adapters/legal"
+
+
+def manifest(access_mode: str = "ReadWriteOnce") -> dict[str, Any]:
+    """Two models, one on GPU with three adapters (hub, claim, image), one on CPU with one."""
+    return {
+        "apiVersion": "llmops.dev/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": "team", "namespace": "llmops-demo", "uid": UID},
+        "spec": {
+            "models": [
+                {
+                    "name": "chat",
+                    "source": "hf://org/chat-8b",
+                    "engine": {"extra_args": {"max_loras": 2}},
+                    "resources": {"gpus": 1},
+                    "adapters": [
+                        {"name": "chat-sql", "source": HF_ADAPTER},
+                        {"name": "chat-support", "source": PVC_ADAPTER},
+                        {"name": "chat-legal", "source": IMAGE_ADAPTER},
+                    ],
+                },
+                {
+                    "name": "small",
+                    "source": "embedded://smollm2-135m-instruct",
+                    "resources": {"gpus": 0, "cpu": "4", "memory": "8Gi"},
+                    "adapters": [{"name": "small-tone", "source": "hf://my-org/small-tone"}],
+                },
+            ],
+            "cache": {"accessMode": access_mode},
+        },
+    }
+
+
+def children(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in render.render(spec)}
+
+
+def serve_app(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    config = yaml.safe_load(objs["RayService/team"]["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)
+    app: dict[str, Any] = config["applications"][0]
+    return app
+
+
+def fetched(container: dict[str, Any]) -> list[str]:
+    command: list[str] = container["command"]
+    assert command[:2] == ["llmops", "fetch"]
+    return [arg for arg in command[2:] if not arg.startswith("/") and not arg.startswith("--")]
+
+
+def test_adapters_reach_the_graph_config_with_mounted_folders_for_claims() -> None:
+    objs = children(manifest())
+    assert schema_errors(manifest()) == []
+    assert_valid(objs.values())
+    graph = GraphConfig.model_validate(serve_app(objs)["args"])
+    adapters = {llm.name: {a.name: a.source for a in llm.adapters} for llm in graph.llms}
+    assert adapters == {
+        # hf:// stays a hub source: the replica resolves it through the model cache offline.
+        "chat": {
+            "chat-sql": HF_ADAPTER,
+            "chat-support": f"{render.SOURCES_MOUNT}/adapters/support",
+            "chat-legal": IMAGE_ADAPTER,
+        },
+        "small": {"small-tone": "hf://my-org/small-tone"},
+    }
+    # The adapter's claim is mounted read-only where its rendered source points.
+    cluster = objs["RayService/team"]["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        claims = [
+            v["persistentVolumeClaim"]["claimName"]
+            for v in pod["volumes"]
+            if "persistentVolumeClaim" in v
+        ]
+        assert claims == ["adapters"]
+        mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts[f"{render.SOURCES_MOUNT}/adapters"]["readOnly"] is True
+
+
+def test_no_adapters_leave_the_graph_args_as_before() -> None:
+    spec = manifest()
+    for model in spec["spec"]["models"]:
+        del model["adapters"]
+    del spec["spec"]["models"][0]["engine"]["extra_args"]
+    for llm in serve_app(children(spec))["args"]["llms"]:
+        assert "adapters" not in llm
+
+
+def test_the_shared_loader_fetches_hub_adapters_and_leaves_folders_in_place() -> None:
+    objs = children(manifest("ReadWriteMany"))
+    assert_valid(objs.values())
+    job = next(o for o in objs.values() if o["kind"] == "Job")
+    wanted = fetched(job["spec"]["template"]["spec"]["containers"][0])
+    assert wanted == sorted(
+        [
+            "embedded://all-minilm-l6-v2",
+            "embedded://smollm2-135m-instruct",
+            "hf://org/chat-8b",
+            HF_ADAPTER,
+            "hf://my-org/small-tone",
+        ]
+    )
+    # The claim is mounted, and `llmops fetch` would refuse a folder without config.json.
+    assert PVC_ADAPTER not in wanted
+    assert IMAGE_ADAPTER not in wanted
+
+
+def test_a_new_adapter_names_a_new_loader_job() -> None:
+    spec = manifest("ReadWriteMany")
+    before = {o["metadata"]["name"] for o in render.render(spec) if o["kind"] == "Job"}
+    spec["spec"]["models"][1]["adapters"].append(
+        {"name": "small-poem", "source": "hf://my-org/small-poem"}
+    )
+    after = {o["metadata"]["name"] for o in render.render(spec) if o["kind"] == "Job"}
+    assert before
+    assert after
+    assert before != after
+
+
+def test_per_pod_caches_fetch_adapters_where_their_model_may_run() -> None:
+    cluster = children(manifest())["RayService/team"]["spec"]["rayClusterConfig"]
+    head = fetched(cluster["headGroupSpec"]["template"]["spec"]["initContainers"][0])
+    worker = fetched(cluster["workerGroupSpecs"][0]["template"]["spec"]["initContainers"][0])
+    # The head offers no GPU: the GPU model's adapter is skipped with it, the CPU model's kept.
+    assert "hf://my-org/small-tone" in head
+    assert HF_ADAPTER not in head
+    assert "hf://org/chat-8b" not in head
+    assert HF_ADAPTER in worker
+    assert "hf://my-org/small-tone" in worker
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (
+            lambda s: s["models"][1]["adapters"].append({"name": "chat-sql", "source": HF_ADAPTER}),
+            r"spec\.models\[1\]\.adapters\[1\]\.name 'chat-sql' is already "
+            r"spec\.models\[0\]\.adapters\[0\]\.name",
+        ),
+        (
+            lambda s: s["models"][0]["adapters"].append({"name": "small", "source": HF_ADAPTER}),
+            r"spec\.models\[0\]\.adapters\[3\]\.name 'small' is already spec\.models\[1\]\.name",
+        ),
+        (
+            lambda s: s["models"][0]["adapters"].append(
+                {"name": "all-minilm-l6-v2", "source": HF_ADAPTER}
+            ),
+            r"is already spec\.encoder\.name",
+        ),
+    ],
+)
+def test_duplicate_adapter_names_are_refused_naming_the_field(change: Any, field: str) -> None:
+    spec = copy.deepcopy(manifest())
+    change(spec["spec"])
+    with pytest.raises(RenderError, match=field):
+        render.render(spec)
+
+
+@pytest.mark.parametrize(
+    "source", ["s3://bucket/adapters/sql", "embedded://smollm2-135m-instruct", "gs://b/a"]
+)
+def test_adapter_sources_the_loader_cannot_serve_are_refused_by_the_crd(source: str) -> None:
+    spec = manifest()
+    spec["spec"]["models"][0]["adapters"][0]["source"] = source
+    assert any("spec.models.0.adapters.0.source" in e for e in schema_errors(spec))
+    with pytest.raises(RenderError, match=r"spec\.models\.0\.adapters\.0\.source"):
+        render.render(spec)
+
+
+def test_the_crd_keys_adapters_by_name() -> None:
+    crd = yaml.safe_load((ROOT / "charts/llmops/crds/llmops.dev_llmdeployments.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    adapters = spec["properties"]["models"]["items"]["properties"]["adapters"]
+    assert adapters["x-kubernetes-list-type"] == "map"
+    assert adapters["x-kubernetes-list-map-keys"] == ["name"]
+    assert adapters["items"]["required"] == ["name", "source"]
+
+
+def test_adding_an_adapter_changes_the_code_version_serve_rebuilds_on() -> None:
+    spec = manifest()
+    before = serve_app(children(spec))
+    spec["spec"]["models"][1]["adapters"].append(
+        {"name": "small-poem", "source": "hf://my-org/small-poem"}
+    )
+    after = serve_app(children(spec))
+    assert after["deployments"] == before["deployments"]
+    versions = {
+        get_app_code_version(
+            ServeDeploySchema.model_validate({"applications": [app]}).applications[0]
+        )
+        for app in (before, after)
+    }
+    assert len(versions) == 2
