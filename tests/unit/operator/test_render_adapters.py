@@ -224,3 +224,28 @@ def test_adding_an_adapter_changes_the_code_version_serve_rebuilds_on() -> None:
         for app in (before, after)
     }
     assert len(versions) == 2
+
+
+@pytest.mark.parametrize(
+    ("source", "new_pods"),
+    [
+        ("hf://my-org/small-poem", True),  # fetched by the pods (or the loader they wait for)
+        ("pvc://poems/small", True),  # a claim not mounted yet
+        ("pvc://adapters/poem", False),  # the claim is mounted already
+        ("/opt/adapters/poem", False),  # read in place from the image
+    ],
+)
+def test_which_new_adapters_change_the_ray_pods(source: str, new_pods: bool) -> None:
+    """The cluster hash KubeRay compares (see `render.cluster_hash`) moves only when the Ray
+    pods change, as docs/install.md says of adapters added to a running deployment."""
+    for mode in ("ReadWriteOnce", "ReadWriteMany"):
+        spec = manifest(mode)
+        before = children(spec)["RayService/team"]
+        spec["spec"]["models"][1]["adapters"].append({"name": "small-poem", "source": source})
+        after = children(spec)["RayService/team"]
+        hashes = [
+            rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["annotations"]
+            for rs in (before, after)
+        ]
+        assert (hashes[0] != hashes[1]) is new_pods
+        assert before["spec"]["serveConfigV2"] != after["spec"]["serveConfigV2"]
