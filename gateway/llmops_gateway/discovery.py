@@ -77,7 +77,8 @@ def _age_key(obj: Mapping[str, Any]) -> tuple[str, str, str]:
 
 
 def backends_from(objects: Iterable[Mapping[str, Any]]) -> dict[str, Backend]:
-    """Model name -> backend, for LLMDeployments as the API server returns them.
+    """Model name -> backend, for LLMDeployments as the API server returns them (each model's
+    LoRA adapters too, under their own names).
 
     A deployment without an endpoint in its status yet is skipped. When two deployments serve
     the same model name, the older one keeps it (then namespace/name order), so a new
@@ -93,8 +94,19 @@ def backends_from(objects: Iterable[Mapping[str, Any]]) -> dict[str, Backend]:
             continue
         where = f"{meta.get('namespace')}/{meta.get('name')}"
         entries = {m.get("name"): m for m in status.get("models", []) if isinstance(m, dict)}
-        names = [str(m["name"]) for m in spec.get("models", []) if m.get("name")]
-        for name in names:
+        # A LoRA adapter is served by its own name on its base model's replicas: it routes,
+        # and is ready or at zero, as that model is.
+        served = [
+            (str(served_name), str(m["name"]))
+            for m in spec.get("models", [])
+            if m.get("name")
+            for served_name in [
+                m["name"],
+                *(a.get("name") for a in m.get("adapters") or [] if a.get("name")),
+            ]
+        ]
+        names = [name for name, _ in served]
+        for name, parent in served:
             if name in table:
                 if table[name].deployment != where:
                     logger.warning(
@@ -105,7 +117,7 @@ def backends_from(objects: Iterable[Mapping[str, Any]]) -> dict[str, Backend]:
                         table[name].deployment,
                     )
                 continue
-            entry = entries.get(name) or {}
+            entry = entries.get(parent) or {}
             replicas = entry.get("readyReplicas")
             table[name] = Backend(
                 str(url),

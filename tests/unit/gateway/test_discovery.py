@@ -75,3 +75,20 @@ def test_auto_goes_to_a_semantic_router() -> None:
         ]
     )
     assert table["auto"] == Backend("http://smart:8000", "ns/smart", "Ready")
+
+
+def test_lora_adapters_route_to_their_base_models_deployment_in_its_state() -> None:
+    """spec.models[].adapters (the CRD's LoRA adapters) are served by their own names on the
+    base model's replicas: each routes to that deployment, ready or at zero as its base is."""
+    obj = deployment("a", {"llama": "Ready", "mistral": "Ready"}, url="http://a:8000")
+    obj["spec"]["models"][0]["adapters"] = [
+        {"name": "llama-sql", "source": "hf://org/sql-lora"},
+        {"name": "llama-legal", "source": "hf://org/legal-lora"},
+    ]
+    obj["status"]["models"][0]["readyReplicas"] = 0
+    obj["status"]["models"][1]["readyReplicas"] = 2
+    table = backends_from([obj])
+    assert table["llama-sql"] == Backend("http://a:8000", "ns/a", "Ready", 0)
+    assert table["llama-legal"] == table["llama"]
+    assert table["mistral"].ready_replicas == 2
+    assert set(table) == {"llama", "llama-sql", "llama-legal", "mistral"}
