@@ -37,6 +37,7 @@ ALLOWED_LABELS = {
     "deployment": "LLMDeployments",
     "policy": "routing policies (fixed in code)",
     "target": "models in the graph config",
+    "outcome": "how a hold ended: served | expired | cancelled",
 }
 FORBIDDEN = re.compile(r"key|token|prompt|request_id|user|message|content|text|body|ip", re.I)
 

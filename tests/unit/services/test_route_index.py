@@ -126,6 +126,7 @@ def _router(encoder: _Encoder, min_similarity: float = 0.5) -> Any:
     router = SimpleNamespace(
         config=config,
         llms={GEO: object(), CODE: object()},
+        adapters={},  # LoRA adapter name -> base model (none here)
         encoder=encoder,
         semantic_enabled=True,
         _route_index=None,
