@@ -206,6 +206,7 @@ class Holds:
         self.metrics = metrics
         self.at_zero = at_zero
         self._waits: dict[str, ModelWait] = {}
+        self._exported: set[str] = set()
 
     def enabled(self, model: str) -> bool:
         """Whether requests for ``model`` are held at all (a deadline above 0)."""
@@ -224,6 +225,11 @@ class Holds:
         """A hold for a new request, when the model is known to have no replica: discovery
         reports it at zero, or requests are held on the router's answer for it. None
         otherwise (the request goes upstream, and `hold` it if the router says cold)."""
+        if model not in self._exported:
+            # The model's held-requests series reads 0 from its first request on, so KEDA's
+            # trigger and the dashboard see 0 rather than no series before its first hold.
+            self._exported.add(model)
+            self.metrics.held.labels(model=model)
         if not self.enabled(model):
             return None
         wait = self._waits.get(model)

@@ -46,6 +46,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.kmock(cls=KubeAPI), pytest.mark.time
 DASHBOARDS = Path(__file__).parents[2] / "deploy" / "dashboards"
 RULES = Path(__file__).parents[2] / "deploy" / "rules" / "platform.yaml"
 GPU_DASHBOARD = "llmops-gpus.json"
+AFTER_A_HOLD = {
+    "Hold time until served or expired (gateway)": "its histogram has samples only once a "
+    "request was held for a model at zero; every model of the shared test graph serves (scaling "
+    "one to zero costs a cold start of about a minute and would disturb the modules after "
+    "this one). The series it reads are checked in tests/integration/test_gateway_hold.py, the "
+    "hold itself on the real graph in tests/integration/test_scale_from_zero.py.",
+}
+"""Panels that chart an event this test's load cannot cause, with the reason: their queries
+must still parse and evaluate."""
 # What Grafana substitutes with every variable at "All" and a 1-minute rate window (prices:
 # the usage dashboard's text boxes, at 1).
 VARIABLES = {
@@ -153,7 +162,7 @@ async def test_every_dashboard_query_returns_data(graph: RunningGraph, kmock: Ku
     )
     kmock.install_crds()
     metrics_port = free_port()
-    queries = [q for q in dashboard_queries() if q[0] != GPU_DASHBOARD]
+    queries = [q for q in dashboard_queries() if q[0] != GPU_DASHBOARD and q[1] not in AFTER_A_HOLD]
     assert len(queries) > 30
     with_data: set[str] = set()
     stop = threading.Event()
@@ -196,9 +205,10 @@ async def test_every_dashboard_query_returns_data(graph: RunningGraph, kmock: Ku
         "panels without data:\n" + "\n".join(missing) + "\n" + targets(graph.prometheus_url)
     )
 
-    for board, _, expr in dashboard_queries():
-        if board == GPU_DASHBOARD:
-            query(graph.prometheus_url, expr)  # parses and evaluates: no DCGM exporter here
+    for board, title, expr in dashboard_queries():
+        if board == GPU_DASHBOARD or title in AFTER_A_HOLD:
+            # Parses and evaluates: no DCGM exporter here, no hold (AFTER_A_HOLD).
+            query(graph.prometheus_url, expr)
     empty = [
         f"{board} ${name}: {expr}"
         for board, name, expr in variable_queries()

@@ -194,3 +194,22 @@ async def test_a_probe_cut_short_passes_its_turn_on() -> None:
     first.close()
     await asyncio.wait_for(waiting, 0.2)
     second.close()
+
+
+def test_a_models_held_series_reads_zero_from_its_first_request() -> None:
+    """KEDA's held-requests trigger and the dashboard read 0 for a model that was asked for and
+    never held, not an empty result (a gauge child exists only once it is labelled)."""
+    metrics = GatewayMetrics.create()
+    holds = Holds(GatewaySettings(), metrics, lambda _: False)
+
+    def series() -> dict[str, float]:
+        return {
+            sample.labels["model"]: sample.value
+            for family in metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == HELD_REQUESTS_METRIC
+        }
+
+    assert series() == {}
+    assert holds.join("chat") is None
+    assert series() == {"chat": 0.0}
