@@ -233,3 +233,11 @@ OWN_RAY_CLUSTER = {"test_rayservice_on_ray.py", "test_graph_lora.py"}
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Runs the tests with a Ray cluster of their own before all others (a stable sort)."""
     items.sort(key=lambda item: item.path.name not in OWN_RAY_CLUSTER)
+
+
+# The zero-replica graph is one session fixture for every module that uses it (a fixture
+# imported into two test modules would be two fixtures, and two graphs). Imported last:
+# scale_fixtures reads this module's helpers.
+from tests.integration.scale_fixtures import zero_graph  # noqa: E402
+
+__all__ = ["zero_graph"]

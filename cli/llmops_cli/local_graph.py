@@ -63,10 +63,19 @@ def prefetch(config: GraphConfig, progress: Progress | None = None) -> None:
         resolve_source(source, cache, progress)
 
 
+SERVE_SCHEMA_LOCK = threading.Lock()
+"""Held around every call of this process that builds Serve's config objects (a deploy, a
+status read). Ray validates an ``AutoscalingConfig`` by registering its policy module with
+cloudpickle's process-wide pickle-by-value set and removing it again (ray/serve/config.py
+``serialize_policy``): two threads doing that at once make one's removal fail with "is not
+registered for pickle by value", which stopped `llmops up` at start-up now and then."""
+
+
 def _deployment_summary() -> str:
     from ray import serve
 
-    status = serve.status()
+    with SERVE_SCHEMA_LOCK:
+        status = serve.status()
     app = status.applications.get(APP_NAME)
     if app is None:
         return "deploying"
@@ -111,7 +120,8 @@ def wait_deployed(timeout_s: float = 3600.0) -> None:
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        app = serve.status().applications.get(APP_NAME)
+        with SERVE_SCHEMA_LOCK:
+            app = serve.status().applications.get(APP_NAME)
         state = app.status.value if app is not None else "NOT_STARTED"
         if state == "RUNNING":
             return
@@ -198,7 +208,8 @@ def run_local(
             )
             watcher.start()
         serve_api = f"http://{host}:{serve_api_port}"
-        deploy(serve_api, serve_config(config, host, port))
+        with SERVE_SCHEMA_LOCK:
+            deploy(serve_api, serve_config(config, host, port))
         url = f"http://{host}:{port}"
         wait_deployed()
         wait_ready(url)

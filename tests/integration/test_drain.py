@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.integration.scale_fixtures import COLD, WARM, ZeroGraph, zero_graph
+from tests.integration.scale_fixtures import COLD, WARM, ZeroGraph
 
-__all__ = ["zero_graph"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 TOKENS = 400

@@ -26,9 +26,8 @@ import pytest
 
 from llmops_gateway.grpc_api import gateway_pb2 as pb
 from llmops_gateway.grpc_api import gateway_pb2_grpc as pb_grpc
-from tests.integration.scale_fixtures import COLD, NEVER, NEVER_HOLD_S, WARM, ZeroGraph, zero_graph
+from tests.integration.scale_fixtures import COLD, NEVER, NEVER_HOLD_S, WARM, ZeroGraph
 
-__all__ = ["zero_graph"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 PROMPT = "What is the capital of France?"
