@@ -79,7 +79,8 @@ def free_port() -> int:
     raise RuntimeError(f"no free port found in {_PORT_RANGE}")
 
 
-def _ready(url: str) -> bool:
+def graph_ready(url: str) -> bool:
+    """True when the graph's router at ``url`` answers /readyz with 200."""
     try:
         with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
             return bool(response.status == 200)
@@ -136,7 +137,7 @@ def graph(
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         # Ready for a user means both: the router answers, and `llmops up` printed its banner.
-        while not (_ready(graph_url) and READY_BANNER in log.read_text()):
+        while not (graph_ready(graph_url) and READY_BANNER in log.read_text()):
             if process.poll() is not None:
                 pytest.fail(
                     f"llmops up exited with {process.returncode}:\n{log.read_text()[-4000:]}"

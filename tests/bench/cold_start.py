@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import httpx
 
 from llmops_cli.scale import running_replicas, scale, wait_replicas
 from llmops_gateway.local import stop_process
-from tests.conftest import READY_BANNER, ROOT, free_port
+from tests.conftest import READY_BANNER, ROOT, free_port, graph_ready
 
 MODEL = "smollm2-cold"
 CONFIG = ROOT / "tests" / "data" / "graph-zero.yaml"
@@ -61,7 +60,7 @@ def _start(folder: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     graph = f"http://127.0.0.1:{ports['graph']}"
     while True:
         text = log.read_text()
-        if READY_BANNER in text and _ready(graph):
+        if READY_BANNER in text and graph_ready(graph):
             break
         if process.poll() is not None or time.monotonic() > deadline:
             stop_process(process, timeout_s=120)
@@ -76,14 +75,6 @@ def _start(folder: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
         "key": key.group(1),
         "serve_api": api.group(1),
     }
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 def _first_token(up: dict[str, str], out: dict[str, float]) -> None:

@@ -24,7 +24,7 @@ import pytest
 from llmops_cli.scale import running_replicas, wait_replicas
 from llmops_gateway.local import stop_process
 from llmops_gateway.usage_records import USAGE_FILE_NAME, UsageRecord, read_file
-from tests.conftest import READY_BANNER, ROOT, free_port
+from tests.conftest import READY_BANNER, ROOT, free_port, graph_ready
 
 ZERO_GRAPH = ROOT / "tests" / "data" / "graph-zero.yaml"
 COLD, WARM, NEVER = "smollm2-cold", "smollm2-warm", "smollm2-never"
@@ -93,14 +93,6 @@ class ZeroGraph:
         return None
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def zero_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZeroGraph]:
     """`llmops up --config tests/data/graph-zero.yaml`, ready, stopped after the session."""
@@ -126,7 +118,7 @@ def zero_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZeroGraph]:
     graph_url = f"http://127.0.0.1:{ports['graph']}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not (_ready(graph_url) and READY_BANNER in log.read_text()):
+        while not (graph_ready(graph_url) and READY_BANNER in log.read_text()):
             if process.poll() is not None:
                 pytest.fail(f"llmops up exited: {process.returncode}:\n{log.read_text()[-4000:]}")
             if time.monotonic() > deadline:

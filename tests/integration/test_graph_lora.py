@@ -31,7 +31,7 @@ import yaml
 from llmops_gateway.keys import FileKeyStore, Tenant
 from llmops_gateway.local import stop_process
 from llmops_services.sources import resolve_source
-from tests.conftest import READY_BANNER, free_port
+from tests.conftest import READY_BANNER, free_port, graph_ready
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +109,9 @@ def lora_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraGraph]:
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
-        while not (READY_BANNER in log.read_text() and _ready(f"http://127.0.0.1:{graph_port}")):
+        while not (
+            READY_BANNER in log.read_text() and graph_ready(f"http://127.0.0.1:{graph_port}")
+        ):
             if process.poll() is not None:
                 pytest.fail(f"llmops up exited: {process.returncode}\n{log.read_text()[-4000:]}")
             if time.monotonic() - started > STARTUP_TIMEOUT_S:
@@ -120,13 +122,6 @@ def lora_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraGraph]:
         )
     finally:
         stop_process(process, timeout_s=120)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _client(graph: LoraGraph, models: list[str]) -> openai.OpenAI:
