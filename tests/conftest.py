@@ -104,6 +104,7 @@ def graph(
     Tracing is on, sampling no new trace: only a request that arrives with a sampled
     ``traceparent`` is recorded (in `graph_traces`), so other tests pay for no span export.
     """
+    stop_earlier_graphs()
     port, graph_port, metrics_port, grpc_port = free_port(), free_port(), free_port(), free_port()
     prometheus_port, ray_metrics_port = free_port(), free_port()
     folder = tmp_path_factory.mktemp("graph")
@@ -225,15 +226,33 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"written to {path}")
 
 
-# Tests that start a Ray cluster of their own run first, before the shared graph above starts:
-# two graphs' engines on one small machine starve each other's health checks, and Serve then
-# replaces replicas the tests watch.
+# Real graphs run one at a time: two graphs' engines on one small machine starve each other's
+# health checks, and Serve then replaces replicas the tests watch (a stream the drain test
+# follows failed with ActorUnavailableError so). Tests with a Ray cluster of their own (module
+# fixtures, stopped with their module) run first, then those on the zero-replica graph (a
+# session fixture, stopped by `stop_earlier_graphs` when the shared graph starts), then all
+# others, on the shared graph.
 OWN_RAY_CLUSTER = {"test_rayservice_on_ray.py", "test_graph_lora.py"}
+ZERO_GRAPH_MODULES = {"test_drain.py", "test_scale_from_zero.py"}
+EARLIER_GRAPHS: list[subprocess.Popen[str]] = []
+"""`llmops up` processes of session fixtures that the shared graph replaces."""
+
+
+def stop_earlier_graphs() -> None:
+    """Stops the graphs in `EARLIER_GRAPHS` (their fixtures' own stop then does nothing)."""
+    while EARLIER_GRAPHS:
+        stop_process(EARLIER_GRAPHS.pop(), timeout_s=120)
+
+
+def _graph_order(item: pytest.Item) -> int:
+    if item.path.name in OWN_RAY_CLUSTER:
+        return 0
+    return 1 if item.path.name in ZERO_GRAPH_MODULES else 2
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Runs the tests with a Ray cluster of their own before all others (a stable sort)."""
-    items.sort(key=lambda item: item.path.name not in OWN_RAY_CLUSTER)
+    """Orders the tests by the graph they run on (a stable sort; see `OWN_RAY_CLUSTER`)."""
+    items.sort(key=_graph_order)
 
 
 # The zero-replica graph is one session fixture for every module that uses it (a fixture

@@ -24,7 +24,7 @@ import pytest
 from llmops_cli.scale import running_replicas, wait_replicas
 from llmops_gateway.local import stop_process
 from llmops_gateway.usage_records import USAGE_FILE_NAME, UsageRecord, read_file
-from tests.conftest import READY_BANNER, ROOT, free_port, graph_ready
+from tests.conftest import EARLIER_GRAPHS, READY_BANNER, ROOT, free_port, graph_ready
 
 ZERO_GRAPH = ROOT / "tests" / "data" / "graph-zero.yaml"
 COLD, WARM, NEVER = "smollm2-cold", "smollm2-warm", "smollm2-never"
@@ -115,6 +115,7 @@ def zero_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZeroGraph]:
         process = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env
         )
+    EARLIER_GRAPHS.append(process)  # stopped when the shared graph starts
     graph_url = f"http://127.0.0.1:{ports['graph']}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -83,7 +83,7 @@ def _wait_first_token(started: list[Stream], index: int, timeout_s: float = 300)
 
 
 def test_scale_down_lets_streams_finish_within_drain_seconds(zero_graph: ZeroGraph) -> None:
-    # Room for two replicas: the cold model (scaled up by test_scale_from_zero.py) goes back.
+    # Room for two replicas: the cold model goes back to zero (if a test woke it).
     zero_graph.scale(COLD, 0)
     zero_graph.wait_replicas(COLD, 0, timeout_s=120)
     zero_graph.scale(WARM, 2)
