@@ -277,9 +277,13 @@ def context_length(model: dict[str, Any]) -> int | None:
     return length if isinstance(length, int) and length > 0 else None
 
 
-def model_object(name: str) -> dict[str, Any]:
-    """The OpenAI model object the gateway shows for ``name``."""
-    return {"id": name, "object": "model", "created": 0, "owned_by": "llmops"}
+def model_object(name: str, parent: str | None = None) -> dict[str, Any]:
+    """The OpenAI model object the gateway shows for ``name``; a LoRA adapter's ``parent`` is
+    its base model (as vLLM lists LoRA modules, vllm/entrypoints/openai/models/serving.py)."""
+    entry: dict[str, Any] = {"id": name, "object": "model", "created": 0, "owned_by": "llmops"}
+    if parent is not None:
+        entry["parent"] = parent
+    return entry
 
 
 def json_object(payload: bytes) -> dict[str, Any]:
@@ -365,6 +369,8 @@ class GatewayCore:
         self._keys = KeyIndex(store.load())
         self._default_models: list[str] = []
         self._context_lengths: dict[str, int] = {}
+        self._parents: dict[str, str] = {}
+        """The default backend's adapters' ``parent`` as its model list gives it."""
         self._models_loaded = -math.inf
         self.draining = False
         self.cluster: ClusterBackends | None = None
@@ -518,6 +524,8 @@ class GatewayCore:
             length = context_length(item)
             if length is not None:
                 self._context_lengths[str(item["id"])] = length
+            if isinstance(item.get("parent"), str):
+                self._parents[str(item["id"])] = item["parent"]
         return names
 
     def default_output(self, model: str) -> int:
@@ -534,9 +542,13 @@ class GatewayCore:
         """Whether the model's context length (and so its own output bound) is known."""
         return model in self._context_lengths
 
-    async def models_for(self, caller: Caller) -> list[str]:
-        """Models the caller's tenant may use."""
-        return [name for name in await self.served_models() if caller.tenant.may_use(name)]
+    async def models_for(self, caller: Caller) -> list[dict[str, Any]]:
+        """The model objects of the models the caller's tenant may use; a LoRA adapter's has
+        its base model as ``parent`` (from its LLMDeployment, else the default backend's list).
+        """
+        served = await self.served_models()
+        parents = {**self._parents, **(self.cluster.parents if self.cluster else {})}
+        return [model_object(n, parents.get(n)) for n in served if caller.tenant.may_use(n)]
 
     async def route(self, caller: Caller, model: str) -> str:
         """The backend for ``model``.
@@ -564,9 +576,10 @@ class GatewayCore:
         Raises:
             GatewayError: 404 when the caller may not use it or nobody serves it.
         """
-        if model not in await self.models_for(caller):
-            raise errors.model_not_found(model)
-        return model_object(model)
+        for entry in await self.models_for(caller):
+            if entry["id"] == model:
+                return entry
+        raise errors.model_not_found(model)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -1020,8 +1033,8 @@ class GatewayCore:
         self.metrics.record(operation.endpoint, model, tenant, reply.status, admitted.started)
         return reply
 
-    async def list_models(self, call: Call) -> list[str]:
-        """The models the caller's key may use.
+    async def list_models(self, call: Call) -> list[dict[str, Any]]:
+        """The model objects of the models the caller's key may use (`models_for`).
 
         Raises:
             GatewayError: 401 or 429 as `authenticate_client`.

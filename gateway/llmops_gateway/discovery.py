@@ -131,6 +131,22 @@ def backends_from(objects: Iterable[Mapping[str, Any]]) -> dict[str, Backend]:
     return table
 
 
+def adapter_parents(objects: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """LoRA adapter name -> its base model's name (``spec.models[].adapters``), for the
+    model lists' OpenAI ``parent``; as in `backends_from`, the older deployment keeps a name
+    two of them declare."""
+    owner: dict[str, str | None] = {}
+    for obj in sorted(objects, key=_age_key):
+        for model in (obj.get("spec") or {}).get("models", []):
+            if not model.get("name"):
+                continue
+            owner.setdefault(str(model["name"]), None)
+            for adapter in model.get("adapters") or []:
+                if adapter.get("name"):
+                    owner.setdefault(str(adapter["name"]), str(model["name"]))
+    return {name: parent for name, parent in owner.items() if parent is not None}
+
+
 @dataclass
 class KubeAccess:
     """How discovery reaches the API server, chosen once at start-up.
@@ -199,6 +215,8 @@ class ClusterBackends:
         self.access = access
         self.namespaces = namespaces
         self.table: dict[str, Backend] = {}
+        self.parents: dict[str, str] = {}
+        """LoRA adapter name -> its base model (`adapter_parents`)."""
         self.synced = asyncio.Event()
         """Set once every watched namespace has been listed."""
         self._objects: dict[str | None, dict[str, dict[str, Any]]] = {}
@@ -244,6 +262,7 @@ class ClusterBackends:
     def _publish(self) -> None:
         objects = [obj for by_key in self._objects.values() for obj in by_key.values()]
         self.table = backends_from(objects)
+        self.parents = adapter_parents(objects)
         if all(namespace in self._listed for namespace in self._objects):
             self.synced.set()
 

@@ -292,8 +292,10 @@ class GatewayService(pb_grpc.GatewayServicer):
     async def ListModels(  # noqa: N802
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        """The models the caller's key may use."""
-        return pb.ListModelsResponse(models=await self.core.list_models(self._call(context)))
+        """The models the caller's key may use (names only: ListModelsResponse has no field
+        for an adapter's ``parent``, which REST's /v1/models gives)."""
+        listed = await self.core.list_models(self._call(context))
+        return pb.ListModelsResponse(models=[str(entry["id"]) for entry in listed])
 
 
 def _stream_fields(stream: bool) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from llmops_gateway.core import (
     Operation,
     Reply,
     ResponsesRequest,
-    model_object,
     request_id_of,
 )
 from llmops_gateway.errors import GatewayError
@@ -441,8 +440,8 @@ def create_app(core: GatewayCore) -> FastAPI:
     @app.get("/v1/models", responses=_responses(401, 429))
     async def models(request: Request) -> Response:
         """The models the caller's key may use."""
-        names = await core.list_models(_call(core, request))
-        return JSONResponse({"object": "list", "data": [model_object(n) for n in names]})
+        data = await core.list_models(_call(core, request))
+        return JSONResponse({"object": "list", "data": data})
 
     @app.get("/v1/models/{model:path}", responses=_responses(401, 404, 429))
     async def model(request: Request, model: str) -> Response:
