@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from llmops_cli import cluster, placement
+from llmops_cli.adapters import adapters_app
 from llmops_cli.keys import KEYS_FILE_ENV, default_keys_file
 from llmops_cli.keys import app as keys_app
 from llmops_cli.monitoring import MonitoringError, find_prometheus, run_prometheus
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(adapters_app, name="adapters")
 app.command("render")(cluster.render_command)
 app.command("crd")(cluster.crd_command)
 app.command("operator")(cluster.operator_command)

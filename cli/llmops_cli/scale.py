@@ -20,7 +20,14 @@ from typing import Annotated, Any
 
 import typer
 
-from llmops_contract import APP_NAME, GRAPH_IMPORT_PATH, GraphConfig, llm_deployment_name
+from llmops_contract import (
+    APP_NAME,
+    GRAPH_IMPORT_PATH,
+    ROUTER_DEPLOYMENT,
+    GraphConfig,
+    llm_deployment_name,
+)
+from llmops_contract.graph import llm_user_config, router_user_config, serve_args
 
 SERVE_API_ENV = "RAY_DASHBOARD_ADDRESS"
 """Where Ray's own `serve` CLI looks for the dashboard; `llmops scale` reads it too."""
@@ -42,22 +49,28 @@ def serve_replicas(replicas: int) -> dict[str, Any]:
 def serve_config(config: GraphConfig, host: str, port: int) -> dict[str, Any]:
     """The graph as a Serve config (``ServeDeploySchema``), as a RayService carries it.
 
-    Each LLM's replica count and drain time are deployment overrides, not builder args: a
-    change to them leaves the args, and so every other deployment, untouched.
+    Each LLM's replica count, drain time and LoRA adapters are deployment overrides, not
+    builder args (adapters as the user_config of the model's deployment and the router's,
+    `llmops_contract.graph.serve_args`): a change to them leaves the args, and so every other
+    deployment, untouched, and a changed user_config reaches the running replicas'
+    ``reconfigure`` without restarting them.
 
     Args:
         config: The graph.
         host: Interface of Serve's HTTP proxy.
         port: Its port.
     """
-    deployments = [
-        {
+    deployments: list[dict[str, Any]] = []
+    for llm in config.llms:
+        entry = {
             "name": llm.deployment_name,
             "autoscaling_config": serve_replicas(llm.replicas),
             "graceful_shutdown_timeout_s": llm.drain_seconds,
         }
-        for llm in config.llms
-    ]
+        deployments.append(_with_user_config(entry, llm_user_config(llm)))
+    router = router_user_config(config)
+    if router is not None:
+        deployments.append({"name": ROUTER_DEPLOYMENT, "user_config": router})
     return {
         "http_options": {"host": host, "port": port},
         "applications": [
@@ -65,11 +78,15 @@ def serve_config(config: GraphConfig, host: str, port: int) -> dict[str, Any]:
                 "name": APP_NAME,
                 "import_path": GRAPH_IMPORT_PATH,
                 "route_prefix": "/",
-                "args": config.model_dump(mode="json"),
+                "args": serve_args(config),
                 "deployments": deployments,
             }
         ],
     }
+
+
+def _with_user_config(entry: dict[str, Any], user_config: dict[str, Any] | None) -> dict[str, Any]:
+    return entry if user_config is None else {**entry, "user_config": user_config}
 
 
 def _auth_headers() -> dict[str, str]:
@@ -139,15 +156,7 @@ def scale(serve_api: str, model: str, replicas: int) -> None:
     """
     if replicas < 0:
         raise ScaleError(f"replicas must be 0 or more, not {replicas}")
-    client = _client(serve_api)
-    details = client.get_serve_details()
-    app = _application(details)
-    applied = app.get("deployed_app_config")
-    if applied is None:
-        raise ScaleError(
-            f"the {APP_NAME!r} application was not deployed from a Serve config "
-            "(serve.run): restart it with this version of `llmops up`"
-        )
+    details, applied = applied_config(serve_api)
     name = llm_deployment_name(model)
     entry = next((d for d in applied.get("deployments", []) if d.get("name") == name), None)
     if entry is None:
@@ -155,6 +164,28 @@ def scale(serve_api: str, model: str, replicas: int) -> None:
         raise ScaleError(f"the graph serves no model {model!r}; it serves {', '.join(served)}")
     entry.pop("num_replicas", None)
     entry["autoscaling_config"] = serve_replicas(replicas)
+    put_config(serve_api, details, applied)
+
+
+def applied_config(serve_api: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Serve's details and the graph application's config as it was applied.
+
+    Raises:
+        ScaleError: no graph there, or it was not deployed from a config.
+    """
+    details: dict[str, Any] = _client(serve_api).get_serve_details()
+    app = _application(details)
+    applied: dict[str, Any] | None = app.get("deployed_app_config")
+    if applied is None:
+        raise ScaleError(
+            f"the {APP_NAME!r} application was not deployed from a Serve config "
+            "(serve.run): restart it with this version of `llmops up`"
+        )
+    return details, applied
+
+
+def put_config(serve_api: str, details: dict[str, Any], applied: dict[str, Any]) -> None:
+    """PUTs the graph application's changed config back with every other application."""
     # Every application applied from a config goes back, as a RayService's serveConfigV2
     # holds them all: one left out would be deleted.
     applications = [
@@ -166,7 +197,7 @@ def scale(serve_api: str, model: str, replicas: int) -> None:
     config: dict[str, Any] = {"applications": [applied, *applications]}
     if "host" in http and "port" in http:
         config["http_options"] = {"host": http["host"], "port": http["port"]}
-    client.deploy_applications(config)
+    _client(serve_api).deploy_applications(config)
 
 
 def wait_replicas(serve_api: str, model: str, replicas: int, timeout_s: float) -> list[str]:

@@ -426,7 +426,15 @@ class LLMSpec(StrictModel):
         "/v1/models with this model as parent. An adapter is loaded on its first request; "
         "a replica keeps engine.extra_args.max_loras (vLLM's default 1) in the engine at once "
         "and evicts the least recently used. Ranks above extra_args.max_lora_rank (vLLM's "
-        "default 16) are refused when the adapter loads.",
+        "default 16) are refused when the adapter loads. The list reaches the running "
+        "replicas as their Serve user_config: adding or removing an adapter of a model whose "
+        "engine has LoRA on restarts nothing. The first adapter of a model without LoRA (see "
+        "lora), or a change of the LoRA engine args, restarts that model's engine.",
+    )
+    lora: bool = Field(
+        default=False,
+        description="Turn LoRA on in the engine even while adapters is empty, so that the "
+        "first adapter added later restarts nothing; adapters turn it on by themselves.",
     )
 
     @field_validator("name")
@@ -448,8 +456,8 @@ class LLMSpec(StrictModel):
         if "enable_lora" in self.engine.extra_args:
             raise ValueError("vLLM argument 'enable_lora' is set by adapters, not extra_args")
         lora_args = sorted(set(self.engine.extra_args) & _LORA_VLLM_ARGS)
-        if lora_args and not self.adapters:
-            raise ValueError(f"engine.extra_args {', '.join(lora_args)} need adapters")
+        if lora_args and not self.lora_enabled:
+            raise ValueError(f"engine.extra_args {', '.join(lora_args)} need adapters or lora")
         return self
 
     @model_validator(mode="after")
@@ -472,7 +480,14 @@ class LLMSpec(StrictModel):
             data.pop("drain_seconds", None)
         if not self.adapters:
             data.pop("adapters", None)
+        if not self.lora:
+            data.pop("lora", None)
         return data
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the engine runs with LoRA: adapters declared, or lora set."""
+        return self.lora or bool(self.adapters)
 
     @property
     def deployment_name(self) -> str:
@@ -598,3 +613,61 @@ def default_graph_config() -> GraphConfig:
             )
         ],
     )
+
+
+# --- adapters as Serve user_config ----------------------------------------------------------
+# Ray Serve hashes an application's args into its code version and rebuilds the application,
+# restarting every replica, when they change (serve/_private/deploy_utils.py
+# `get_app_code_version`, application_state.py `apply_app_config`); a deployment's user_config
+# is an option of update type NeedsActorReconfigure (serve/_private/config.py
+# `DeploymentConfig.user_config`), which Serve hands to the running replicas' `reconfigure`
+# (serve/_private/version.py `requires_actor_restart` leaves it out). So adapters travel as
+# user_config, and the args say only whether a model's engine has LoRA on.
+
+ADAPTERS_KEY = "adapters"
+"""The key of the adapter list (LLM deployments) or table (the router) in a user_config."""
+
+
+def serve_args(config: GraphConfig) -> dict[str, Any]:
+    """The graph config as a Serve application's ``args``: without adapters.
+
+    A model with adapters keeps ``lora: true`` instead, so its engine starts with LoRA on and
+    adding or removing adapters leaves the args, and so every replica, as they are.
+    """
+    data: dict[str, Any] = config.model_dump(mode="json")
+    for llm, dumped in zip(config.llms, data["llms"], strict=True):
+        dumped.pop(ADAPTERS_KEY, None)
+        if llm.lora_enabled:
+            dumped["lora"] = True
+    return data
+
+
+def llm_user_config(spec: LLMSpec) -> dict[str, Any] | None:
+    """An LLM deployment's Serve user_config: its adapters; None for a model without LoRA."""
+    if not spec.lora_enabled:
+        return None
+    return {ADAPTERS_KEY: [adapter.model_dump(mode="json") for adapter in spec.adapters]}
+
+
+def router_user_config(config: GraphConfig) -> dict[str, Any] | None:
+    """The router's Serve user_config: adapter name -> base model; None without LoRA."""
+    if not any(llm.lora_enabled for llm in config.llms):
+        return None
+    return {
+        ADAPTERS_KEY: {adapter.name: llm.name for llm in config.llms for adapter in llm.adapters}
+    }
+
+
+def adapters_from_user_config(user_config: Any) -> list[AdapterSpec]:
+    """An LLM deployment's adapters from its user_config (`llm_user_config`), validated.
+
+    Raises:
+        ValueError: not such a user_config.
+    """
+    if not isinstance(user_config, dict) or not isinstance(user_config.get(ADAPTERS_KEY), list):
+        raise ValueError(f"user_config must be {{{ADAPTERS_KEY!r}: [...]}}, not {user_config!r}")
+    adapters = [AdapterSpec.model_validate(item) for item in user_config[ADAPTERS_KEY]]
+    names = [adapter.name for adapter in adapters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"adapter names repeat in user_config: {', '.join(names)}")
+    return adapters

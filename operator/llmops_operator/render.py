@@ -46,6 +46,7 @@ from llmops_contract import (
     ROUTER_DEPLOYMENT,
     GraphConfig,
 )
+from llmops_contract.graph import llm_user_config, router_user_config, serve_args
 from llmops_contract.tracing import tracing_env
 from llmops_operator import queries
 from llmops_operator.models import (
@@ -389,19 +390,29 @@ def serve_config(
     target: Target, graph: GraphConfig, counts: Mapping[str, int] | None = None
 ) -> dict[str, Any]:
     """The Ray Serve config (serveConfigV2): one application built by `build_app`, each LLM
-    deployment at its model's replica count (``counts``, by model name)."""
+    deployment at its model's replica count (``counts``, by model name), a model's LoRA
+    adapters as the user_config of its deployment and of the router: adding or removing one
+    leaves the ``args`` as they are, and Serve reconfigures the running replicas in place
+    (`llmops_contract.graph.serve_args`)."""
     spec = target.spec
     counts = counts if counts is not None else model_replicas(target)
     drain = spec.rollout.drain_seconds
-    deployments: list[dict[str, Any]] = [
-        {
+    deployments: list[dict[str, Any]] = []
+    for llm in graph.llms:
+        entry: dict[str, Any] = {
             "name": llm.deployment_name,
             "autoscaling_config": serve_replicas(counts[llm.name]),
             "graceful_shutdown_timeout_s": drain,
         }
-        for llm in graph.llms
-    ]
-    deployments.append({"name": ROUTER_DEPLOYMENT, "num_replicas": spec.router.replicas})
+        adapters = llm_user_config(llm)
+        if adapters is not None:
+            entry["user_config"] = adapters
+        deployments.append(entry)
+    router: dict[str, Any] = {"name": ROUTER_DEPLOYMENT, "num_replicas": spec.router.replicas}
+    adapter_table = router_user_config(graph)
+    if adapter_table is not None:
+        router["user_config"] = adapter_table
+    deployments.append(router)
     if spec.encoder.enabled:
         deployments.append({"name": ENCODER_DEPLOYMENT, "num_replicas": spec.encoder.replicas})
     return {
@@ -410,7 +421,7 @@ def serve_config(
                 "name": APP_NAME,
                 "import_path": GRAPH_IMPORT_PATH,
                 "route_prefix": "/",
-                "args": graph.model_dump(mode="json"),
+                "args": serve_args(graph),
                 "deployments": deployments,
             }
         ]

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from llmops_contract import ENCODER_DEPLOYMENT, ROUTER_DEPLOYMENT
+from llmops_contract.graph import llm_user_config, router_user_config
 from llmops_services.config import GraphConfig
 from llmops_services.encoder import EncoderDeployment
 from llmops_services.llm import LLMDeployment, deployment_options
@@ -32,7 +33,11 @@ def build_app(args: GraphConfig | dict[str, Any]) -> Application:
     cache_dir = config.model_cache_dir
     llms = {}
     for spec in config.llms:
-        deployment = serve.deployment(LLMDeployment).options(**deployment_options(spec))
+        # Adapters reach the replicas as user_config, which a Serve config's deployment
+        # overrides replace without restarting them; a config given whole carries its own.
+        deployment = serve.deployment(LLMDeployment).options(
+            **deployment_options(spec), **_user_config(llm_user_config(spec))
+        )
         llms[spec.name] = deployment.bind(spec.model_dump(mode="json"), cache_dir)
     encoder = None
     if config.encoder is not None:
@@ -55,7 +60,13 @@ def build_app(args: GraphConfig | dict[str, Any]) -> Application:
             num_replicas=router.replicas,
             max_ongoing_requests=router.max_ongoing_requests,
             ray_actor_options={"num_cpus": 0.5},
+            **_user_config(router_user_config(config)),
         )
         .bind(config.model_dump(mode="json"), llms, encoder)
     )
     return routed
+
+
+def _user_config(user_config: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``user_config`` deployment option, left unset where there is none."""
+    return {} if user_config is None else {"user_config": user_config}

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from ray.serve.llm import LLMConfig, LLMServer
 
+from llmops_contract.graph import adapters_from_user_config
 from llmops_contract.sources import ModelSourceError, parse_source
 from llmops_services.config import LLMSpec
 from llmops_services.sources import resolve_source
@@ -128,12 +129,13 @@ def llm_config_for(
             **replica_options(spec.replicas),
         },
     }
-    if spec.adapters:
+    if spec.lora_enabled:
         config["engine_kwargs"]["enable_lora"] = True
         # Ray Serve LLM multiplexes adapters by the request's multiplexed model id. Serve's
-        # own LRU (ray/serve/multiplex.py) keeps every adapter's folder: the engine's LRU
-        # (max_loras, max_cpu_loras) decides which adapters' weights stay loaded.
-        config["lora_config"] = {"max_num_adapters_per_replica": len(spec.adapters)}
+        # own LRU (ray/serve/multiplex.py) keeps adapters' folders, not their weights: the
+        # engine's LRU (max_loras, max_cpu_loras) decides which weights stay loaded. Its size
+        # is fixed at start, while adapters come and go with the user_config.
+        config["lora_config"] = {"max_num_adapters_per_replica": ADAPTER_FOLDERS_PER_REPLICA}
     if spec.prefix_aware_routing:
         config["deployment_config"]["request_router_config"] = {
             "request_router_class": PREFIX_AWARE_ROUTER
@@ -158,6 +160,8 @@ def llm_config_for(
 
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_FOLDERS_PER_REPLICA = 256
+"""Adapter folders Serve's multiplexing remembers per replica (a path each, no weights)."""
 
 
 def resolve_adapter(source: str, cache_dir: Path | None = None) -> Path:
@@ -275,12 +279,52 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         self._model_folder = folder
         self._tokenizer_file: bytes | None = None
         self._lora_lock = asyncio.Lock()
-        adapters = {adapter.name: adapter.source for adapter in self.spec.adapters}
+        # Served name -> source, shared with the loader: `reconfigure` changes it in place.
+        self._adapters = {adapter.name: adapter.source for adapter in self.spec.adapters}
         await super().__init__(
             llm_config_for(self.spec, str(folder), engine_traces_endpoint()),
-            model_downloader=functools.partial(AdapterLoader, adapters, cache),
+            model_downloader=functools.partial(AdapterLoader, self._adapters, cache),
         )
         _adopt_tokenization(self.engine)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Takes the model's adapters from its Serve user_config, without a restart.
+
+        Serve calls this after the constructor and again, on the running replica, whenever
+        the deployment's user_config alone changes (`llmops_contract.graph.llm_user_config`).
+        An adapter removed, or given another source, is unloaded from the engine and from
+        Serve's multiplexing cache: a request for a removed one fails, a changed one loads
+        from its new source on its next request. New ones load on their first request.
+
+        Raises:
+            ValueError: the user_config is malformed, or names adapters for a model whose
+                engine runs without LoRA (that needs its args, and a restart).
+        """
+        adapters = {a.name: a.source for a in adapters_from_user_config(user_config)}
+        if adapters and not self.spec.lora_enabled:
+            raise ValueError(f"model {self.spec.name!r} runs without LoRA: set lora: true")
+        async with self._lora_lock:
+            stale = [name for name, old in self._adapters.items() if adapters.get(name) != old]
+            self._adapters.clear()
+            self._adapters.update(adapters)
+            for name in stale:
+                await self._forget_adapter(name)
+
+    async def _forget_adapter(self, name: str) -> None:
+        """Unloads an adapter from the engine (vLLM's serving models keep the name -> weights
+        map; its slot goes by the engine's LRU) and from Serve's multiplexing cache, where the
+        loader's answer (the folder) would otherwise be reused (ray/serve/api.py `multiplexed`
+        keeps its `_ModelMultiplexWrapper` on the loading function; multiplex.py ``models``)."""
+        models = getattr(self.engine, "_oai_models", None)
+        if models is not None and name in getattr(models, "lora_requests", {}):
+            from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+            await models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+        load = getattr(getattr(self, "_load_model", None), "__wrapped__", None)
+        multiplexer = getattr(load, "__serve_multiplex_wrapper", None)
+        if multiplexer is not None and multiplexer.models.pop(name, None) is not None:
+            # Tells Serve's controller which adapters this replica holds on its next push.
+            multiplexer._push_multiplexed_replica_info = True
 
     async def _maybe_resolve_lora_from_multiplex(self) -> None:
         """Loads the request's adapter into the engine once, as `LLMServer` does, one request
@@ -288,6 +332,12 @@ class LLMDeployment(LLMServer):  # type: ignore[misc]
         it, and the second fails as "already loaded" (vLLM's serving models check the name
         before ``load_lora_adapter``, `VLLMEngine.resolve_lora` checks it before that lock)."""
         async with self._lora_lock:
+            from ray import serve
+
+            adapter = serve.get_multiplexed_model_id()
+            if adapter and adapter not in self._adapters:
+                # Removed by `reconfigure` while the request was on its way.
+                raise ValueError(f"{adapter!r} is not an adapter of this model")
             await super()._maybe_resolve_lora_from_multiplex()
 
     async def tokenizer_json(self) -> bytes | None:

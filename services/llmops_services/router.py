@@ -46,7 +46,7 @@ from llmops_contract import (
     RequestBodyError,
     parse_request_body,
 )
-from llmops_contract.graph import REQUEST_TIMEOUT_HEADER
+from llmops_contract.graph import ADAPTERS_KEY, REQUEST_TIMEOUT_HEADER
 from llmops_services.errors import ServingError, model_not_found
 from llmops_services.metrics import RouterMetrics
 from llmops_services.replicas import ReplicaStates, scaled_to_zero
@@ -428,16 +428,11 @@ class Router:
         # A LoRA adapter is served by its base model's deployment: requests name the adapter
         # alone, as vLLM serves them (--lora-modules name=path), since names are unique
         # across models and adapters and a tenant's allow-list names what clients send.
-        self.adapters = {
-            adapter.name: llm.name for llm in self.config.llms for adapter in llm.adapters
-        }
-        # The adapter reaches the replica as Serve's multiplexed model id (one handle per
-        # adapter): Ray Serve LLM's LLMServer loads it from that, and Serve prefers a replica
-        # that already holds it.
-        self._adapter_handles = {
-            adapter: self.llms[base].options(multiplexed_model_id=adapter)
-            for adapter, base in self.adapters.items()
-        }
+        # The table comes from the graph config when `build_app` gets it whole, and from the
+        # router's Serve user_config when a Serve config carries it (`reconfigure`).
+        self._set_adapters(
+            {adapter.name: llm.name for llm in self.config.llms for adapter in llm.adapters}
+        )
         self._probes = llms
         self.encoder = encoder
         self.created = int(time.time())
@@ -450,6 +445,43 @@ class Router:
             _app_name(),
             {llm.name: llm.deployment_name for llm in self.config.llms},
         )
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Takes the adapter table (adapter name -> base model) from the router's Serve
+        user_config (`llmops_contract.graph.router_user_config`): Serve calls this after the
+        constructor and on the running replica whenever that user_config alone changes, so an
+        adapter added to a running graph is routed and listed, and a removed one answers 404.
+
+        Raises:
+            ValueError: the user_config is malformed, names a base model this graph does not
+                serve, or reuses a model's name.
+        """
+        table = user_config.get(ADAPTERS_KEY) if isinstance(user_config, dict) else None
+        if not isinstance(table, dict):
+            raise ValueError(f"user_config must be {{{ADAPTERS_KEY!r}: {{...}}}}")
+        for adapter, base in table.items():
+            if base not in self.llms:
+                raise ValueError(f"adapter {adapter!r}: the graph serves no model {base!r}")
+            if adapter in self.llms or adapter == AUTO_MODEL:
+                raise ValueError(f"adapter {adapter!r} has a model's name")
+        self._set_adapters({str(adapter): str(base) for adapter, base in table.items()})
+
+    def _set_adapters(self, adapters: dict[str, str]) -> None:
+        # A LoRA adapter is served by its base model's deployment: requests name the adapter
+        # alone, as vLLM serves them (--lora-modules name=path), since names are unique
+        # across models and adapters and a tenant's allow-list names what clients send.
+        # The adapter reaches the replica as Serve's multiplexed model id (one handle per
+        # adapter): Ray Serve LLM's LLMServer loads it from that, and Serve prefers a replica
+        # that already holds it. Both tables are replaced at once, never changed in place.
+        kept = getattr(self, "adapters", {})
+        handles = getattr(self, "_adapter_handles", {})
+        self._adapter_handles = {
+            adapter: handles[adapter]
+            if kept.get(adapter) == base
+            else self.llms[base].options(multiplexed_model_id=adapter)
+            for adapter, base in adapters.items()
+        }
+        self.adapters = adapters
 
     async def _check_serving(self, model: str) -> None:
         """Raises the scaled-to-zero 503 when the model has no running replica: a request

@@ -1,5 +1,6 @@
-"""LoRA adapters of an LLMDeployment's models: rendered into the graph config's
-``LLMSpec.adapters``, fetched into the model cache with the models, names checked.
+"""LoRA adapters of an LLMDeployment's models: rendered as the Serve user_config of each
+model's deployment and of the router (the graph args say only ``lora: true``), fetched into the
+model cache with the models, names checked.
 
 Upstream behaviour reproduced: Ray Serve validates a serveConfigV2 with
 `ray.serve.schema.ServeDeploySchema` (what KubeRay's PUT /api/serve/applications/ checks), and
@@ -7,7 +8,8 @@ hashes an application's ``args`` into its code version
 (serve/_private/deploy_utils.py `get_app_code_version`): a new version rebuilds the application
 and every deployment gets it (serve/_private/application_state.py `apply_app_config`,
 `build_serve_application`), which restarts their replicas
-(serve/_private/version.py `DeploymentVersion.requires_actor_restart`).
+(serve/_private/version.py `DeploymentVersion.requires_actor_restart`); a changed user_config
+alone is handed to the running replicas' ``reconfigure`` instead.
 """
 
 from __future__ import annotations
@@ -85,8 +87,20 @@ def test_adapters_reach_the_graph_config_with_mounted_folders_for_claims() -> No
     objs = children(manifest())
     assert schema_errors(manifest()) == []
     assert_valid(objs.values())
-    graph = GraphConfig.model_validate(serve_app(objs)["args"])
-    adapters = {llm.name: {a.name: a.source for a in llm.adapters} for llm in graph.llms}
+    app = serve_app(objs)
+    graph = GraphConfig.model_validate(app["args"])
+    assert [llm.lora for llm in graph.llms] == [True, True]
+    # The adapters travel as user_config of each model's deployment and of the router.
+    entries = {d["name"]: d for d in app["deployments"]}
+    adapters = {
+        llm.name: {
+            a["name"]: a["source"] for a in entries[llm.deployment_name]["user_config"]["adapters"]
+        }
+        for llm in graph.llms
+    }
+    assert entries["router"]["user_config"] == {
+        "adapters": {name: llm for llm, table in adapters.items() for name in table}
+    }
     assert adapters == {
         # hf:// stays a hub source: the replica resolves it through the model cache offline.
         "chat": {
@@ -209,21 +223,38 @@ def test_the_crd_keys_adapters_by_name() -> None:
     assert adapters["items"]["required"] == ["name", "source"]
 
 
-def test_adding_an_adapter_changes_the_code_version_serve_rebuilds_on() -> None:
+def test_adding_an_adapter_changes_only_user_config_not_the_code_version() -> None:
+    """Serve rebuilds an application, restarting every replica, when its code version
+    (import_path, args, runtime_env) changes, and reconfigures running replicas in place when
+    only a deployment's user_config does (serve/_private/config.py: NeedsActorReconfigure)."""
     spec = manifest()
     before = serve_app(children(spec))
     spec["spec"]["models"][1]["adapters"].append(
         {"name": "small-poem", "source": "hf://my-org/small-poem"}
     )
     after = serve_app(children(spec))
-    assert after["deployments"] == before["deployments"]
+    assert after["args"] == before["args"]
+    changed = [
+        old["name"]
+        for old, new in zip(before["deployments"], after["deployments"], strict=True)
+        if old != new
+    ]
+    assert changed == ["llm-small", "router"]
+    for old, new in zip(before["deployments"], after["deployments"], strict=True):
+        assert {k: v for k, v in old.items() if k != "user_config"} == {
+            k: v for k, v in new.items() if k != "user_config"
+        }
     versions = {
         get_app_code_version(
             ServeDeploySchema.model_validate({"applications": [app]}).applications[0]
         )
         for app in (before, after)
     }
-    assert len(versions) == 2
+    assert len(versions) == 1
+    # Turning LoRA on for a model (its first adapter) changes its engine: a new version.
+    del spec["spec"]["models"][1]["adapters"]
+    without = serve_app(children(spec))
+    assert without["args"] != before["args"]
 
 
 @pytest.mark.parametrize(

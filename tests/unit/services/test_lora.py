@@ -20,7 +20,12 @@ from starlette.requests import Request
 
 from llmops_contract.sources import ModelSourceError
 from llmops_services import GraphConfig, LLMSpec
-from llmops_services.llm import AdapterLoader, llm_config_for, resolve_adapter
+from llmops_services.llm import (
+    ADAPTER_FOLDERS_PER_REPLICA,
+    AdapterLoader,
+    llm_config_for,
+    resolve_adapter,
+)
 from llmops_services.router import Router
 
 BASE = "embedded://smollm2-135m-instruct"
@@ -59,7 +64,7 @@ def test_adapter_sources_and_lora_engine_args_are_checked(tmp_path: Path) -> Non
     folder = str(_adapter_folder(tmp_path))
     with pytest.raises(ValidationError, match=r"hf:// or a folder, not s3://"):
         GraphConfig.model_validate(_graph([{"name": "geo", "source": "s3://bucket/geo"}]))
-    with pytest.raises(ValidationError, match="max_loras need adapters"):
+    with pytest.raises(ValidationError, match="max_loras need adapters or lora"):
         GraphConfig.model_validate(_graph([], extra_args={"max_loras": 2}))
     with pytest.raises(ValidationError, match="'enable_lora' is set by adapters"):
         GraphConfig.model_validate(
@@ -93,8 +98,19 @@ def test_adapters_turn_on_lora_in_the_engine_and_serve_multiplexing(tmp_path: Pa
     assert config.engine_kwargs["enable_lora"] is True
     assert config.engine_kwargs["max_loras"] == 1
     assert config.engine_kwargs["max_lora_rank"] == 8
-    assert config.multiplex_config().max_num_models_per_replica == 2
+    # Fixed at start: adapters added later through user_config fit it too.
+    assert config.multiplex_config().max_num_models_per_replica == ADAPTER_FOLDERS_PER_REPLICA
     assert spec.model_dump()["adapters"][0] == {"name": "geo", "source": folder}
+
+
+def test_lora_turns_lora_on_before_any_adapter() -> None:
+    spec = LLMSpec.model_validate(
+        {"name": "base", "source": BASE, "lora": True, "engine": {"extra_args": {"max_loras": 2}}}
+    )
+    config = llm_config_for(spec)
+    assert config.engine_kwargs["enable_lora"] is True
+    assert config.lora_config is not None
+    assert spec.model_dump()["lora"] is True
 
 
 def test_resolve_adapter_needs_a_peft_folder(tmp_path: Path) -> None:
@@ -267,7 +283,9 @@ def _replica(
     server._llm_config = llm_config_for(spec)
     server.engine = engine
     server._lora_lock = asyncio.Lock()
-    loader = AdapterLoader({"geo": folder})
+    server._adapters = {"geo": folder}
+    server.spec = spec
+    loader = AdapterLoader(server._adapters)
     server._load_model = lambda name: loader.load_model_from_config(name, None)
     monkeypatch.setattr(serve, "get_multiplexed_model_id", lambda: "geo")
     return server, client
@@ -290,3 +308,72 @@ async def test_two_first_requests_for_an_adapter_load_it_once(
         server._maybe_resolve_lora_from_multiplex(), server._maybe_resolve_lora_from_multiplex()
     )
     assert client.loaded == ["geo"]
+
+
+async def test_the_router_takes_its_adapter_table_from_user_config(
+    router: tuple[Router, list[Any]],
+) -> None:
+    """Serve calls ``reconfigure(user_config)`` on the running replica when the deployment's
+    user_config alone changes (ray/serve/_private/replica.py, ``call_reconfigure``)."""
+    instance, calls = router
+    messages = [{"role": "user", "content": "hello"}]
+    await instance.reconfigure({"adapters": {"geo": "base", "law": "other"}})
+    listed = {entry["id"]: entry.get("parent") for entry in (await instance.models())["data"]}
+    assert listed == {"base": None, "other": None, "geo": "base", "law": "other"}
+    answer = await instance.chat_completions(_request({"model": "law", "messages": messages}))
+    assert answer.status_code == 200
+    (_, opts, body), *_ = calls
+    assert opts.get("multiplexed_model_id") == "law"
+    assert body.model == "law"
+    # Removed: no longer listed, and a request for it is an unknown model.
+    await instance.reconfigure({"adapters": {"law": "other"}})
+    assert "geo" not in {entry["id"] for entry in (await instance.models())["data"]}
+    missing = await instance.chat_completions(_request({"model": "geo", "messages": messages}))
+    assert missing.status_code == 404
+    assert json.loads(missing.body)["error"]["code"] == "model_not_found"
+    wrong = [
+        ({"adapters": {"x": "nope"}}, "serves no model 'nope'"),
+        ({"adapters": {"other": "base"}}, "has a model's name"),
+        ({"x": 1}, "user_config must be"),
+    ]
+    for user_config, message in wrong:
+        with pytest.raises(ValueError, match=message):
+            await instance.reconfigure(user_config)
+    assert instance.adapters == {"law": "other"}
+
+
+async def test_a_replica_reconfigured_drops_removed_adapters_and_reloads_changed_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's serving models keep a loaded adapter by name (models/serving.py,
+    ``lora_requests``; ``unload_lora_adapter`` drops it); Ray's VLLMEngine.resolve_lora loads
+    a name only when it is not there yet."""
+    server, client = _replica(tmp_path, monkeypatch, "first")
+    models = server.engine._oai_models
+    await server._maybe_resolve_lora_from_multiplex()
+    assert models.lora_requests["geo"].lora_path == server._adapters["geo"]
+    # Another source under the same name: the old weights go, the new ones load on demand.
+    moved = str(_adapter_folder(tmp_path, "moved").resolve())
+    await server.reconfigure({"adapters": [{"name": "geo", "source": moved}]})
+    assert "geo" not in models.lora_requests
+    await server._maybe_resolve_lora_from_multiplex()
+    assert models.lora_requests["geo"].lora_path == moved
+    assert client.loaded == ["geo", "geo"]
+    # Removed: unloaded, and a request that still names it is refused.
+    await server.reconfigure({"adapters": []})
+    assert "geo" not in models.lora_requests
+    with pytest.raises(ValueError, match="'geo' is not an adapter"):
+        await server._maybe_resolve_lora_from_multiplex()
+    with pytest.raises(ValueError, match="adapters"):
+        await server.reconfigure({"adapters": "geo"})
+
+
+async def test_a_model_without_lora_refuses_adapters_in_user_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = _replica(tmp_path, monkeypatch, "first")
+    server.spec = LLMSpec.model_validate({"name": "base", "source": BASE})
+    folder = str(tmp_path / "first")
+    with pytest.raises(ValueError, match="runs without LoRA"):
+        await server.reconfigure({"adapters": [{"name": "geo", "source": folder}]})
+    await server.reconfigure({"adapters": []})
