@@ -546,8 +546,10 @@ class RouterSpec(StrictModel):
         ge=-1.0,
         le=1.0,
         description="'auto' falls back to default_model when the best cosine similarity is "
-        "below this; -1 never falls back. It depends on the encoder and the route examples: "
-        "calibrate it on labelled prompts with tests/bench/route_eval.py.",
+        "below this; -1 (the default) never falls back. The right value depends on the encoder "
+        "and the route examples, so there is no default to share: calibrate it on labelled "
+        "prompts with tests/bench/route_eval.py (all-MiniLM-L6-v2 with tests/graph.yaml's 3 "
+        "examples per model: 0.197; with 38: 0.278; docs/benchmarks.md).",
     )
     # End to end, a stream included: past it the router answers 504, or ends a stream with a
     # timeout event, and cancels the model's work (a request may ask for less, in
