@@ -170,77 +170,35 @@ def crd_manifest() -> dict[str, Any]:
         status_schema["properties"][listed]["x-kubernetes-list-map-keys"] = [key]
     condition = status_schema["properties"]["conditions"]["items"]["properties"]
     condition["lastTransitionTime"]["format"] = "date-time"
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": SHORT_NAMES,
-                "categories": ["llmops"],
+    return _crd_frame(
+        kind=KIND,
+        plural=PLURAL,
+        singular=SINGULAR,
+        short_names=SHORT_NAMES,
+        description="A model (or graph of models) served by Ray Serve and vLLM on KubeRay, "
+        "autoscaled by KEDA.",
+        spec=spec_schema,
+        status=status_schema,
+        validations=NAME_RULES,
+        columns=[
+            {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+            {
+                "name": "Reason",
+                "type": "string",
+                "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
             },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "A model (or graph of models) served by Ray Serve "
-                            "and vLLM on KubeRay, autoscaled by KEDA.",
-                            "required": ["spec"],
-                            "x-kubernetes-validations": NAME_RULES,
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec_schema,
-                                "status": status_schema,
-                            },
-                        }
-                    },
-                    "subresources": {
-                        "status": {},
-                        "scale": {
-                            "specReplicasPath": ".spec.replicas",
-                            "statusReplicasPath": ".status.replicas",
-                            "labelSelectorPath": ".status.selector",
-                        },
-                    },
-                    "additionalPrinterColumns": [
-                        {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
-                        {
-                            "name": "Reason",
-                            "type": "string",
-                            "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
-                        },
-                        {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
-                        {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
-                        {"name": "Models", "type": "string", "jsonPath": ".status.modelsSummary"},
-                        {
-                            "name": "Model Replicas",
-                            "type": "string",
-                            "description": "Ready/desired replicas per model.",
-                            "jsonPath": ".status.replicasSummary",
-                            "priority": 1,
-                        },
-                        {
-                            "name": "Age",
-                            "type": "date",
-                            "jsonPath": ".metadata.creationTimestamp",
-                        },
-                    ],
-                }
-            ],
-        },
-    }
+            {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+            {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
+            {"name": "Models", "type": "string", "jsonPath": ".status.modelsSummary"},
+            {
+                "name": "Model Replicas",
+                "type": "string",
+                "description": "Ready/desired replicas per model.",
+                "jsonPath": ".status.replicasSummary",
+                "priority": 1,
+            },
+        ],
+    )
 
 
 def model_crd_manifest() -> dict[str, Any]:
@@ -249,19 +207,63 @@ def model_crd_manifest() -> dict[str, Any]:
     Its /scale subresource is what KEDA's HPA and `kubectl scale llmmodel` write; the label
     selector is that model's worker pods, which the HPA counts for Value metrics.
     """
+    return _crd_frame(
+        kind=MODEL_KIND,
+        plural=MODEL_PLURAL,
+        singular=MODEL_SINGULAR,
+        short_names=MODEL_SHORT_NAMES,
+        description="One model of an LLMDeployment as a scale target (created and owned by "
+        "the operator).",
+        spec=openapi_schema(LLMModelSpec),
+        status=openapi_schema(LLMModelStatus),
+        validations=None,
+        columns=[
+            {"name": "Deployment", "type": "string", "jsonPath": ".spec.deployment"},
+            {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
+            {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
+            {"name": "Ready", "type": "integer", "jsonPath": ".status.replicas"},
+        ],
+    )
+
+
+def _crd_frame(
+    *,
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: list[str],
+    description: str,
+    spec: dict[str, Any],
+    status: dict[str, Any],
+    validations: list[dict[str, str]] | None,
+    columns: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A namespaced CRD of the group with one stored version, status and /scale subresources
+    (spec.replicas, status.replicas, status.selector) and an Age column after ``columns``."""
+    root: dict[str, Any] = {"type": "object", "description": description, "required": ["spec"]}
+    if validations is not None:
+        root["x-kubernetes-validations"] = validations
+    root["properties"] = {
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+        "spec": spec,
+        "status": status,
+    }
+    age = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{MODEL_PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": MODEL_KIND,
-                "listKind": f"{MODEL_KIND}List",
-                "plural": MODEL_PLURAL,
-                "singular": MODEL_SINGULAR,
-                "shortNames": MODEL_SHORT_NAMES,
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": short_names,
                 "categories": ["llmops"],
             },
             "versions": [
@@ -269,21 +271,7 @@ def model_crd_manifest() -> dict[str, Any]:
                     "name": VERSION,
                     "served": True,
                     "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "One model of an LLMDeployment as a scale target "
-                            "(created and owned by the operator).",
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": openapi_schema(LLMModelSpec),
-                                "status": openapi_schema(LLMModelStatus),
-                            },
-                        }
-                    },
+                    "schema": {"openAPIV3Schema": root},
                     "subresources": {
                         "status": {},
                         "scale": {
@@ -292,17 +280,7 @@ def model_crd_manifest() -> dict[str, Any]:
                             "labelSelectorPath": ".status.selector",
                         },
                     },
-                    "additionalPrinterColumns": [
-                        {"name": "Deployment", "type": "string", "jsonPath": ".spec.deployment"},
-                        {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
-                        {"name": "Desired", "type": "integer", "jsonPath": ".spec.replicas"},
-                        {"name": "Ready", "type": "integer", "jsonPath": ".status.replicas"},
-                        {
-                            "name": "Age",
-                            "type": "date",
-                            "jsonPath": ".metadata.creationTimestamp",
-                        },
-                    ],
+                    "additionalPrinterColumns": [*columns, age],
                 }
             ],
         },
