@@ -205,6 +205,33 @@ async def test_models_follow_the_deployments_status(
             await until(alpha_gone, "alpha unrouted after its deployment was deleted")
 
 
+async def test_an_adapter_is_listed_with_its_base_model_as_parent(
+    kmock: KubeAPI, graph: str, key: tuple[Path, str], tmp_path: Path
+) -> None:
+    """spec.models[].adapters: each adapter routes by its own name and is listed with its base
+    model as ``parent``, as vLLM lists LoRA modules (vllm/entrypoints/openai/models/serving.py)
+    and the graph's router does."""
+    obj = manifest("one", ["alpha"])
+    obj["spec"]["models"][0]["adapters"] = [{"name": "beta", "source": "hf://org/beta-lora"}]
+    await create(kmock, obj)
+    await report(kmock, "one", graph, {"alpha": "Ready"})
+    keys, secret = key
+    with ExitStack() as stack:
+        gw = start(stack, tmp_path, kmock, keys)
+        headers = {"authorization": f"Bearer {secret}"}
+        async with httpx.AsyncClient(base_url=gw.url, headers=headers, timeout=10) as client:
+
+            async def listed() -> bool:
+                response = await client.get("/v1/models")
+                return response.status_code == 200 and len(response.json()["data"]) == 2
+
+            await until(listed, "the deployment's model and adapter listed")
+            listing = (await client.get("/v1/models")).json()["data"]
+            assert {m["id"]: m.get("parent") for m in listing} == {"alpha": None, "beta": "alpha"}
+            one = (await client.get("/v1/models/beta")).json()
+            assert one["parent"] == "alpha"
+
+
 async def test_only_the_configured_namespaces_are_read(
     kmock: KubeAPI,
     graph: str,
