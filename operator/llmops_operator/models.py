@@ -151,8 +151,12 @@ class ModelSpec(CRDModel):
         max_length=MAX_ADAPTERS,
         description="LoRA adapters of this model, each served by its own name on this model's "
         "replicas and listed in /v1/models with this model as parent; loaded on first request "
-        "(engine.extra_args max_loras and max_lora_rank tune them). Adding or removing one "
-        "changes the graph config, which restarts every model's replicas.",
+        "(engine.extra_args max_loras and max_lora_rank tune them). They reach the running "
+        "replicas as Serve user_config: adding or removing an adapter of a model that has "
+        "adapters restarts no replica (an hf:// adapter or a new claim still changes the Ray "
+        "pods, rolled out by spec.rollout). A model's first adapter, removing its last, or a "
+        "change of its LoRA engine args turns LoRA on or off in its engine: that changes the "
+        "graph config, which restarts every model's replicas.",
     )
 
 
