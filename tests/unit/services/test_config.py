@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from llmops_services import (
     EngineConfig,
     GraphConfig,
     LLMSpec,
+    RouterSpec,
     SpeculativeConfig,
     default_graph_config,
 )
+
+ROOT = Path(__file__).parents[3]
 
 
 def _graph(**overrides: Any) -> dict[str, Any]:
@@ -30,6 +36,46 @@ def test_default_graph_serves_the_embedded_models() -> None:
     assert config.encoder is not None
     assert config.encoder.name == "all-minilm-l6-v2"
     assert config.default_llm == "smollm2-135m-instruct"
+
+
+def _test_graph() -> GraphConfig:
+    return GraphConfig.model_validate(yaml.safe_load((ROOT / "tests/graph.yaml").read_text()))
+
+
+def test_min_similarity_defaults_to_never_falling_back() -> None:
+    """A threshold is only meaningful for one encoder and one set of route examples, so the
+    field's default decides nothing; a graph with route examples sets its own."""
+    field = RouterSpec.model_fields["min_similarity"]
+    assert field.default == -1.0
+    assert field.description is not None
+    assert "encoder" in field.description
+    assert "route examples" in field.description
+
+
+@pytest.mark.parametrize(
+    "config",
+    [pytest.param(default_graph_config, id="llmops-config"), pytest.param(_test_graph, id="tests")],
+)
+def test_a_shipped_graph_with_route_examples_falls_back_below_a_threshold(config: Any) -> None:
+    """Without a threshold every off-topic prompt goes to some model (docs/benchmarks.md,
+    "Semantic `auto` routing": F1 0 for prompts no route fits). The default graph serves one
+    LLM without route examples, so it serves no `auto` to calibrate."""
+    graph: GraphConfig = config()
+    if any(llm.route_examples for llm in graph.llms):
+        assert graph.router.min_similarity > -1.0
+    else:
+        assert len(graph.llms) == 1
+
+
+def test_the_test_graph_carries_the_threshold_calibrated_for_it() -> None:
+    """tests/graph.yaml's threshold is the one docs/benchmarks.md reports calibrated for its
+    three route examples per model (tests/bench/route_eval.py on tests/data/route_eval.jsonl)."""
+    benchmarks = (ROOT / "docs/benchmarks.md").read_text()
+    calibrated = re.search(r"\| graph's \(3 per model\) \| ([0-9.]+), calibrated \|", benchmarks)
+    assert calibrated is not None
+    graph = _test_graph()
+    assert graph.router.min_similarity == float(calibrated.group(1))
+    assert all(len(llm.route_examples) == 3 for llm in graph.llms)
 
 
 def test_dict_round_trip_is_lossless() -> None:
