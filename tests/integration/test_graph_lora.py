@@ -7,6 +7,11 @@ Reproduces vLLM's LoRA serving (vllm/entrypoints/openai/models/serving.py: a req
 LLM's multiplexing (ray/llm/_internal/serve/core/server/llm_server.py,
 ``_maybe_resolve_lora_from_multiplex``), and the gateway's per-tenant allow-list.
 
+An adapter added to the running graph with `llmops adapters add` reaches the replicas as their
+Serve user_config (ray/serve/_private/config.py: NeedsActorReconfigure; replica.py
+``call_reconfigure``) and is served by the same replica and engine processes, as
+test_scale_from_zero.py checks a scale leaves the other replicas alone.
+
 Its own graph rather than tests/graph.yaml: the shared graph's model list is pinned by
 test_graph.py. It starts before the shared graph (conftest's OWN_RAY_CLUSTER) and stops at the
 end of this module, so the two never run at once.
@@ -69,6 +74,8 @@ class LoraGraph:
     url: str
     graph_url: str
     keys_file: Path
+    serve_api: str
+    folder: Path
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +105,14 @@ def lora_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraGraph]:
     }
     (folder / "graph.yaml").write_text(yaml.safe_dump(config))
     port, graph_port, metrics_port, grpc_port = free_port(), free_port(), free_port(), free_port()
+    api_port = free_port()
     log = folder / "llmops-up.log"
     command = [
         *(sys.executable, "-m", "llmops_cli", "up", "--config", str(folder / "graph.yaml")),
         *("--port", str(port), "--graph-port", str(graph_port)),
         *("--metrics-port", str(metrics_port), "--grpc-port", str(grpc_port)),
         *("--keys-file", str(folder / "keys.json")),
+        *("--serve-api-port", str(api_port)),
     ]
     started = time.monotonic()
     with log.open("w") as sink:
@@ -118,7 +127,11 @@ def lora_graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraGraph]:
                 pytest.fail(f"not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
             time.sleep(1)
         yield LoraGraph(
-            f"http://127.0.0.1:{port}", f"http://127.0.0.1:{graph_port}", folder / "keys.json"
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{graph_port}",
+            folder / "keys.json",
+            f"http://127.0.0.1:{api_port}",
+            folder,
         )
     finally:
         stop_process(process, timeout_s=120)
@@ -203,3 +216,88 @@ def test_the_responses_api_serves_an_adapter(lora_graph: LoraGraph) -> None:
 
     base = _eventually(lambda: text(BASE))
     assert text(POEM) not in {base, ""}
+
+
+def _processes(graph: LoraGraph) -> dict[str, set[tuple[str, int, float]]]:
+    """Per deployment: each replica's id and pid, and the vLLM EngineCore process below it
+    (vLLM names it ``VLLM::EngineCore``), with their start times."""
+    import psutil
+
+    from llmops_cli.scale import _client
+
+    details = _client(graph.serve_api).get_serve_details()
+    deployments = details["applications"]["llmops"]["deployments"]
+    seen: dict[str, set[tuple[str, int, float]]] = {}
+    for name, deployment in deployments.items():
+        for replica in deployment.get("replicas", []):
+            process = psutil.Process(replica["pid"])
+            engines = [
+                child
+                for child in process.children(recursive=True)
+                if "EngineCore" in " ".join([child.name(), *child.cmdline()])
+            ]
+            family = [process, *engines]
+            seen.setdefault(name, set()).update(
+                (replica["replica_id"], p.pid, p.create_time()) for p in family
+            )
+    return seen
+
+
+def _adapters_command(graph: LoraGraph, *args: str) -> None:
+    command = [sys.executable, "-m", "llmops_cli", "adapters", *args]
+    done = subprocess.run(
+        [*command, "--serve-api", graph.serve_api], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _listed(graph: LoraGraph) -> dict[str, Any]:
+    listed = httpx.get(f"{graph.graph_url}/v1/models", timeout=30).json()["data"]
+    return {entry["id"]: entry.get("parent") for entry in listed}
+
+
+def _until(check: Any, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "not within the timeout"
+        time.sleep(0.5)
+
+
+def test_an_adapter_added_to_the_running_graph_restarts_nothing(lora_graph: LoraGraph) -> None:
+    new = "smollm2-new-lora"
+    folder = make_adapter(lora_graph.folder / new, seed=4)
+    client = _client(lora_graph, ["*"])
+    base = _eventually(lambda: _answer(client, BASE))
+    before = _processes(lora_graph)
+    engine = before[f"llm-{BASE}"]
+    assert len(engine) > 1, engine  # the replica and its EngineCore
+
+    _adapters_command(lora_graph, "add", BASE, new, str(folder))
+    _until(lambda: _listed(lora_graph).get(new) == BASE)
+
+    def served() -> str:
+        try:
+            return _answer(client, new)
+        except openai.NotFoundError:  # the gateway lists the graph's models every 10 s
+            return ""
+
+    deadline = time.monotonic() + 60
+    answer = served()
+    while not answer and time.monotonic() < deadline:
+        time.sleep(1)
+        answer = served()
+    assert answer not in {base, ""}
+    # Same replicas, same processes: the router and the engine took the adapter in place.
+    assert _processes(lora_graph) == before
+
+    _adapters_command(lora_graph, "remove", BASE, new)
+    _until(lambda: new not in _listed(lora_graph))
+    missing = httpx.post(
+        f"{lora_graph.graph_url}/v1/chat/completions",
+        json={"model": new, "messages": PROMPT, "max_tokens": 4},
+        timeout=60,
+    )
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+    assert _answer(client, GEO)  # the adapters of the graph config still serve
+    assert _processes(lora_graph) == before
