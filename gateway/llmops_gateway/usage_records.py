@@ -107,7 +107,8 @@ class UsageRecord:
     def fields(self) -> list[str]:
         """Field, value, field, value... as stream fields (None as an empty string)."""
         out: list[str] = []
-        for name, value in asdict(self).items():
+        for name in _FIELD_NAMES:  # the values are flat: no `asdict` deep copy
+            value = getattr(self, name)
             out += [name, "" if value is None else str(value)]
         return out
 
@@ -135,6 +136,8 @@ class UsageRecord:
                 values[spec.name] = str(raw)
         return cls(**values)
 
+
+_FIELD_NAMES = tuple(spec.name for spec in fields(UsageRecord))
 
 _ADDED_FIELDS = frozenset({"gpu_seconds", "trace_id"})
 """Fields records did not always have."""
@@ -193,17 +196,15 @@ class RedisUsageSink:
 
     async def write(self, records: Sequence[UsageRecord]) -> list[UsageRecord]:
         """Sends every record at once (pipelined); returns those whose write failed."""
-        results = await asyncio.gather(
-            *(
-                self.redis.evalsha(
-                    _WRITE,
-                    [STREAM_KEY, SEEN_KEY + record.day.replace("-", "")],
-                    [record.id, self.retention_ms, SEEN_TTL_S, *record.fields()],
-                )
-                for record in records
-            ),
-            return_exceptions=True,
-        )
+        if len(records) == 1:  # each request's own record: no gather's task to pay for
+            try:
+                results: list[Any] = [await self._write(records[0])]
+            except Exception as exc:
+                results = [exc]
+        else:
+            results = await asyncio.gather(
+                *(self._write(record) for record in records), return_exceptions=True
+            )
         failed = [
             r for r, result in zip(records, results, strict=True) if isinstance(result, Exception)
         ]
@@ -211,6 +212,13 @@ class RedisUsageSink:
             first = next(result for result in results if isinstance(result, Exception))
             logger.warning("cannot write %d usage records to Redis yet (%s)", len(failed), first)
         return failed
+
+    async def _write(self, record: UsageRecord) -> Any:
+        return await self.redis.evalsha(
+            _WRITE,
+            [STREAM_KEY, SEEN_KEY + record.day.replace("-", "")],
+            [record.id, self.retention_ms, SEEN_TTL_S, *record.fields()],
+        )
 
     async def close(self) -> None:
         """Closes the connection when the sink opened it."""

@@ -18,6 +18,10 @@ gets a core of its own and everything else shares the rest (needs >= 2 cores).
 
     .venv/bin/python -m tests.bench.gateway_overhead [--rates 25,200,500] [--seconds 10]
         [--sweep-seconds 5] [--litellm /path/to/venv/bin/litellm] [--tracing] [--pin]
+        [--profile /tmp/gateway-profile]
+
+With --profile, `py-spy` (PyPI py-spy) samples the gateway during each gateway phase and writes
+one speedscope file per rate; each phase also reports the gateway's CPU per request (us).
 
 Not a test: results go to docs/benchmarks.md by hand, with date and machine.
 """
@@ -29,8 +33,10 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -152,6 +158,15 @@ def pin(processes: dict[str, psutil.Process], own_core: str) -> dict[str, list[i
     return placed
 
 
+def profile(pid: int, path: str) -> subprocess.Popen[bytes]:
+    """Starts py-spy sampling ``pid`` into a speedscope file; SIGINT makes it write the file."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--format", "speedscope", "-o", path, "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+    )
+
+
 SWEEP_RATES = (25, 50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500, 2000)
 
 
@@ -234,6 +249,11 @@ def main() -> None:
         help="give the (untraced) gateway a CPU of its own; the stub, redis, the load "
         "generator and any other proxy share the others",
     )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="py-spy the gateway during each of its phases; speedscope files under this prefix",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
     store = FileKeyStore(folder / "keys.json")
@@ -303,11 +323,20 @@ def main() -> None:
                 phase: dict[str, object] = {"direct": direct}
                 measured: dict[str, dict[str, float]] = {}
                 for name, (url, headers) in targets.items():
+                    profiling = None
+                    if args.profile and name == "gateway":
+                        profiling = profile(gw.process.pid, f"{args.profile}-{rate}rps.json")
                     before = cpu_seconds(processes)
                     started = time.perf_counter()
                     through = asyncio.run(open_loop(url, headers, rate, args.seconds))
                     elapsed = time.perf_counter() - started
-                    share = cpu_share(before, cpu_seconds(processes), elapsed)
+                    after = cpu_seconds(processes)
+                    share = cpu_share(before, after, elapsed)
+                    if profiling is not None:
+                        profiling.send_signal(signal.SIGINT)
+                        profiling.wait(timeout=60)
+                    used = after["gateway"] - before["gateway"]
+                    phase[f"{name}_cpu_us_per_request"] = round(used / through["sent"] * 1e6)
                     phase[name] = measured[name] = through
                     phase[f"{name}_cpu_share"] = share
                     phase[f"{name}_added_p50_ms"] = round(through["p50"] - direct["p50"], 2)
