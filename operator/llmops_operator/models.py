@@ -156,7 +156,13 @@ class ModelSpec(CRDModel):
         "adapters restarts no replica (an hf:// adapter or a new claim still changes the Ray "
         "pods, rolled out by spec.rollout). A model's first adapter, removing its last, or a "
         "change of its LoRA engine args turns LoRA on or off in its engine: that changes the "
-        "graph config, which restarts every model's replicas.",
+        "graph config, which restarts every model's replicas (set lora to keep it on).",
+    )
+    lora: bool = Field(
+        default=False,
+        description="Run this model's engine with LoRA on even while adapters is empty, so "
+        "that adding its first adapter (or removing its last) restarts no replica; adapters "
+        "turn LoRA on by themselves.",
     )
 
 

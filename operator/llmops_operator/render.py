@@ -356,6 +356,7 @@ def graph_config(target: Target) -> GraphConfig:
                 {"name": adapter.name, "source": served_source(adapter.source)}
                 for adapter in model.adapters
             ],
+            "lora": model.lora,
         }
         for model in spec.models
     ]

@@ -280,3 +280,21 @@ def test_which_new_adapters_change_the_ray_pods(source: str, new_pods: bool) -> 
         ]
         assert (hashes[0] != hashes[1]) is new_pods
         assert before["spec"]["serveConfigV2"] != after["spec"]["serveConfigV2"]
+
+
+def test_a_model_with_lora_on_takes_its_first_adapter_without_a_new_version() -> None:
+    """`lora: true` keeps LoRA on in a model's engine with no adapter declared, so its first
+    adapter is a user_config change only (the same code version, as above)."""
+    spec = manifest()
+    del spec["spec"]["models"][1]["adapters"]
+    spec["spec"]["models"][1]["lora"] = True
+    assert not schema_errors(spec)
+    before = serve_app(children(spec))
+    assert GraphConfig.model_validate(before["args"]).llms[1].lora_enabled
+    spec["spec"]["models"][1]["adapters"] = [{"name": "small-tone", "source": IMAGE_ADAPTER}]
+    after = serve_app(children(spec))
+    assert after["args"] == before["args"]
+    # Without lora, the engine had started with LoRA off: a different graph config.
+    del spec["spec"]["models"][1]["adapters"]
+    spec["spec"]["models"][1]["lora"] = False
+    assert serve_app(children(spec))["args"] != before["args"]
