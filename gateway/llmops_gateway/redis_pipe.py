@@ -136,6 +136,9 @@ class _Protocol(asyncio.Protocol):
         self.counts = counts or Counts()
         self.reader = hiredis.Reader(replyError=RedisReplyError)
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.deadlines: collections.deque[float] = collections.deque()
+        """When each waiting call's reply is due (loop time), oldest first."""
+        self.watchdog: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.outgoing: list[bytes] = []
@@ -169,7 +172,8 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             future = self.waiting.popleft()
-            if future.done():  # its caller timed out or went away
+            self.deadlines.popleft()
+            if future.done():  # its caller went away
                 continue
             if isinstance(reply, RedisReplyError):
                 future.set_exception(reply)
@@ -177,7 +181,13 @@ class _Protocol(asyncio.Protocol):
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = RedisUnavailableError(f"connection to Redis lost: {exc or 'closed'}")
+        # A connection dropped for its silence fails its calls with that reason.
+        self.lost = self.lost or RedisUnavailableError(
+            f"connection to Redis lost: {exc or 'closed'}"
+        )
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.deadlines.clear()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -265,7 +275,7 @@ class PipelinedRedis:
                 )
                 for command in setup:
                     await self._send(protocol, command)
-        except (OSError, TimeoutError, RedisReplyError, ssl.SSLError) as exc:
+        except (OSError, TimeoutError, RedisReplyError, RedisUnavailableError, ssl.SSLError) as exc:
             if protocol is not None:
                 self._drop(protocol)
             # The reply to AUTH never holds the password; the URL is not repeated here.
@@ -274,10 +284,40 @@ class PipelinedRedis:
 
     def _send(self, protocol: _Protocol, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
         assert protocol.transport is not None
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         protocol.waiting.append(future)
+        protocol.deadlines.append(loop.time() + self.timeout_s)
         protocol.queue(encode(args))
+        if protocol.watchdog is None:
+            protocol.watchdog = loop.call_at(protocol.deadlines[0], self._watch, protocol, False)
         return future
+
+    def _watch(self, protocol: _Protocol, looked_again: bool) -> None:
+        """Drops the connection when its oldest unanswered call is past its deadline.
+
+        One timer per connection, not one per call: Redis answers in order, so the oldest
+        call's deadline is the first that can pass.
+        """
+        protocol.watchdog = None
+        if protocol.lost is not None or not protocol.deadlines:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = protocol.deadlines[0]
+        if loop.time() < deadline:
+            protocol.watchdog = loop.call_at(deadline, self._watch, protocol, False)
+            return
+        if not looked_again:
+            # A process that was stopped for a while (a loaded machine) finds its replies and
+            # its timers due at once, and libuv runs timers before it reads sockets: read them
+            # once more before calling Redis silent.
+            protocol.watchdog = loop.call_later(0.001, self._watch, protocol, True)
+            return
+        reason = f"Redis did not answer in {self.timeout_s:g} s"
+        if self._protocol is protocol:
+            self._failed(reason)
+        protocol.lost = RedisUnavailableError(reason)
+        self._drop(protocol)
 
     async def call(self, *args: Arg) -> Any:
         """Sends one command and returns its reply.
@@ -288,16 +328,7 @@ class PipelinedRedis:
             RedisReplyError: Redis answered with an error.
         """
         protocol = await self._connection()
-        future = self._send(protocol, args)
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                return await future
-        except TimeoutError:
-            reason = f"Redis did not answer in {self.timeout_s:g} s"
-            if self._protocol is protocol:
-                self._failed(reason)
-            self._drop(protocol)
-            raise RedisUnavailableError(reason) from None
+        return await self._send(protocol, args)
 
     async def evalsha(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
         """Runs a script by SHA, loading it first if Redis does not know it (yet, or anymore)."""
