@@ -101,8 +101,18 @@ def operator_command() -> None:
 
 def fetch_command(
     sources: Annotated[
-        list[str], typer.Argument(help="Model sources: hf://, s3://, embedded://, paths.")
-    ],
+        list[str] | None,
+        typer.Argument(help="Model sources: hf://, s3://, embedded://, paths."),
+    ] = None,
+    adapters: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter",
+            help="A LoRA adapter's source (hf://, s3://, a path), checked for "
+            "adapter_config.json instead of a model's config.json; repeatable.",
+        ),
+    ] = None,
+    *,
     cache_dir: Annotated[
         Path, typer.Option("--cache-dir", help="The model cache folder (the cache volume).")
     ],
@@ -130,10 +140,15 @@ def fetch_command(
     from llmops_contract import ModelSourceError
     from llmops_services.sources import ResolvedSource, fetch_source, loader_report
 
+    wanted = [(source, False) for source in sources or []]
+    wanted += [(source, True) for source in adapters or []]
+    if not wanted:
+        typer.echo("error: name at least one source (or --adapter SOURCE)", err=True)
+        raise typer.Exit(2)
     resolved: dict[str, ResolvedSource] = {}
-    for source in sources:
+    for source, adapter in wanted:
         try:
-            resolved[source] = fetch_source(source, cache_dir, progress=typer.echo)
+            resolved[source] = fetch_source(source, cache_dir, progress=typer.echo, adapter=adapter)
         except ModelSourceError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from exc
@@ -146,5 +161,5 @@ def fetch_command(
         typer.echo(f"report: {report}")
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("\n".join(sources) + "\n")
+        marker.write_text("\n".join(resolved) + "\n")
         typer.echo(f"cache ready: {marker}")

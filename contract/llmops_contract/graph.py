@@ -356,17 +356,16 @@ class AdapterSpec(StrictModel):
     )
     source: SourceURI = Field(
         description="A PEFT adapter folder (adapter_config.json and the adapter weights): "
-        "hf://org/name[@revision], file:///path or a folder."
+        "hf://org/name[@revision], s3://bucket/folder, file:///path or a folder."
     )
 
     @field_validator("source")
     @classmethod
     def _adapter_scheme(cls, value: str) -> str:
-        # The model cache's s3:// and embedded:// entries are checked as whole models
-        # (config.json); an adapter folder has adapter_config.json instead.
+        # embedded:// names the packaged default models, none of them an adapter.
         scheme = parse_source(value).scheme
-        if scheme not in {"hf", "local"}:
-            raise ValueError(f"adapter sources are hf:// or a folder, not {scheme}://")
+        if scheme not in {"hf", "s3", "local"}:
+            raise ValueError(f"adapter sources are hf://, s3:// or a folder, not {scheme}://")
         return value
 
 

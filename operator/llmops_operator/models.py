@@ -34,7 +34,7 @@ SOURCE_PATTERN = (
 )
 # Adapter folders: a PEFT folder has adapter_config.json, not the config.json the loader checks
 # in s3:// cache entries (llmops_services.sources), and no embedded model is an adapter.
-ADAPTER_SOURCE_PATTERN = r"^(hf://|file://|/).+|^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
+ADAPTER_SOURCE_PATTERN = r"^(hf://|s3://|file://|/).+|^pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?$"
 MAX_ADAPTERS = 32
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 # An LLMModel is named `<deployment>-<model>`; it also names the model's ScaledObject, whose
@@ -94,9 +94,9 @@ class AdapterSpec(CRDModel):
         pattern=ADAPTER_SOURCE_PATTERN,
         max_length=512,
         description="A PEFT adapter folder (adapter_config.json and the adapter weights): "
-        "hf://org/name[@revision] (downloaded into the model cache with the models), "
-        "pvc://claim/folder (mounted read-only, as for models) or an absolute path in the "
-        "image (read in place).",
+        "hf://org/name[@revision] or s3://bucket/folder (downloaded into the model cache with "
+        "the models, s3:// with cache.credentialsSecret), pvc://claim/folder (mounted "
+        "read-only, as for models) or an absolute path in the image (read in place).",
     )
 
 

@@ -477,16 +477,22 @@ def all_sources(spec: LLMDeploymentSpec) -> list[str]:
 
 def sources(spec: LLMDeploymentSpec) -> list[str]:
     """The sources the model cache must hold: all but pvc:// ones, which are mounted, and
-    adapter folders in the image, which are read in place (``llmops fetch`` checks a folder
-    for a model's config.json, which an adapter folder lacks)."""
+    adapter folders in the image, which are read in place."""
     models = {model.source for model in spec.models}
     if spec.encoder.enabled:
         models.add(spec.encoder.source)
     return [
         s
         for s in all_sources(spec)
-        if not s.startswith("pvc://") and (s in models or s.startswith("hf://"))
+        if not s.startswith("pvc://") and (s in models or s.startswith(("hf://", "s3://")))
     ]
+
+
+def adapter_sources(spec: LLMDeploymentSpec) -> set[str]:
+    """Sources that only adapters use: `llmops fetch` checks them for adapter_config.json
+    (``--adapter``) where it checks a model's folder for config.json."""
+    models = {model.source for model in spec.models} | {spec.encoder.source}
+    return {a.source for m in spec.models for a in m.adapters} - models
 
 
 def source_claim(source: str) -> tuple[str, str] | None:
@@ -589,10 +595,13 @@ def _fetch_container(
     command = ["llmops", "fetch", "--cache-dir", CACHE_MOUNT, "--report", TERMINATION_LOG]
     if marker:
         command += ["--marker", marker]
+    adapters = adapter_sources(target.spec)
+    for source in wanted:
+        command += ["--adapter", source] if source in adapters else [source]
     container: dict[str, Any] = {
         "name": name,
         "image": image,
-        "command": [*command, *wanted],
+        "command": command,
         # The report on success; the end of the log (the error) on failure.
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": [{"name": "HF_HUB_DISABLE_PROGRESS_BARS", "value": "1"}],

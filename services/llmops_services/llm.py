@@ -19,7 +19,6 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from ray.serve.llm import LLMConfig, LLMServer
 
 from llmops_contract.graph import adapters_from_user_config
-from llmops_contract.sources import ModelSourceError, parse_source
 from llmops_services.config import LLMSpec
 from llmops_services.sources import resolve_source
 from llmops_services.tracing import (
@@ -159,7 +158,6 @@ def llm_config_for(
     return LLMConfig(**config)
 
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_FOLDERS_PER_REPLICA = 256
 """Adapter folders Serve's multiplexing remembers per replica (a path each, no weights)."""
 
@@ -167,22 +165,13 @@ ADAPTER_FOLDERS_PER_REPLICA = 256
 def resolve_adapter(source: str, cache_dir: Path | None = None) -> Path:
     """Makes a LoRA adapter available as a local folder and returns that folder.
 
-    A folder is used in place; an hf:// repository goes through the model cache as models do.
+    A folder is used in place; an hf:// or s3:// source goes through the model cache as models
+    do (on a cluster, the loader filled it).
 
     Raises:
         ModelSourceError: the source is missing or is not a PEFT adapter folder.
     """
-    parsed = parse_source(source)
-    if parsed.scheme == "local":
-        folder = Path(parsed.location).expanduser().resolve()
-    else:
-        folder = resolve_source(source, cache_dir)
-    if not (folder / ADAPTER_CONFIG_FILE).is_file():
-        raise ModelSourceError(
-            f"adapter folder {folder} (from {source!r}) has no {ADAPTER_CONFIG_FILE}: point "
-            "the source at a PEFT adapter (what save_pretrained writes)"
-        )
-    return folder
+    return resolve_source(source, cache_dir, adapter=True)
 
 
 class AdapterLoader:

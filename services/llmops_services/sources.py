@@ -13,7 +13,10 @@ A source is a URI string in a graph config:
 - a local folder: an absolute path, ``file:///path``, or a path relative to the working folder.
 
 ``resolve_source`` turns any of them into a local folder vLLM or transformers can load, and
-raises ``ModelSourceError`` with a message that says what to fix when it cannot.
+raises ``ModelSourceError`` with a message that says what to fix when it cannot. A LoRA
+adapter's source (hf://, s3:// or a folder) resolves the same way with ``adapter=True``: its
+folder holds ``adapter_config.json`` (what PEFT's save_pretrained writes) instead of a model's
+``config.json``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ if TYPE_CHECKING:
     import pyarrow.fs
 
 Progress = Callable[[str], None]
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+"""What marks a PEFT LoRA adapter folder (a model folder has ``config.json``)."""
 """Receives one human-readable line per step of a long operation."""
 
 CACHE_ENV = "LLMOPS_MODEL_CACHE"
@@ -93,6 +98,8 @@ def resolve_source(
     source: str,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
+    *,
+    adapter: bool = False,
 ) -> Path:
     """Makes a model available as a local folder and returns that folder.
 
@@ -104,9 +111,11 @@ def resolve_source(
         cache_dir: Where converted and downloaded models live; defaults to
             ``default_cache_dir()``.
         progress: Receives a line per long step (fetch, convert).
+        adapter: The source is a LoRA adapter, not a model (embedded:// is never one).
 
     Returns:
-        A folder holding ``config.json`` and the weights.
+        A folder holding ``config.json`` (an adapter's: ``adapter_config.json``) and the
+        weights.
 
     Raises:
         ModelSourceError: with a message that says what to fix.
@@ -115,12 +124,16 @@ def resolve_source(
     say = progress or (lambda _line: None)
     cache = cache_dir or default_cache_dir()
     if parsed.scheme == "local":
-        return _check_folder(Path(parsed.location).expanduser().resolve(), source)
+        return _check_folder(Path(parsed.location).expanduser().resolve(), source, adapter)
     if parsed.scheme == "embedded":
+        if adapter:
+            raise ModelSourceError(f"{source} is a model, not a LoRA adapter")
         return _resolve_embedded(parsed.location, cache, say)
     if parsed.scheme == "s3":
-        return _resolve_s3(parsed.location, cache, say)
-    return _resolve_hf(parsed.location, parsed.revision, cache, say)
+        return _check_folder(_resolve_s3(parsed.location, cache, say), source, adapter)
+    folder = _resolve_hf(parsed.location, parsed.revision, cache, say)
+    # A hub model is what vLLM reads from its snapshot; an adapter is checked for its marker.
+    return _check_folder(folder, source, adapter) if adapter else folder
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,8 @@ def fetch_source(
     source: str,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
+    *,
+    adapter: bool = False,
 ) -> ResolvedSource:
     """``resolve_source``, and the commit an hf:// source resolved to.
 
@@ -145,7 +160,7 @@ def fetch_source(
     Raises:
         ModelSourceError: with a message that says what to fix.
     """
-    folder = resolve_source(source, cache_dir, progress)
+    folder = resolve_source(source, cache_dir, progress, adapter=adapter)
     revision = folder.name if parse_source(source).scheme == "hf" else None
     return ResolvedSource(folder, revision)
 
@@ -179,10 +194,16 @@ def loader_report(resolved: dict[str, ResolvedSource]) -> str:
     return encode(kept, truncated=True)
 
 
-def _check_folder(path: Path, source: str) -> Path:
+def _check_folder(path: Path, source: str, adapter: bool = False) -> Path:
+    what = "adapter" if adapter else "model"
     if not path.is_dir():
-        raise ModelSourceError(f"model folder {path} (from {source!r}) does not exist")
-    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{what} folder {path} (from {source!r}) does not exist")
+    if adapter and not (path / ADAPTER_CONFIG_FILE).is_file():
+        raise ModelSourceError(
+            f"adapter folder {path} (from {source!r}) has no {ADAPTER_CONFIG_FILE}: point "
+            "the source at a PEFT adapter (what save_pretrained writes)"
+        )
+    if not adapter and not (path / "config.json").is_file():
         raise ModelSourceError(
             f"model folder {path} has no config.json: point the source at a Hugging Face "
             "style model folder (config.json, tokenizer files, *.safetensors)"
@@ -348,7 +369,7 @@ def _resolve_s3(location: str, cache: Path, say: Progress) -> Path:
     source = f"s3://{location}"
     target = cache / "s3" / location
     if (target / S3_COMPLETE).is_file():
-        return _check_folder(target, source)
+        return target
     if _offline():
         raise ModelSourceError(
             f"{source} is not in the model cache {cache} and {OFFLINE_ENV} is set (this "
@@ -358,9 +379,9 @@ def _resolve_s3(location: str, cache: Path, say: Progress) -> Path:
     lock = cache / f".s3-{hashlib.sha256(location.encode()).hexdigest()[:16]}.lock"
     with FileLock(str(lock)):
         if (target / S3_COMPLETE).is_file():
-            return _check_folder(target, source)
+            return target
         _download_s3(location, target, say)
-    return _check_folder(target, source)
+    return target
 
 
 def _download_s3(location: str, target: Path, say: Progress) -> None:

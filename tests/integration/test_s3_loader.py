@@ -175,3 +175,53 @@ def test_s3_errors_say_what_to_fix(s3: S3Server, tmp_path: Path) -> None:
     assert offline.returncode != 0
     assert "LLMOPS_OFFLINE" in offline.stderr
     assert not (tmp_path / "cache" / "s3" / "models" / "minilm").exists()
+
+
+ADAPTER_LOAD = """
+import sys
+from pathlib import Path
+from llmops_services.llm import resolve_adapter
+from llmops_services.sources import ModelSourceError
+try:
+    print(resolve_adapter(sys.argv[1], Path(sys.argv[2])))
+except ModelSourceError as exc:
+    sys.exit(f"error: {exc}")
+"""
+"""What an LLM replica does on an adapter's first request (`AdapterLoader`), offline."""
+
+
+def test_s3_adapters_are_fetched_and_checked_as_adapters(s3: S3Server, tmp_path: Path) -> None:
+    """A PEFT folder (adapter_config.json, no config.json) on S3: `llmops fetch --adapter`
+    caches it, and the replica resolves it from the cache offline; as a model it is refused,
+    and a model folder is refused as an adapter."""
+    adapter = s3.root / "models" / "adapters" / "poem"
+    adapter.mkdir(parents=True)
+    config = {"peft_type": "LORA", "r": 8, "target_modules": ["q_proj", "v_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
+    source = "s3://models/adapters/poem"
+
+    as_model = fetch(s3, tmp_path, source)
+    assert as_model.returncode != 0
+    assert "has no config.json" in as_model.stderr
+    model_as_adapter = fetch(s3, tmp_path, "--adapter", "s3://models/minilm/v1")
+    assert model_as_adapter.returncode != 0
+    assert "has no adapter_config.json" in model_as_adapter.stderr
+
+    marker = tmp_path / "cache" / ".ready"
+    loaded = fetch(s3, tmp_path, "--marker", str(marker), "--adapter", source)
+    assert loaded.returncode == 0, loaded.stderr
+    folder = tmp_path / "cache" / "s3" / "models" / "adapters" / "poem"
+    assert json.loads((folder / "adapter_config.json").read_text()) == config
+    assert marker.read_text().split() == [source]
+
+    replica = subprocess.run(
+        [sys.executable, "-c", ADAPTER_LOAD, source, str(tmp_path / "cache")],
+        env=_env(None, LLMOPS_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
+    )
+    assert replica.returncode == 0, replica.stderr
+    assert replica.stdout.strip().splitlines()[-1] == str(folder)

@@ -33,6 +33,7 @@ UID = "7e1f2a3b-0000-4000-8000-00000000ada9"
 HF_ADAPTER = "hf://my-org/chat-sql-lora@v2"
 PVC_ADAPTER = "pvc://adapters/support"
 IMAGE_ADAPTER = "/opt/adapters/legal"
+S3_ADAPTER = "s3://adapters/small/poem"
 
 
 def manifest(access_mode: str = "ReadWriteOnce") -> dict[str, Any]:
@@ -147,9 +148,26 @@ def test_the_shared_loader_fetches_hub_adapters_and_leaves_folders_in_place() ->
             "hf://my-org/small-tone",
         ]
     )
-    # The claim is mounted, and `llmops fetch` would refuse a folder without config.json.
+    # The claim is mounted, the image's folder read in place.
     assert PVC_ADAPTER not in wanted
     assert IMAGE_ADAPTER not in wanted
+
+
+def test_the_loader_fetches_s3_adapters_and_checks_every_adapter_as_one() -> None:
+    """`llmops fetch --adapter SOURCE` checks a folder for adapter_config.json (a model's for
+    config.json), so each adapter source is passed that way, and only adapter sources."""
+    spec = manifest("ReadWriteMany")
+    spec["spec"]["models"][1]["adapters"].append({"name": "small-s3", "source": S3_ADAPTER})
+    spec["spec"]["cache"]["credentialsSecret"] = "s3-keys"
+    assert not schema_errors(spec)
+    job = next(o for o in children(spec).values() if o["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    command = container["command"]
+    flagged = [command[i + 1] for i, arg in enumerate(command) if arg == "--adapter"]
+    assert sorted(flagged) == sorted([HF_ADAPTER, "hf://my-org/small-tone", S3_ADAPTER])
+    assert "hf://org/chat-8b" in command
+    assert command[command.index("hf://org/chat-8b") - 1] != "--adapter"
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-keys"}}]
 
 
 def test_a_new_adapter_names_a_new_loader_job() -> None:
@@ -204,7 +222,7 @@ def test_duplicate_adapter_names_are_refused_naming_the_field(change: Any, field
 
 
 @pytest.mark.parametrize(
-    "source", ["s3://bucket/adapters/sql", "embedded://smollm2-135m-instruct", "gs://b/a"]
+    "source", ["embedded://smollm2-135m-instruct", "gs://b/a", "pvc://Bad_Claim/x"]
 )
 def test_adapter_sources_the_loader_cannot_serve_are_refused_by_the_crd(source: str) -> None:
     spec = manifest()

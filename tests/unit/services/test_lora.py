@@ -62,8 +62,11 @@ def test_adapter_names_are_unique_across_models_and_adapters(tmp_path: Path) -> 
 
 def test_adapter_sources_and_lora_engine_args_are_checked(tmp_path: Path) -> None:
     folder = str(_adapter_folder(tmp_path))
-    with pytest.raises(ValidationError, match=r"hf:// or a folder, not s3://"):
-        GraphConfig.model_validate(_graph([{"name": "geo", "source": "s3://bucket/geo"}]))
+    with pytest.raises(ValidationError, match=r"hf://, s3:// or a folder, not embedded://"):
+        GraphConfig.model_validate(
+            _graph([{"name": "geo", "source": "embedded://smollm2-135m-instruct"}])
+        )
+    GraphConfig.model_validate(_graph([{"name": "geo", "source": "s3://bucket/geo"}]))
     with pytest.raises(ValidationError, match="max_loras need adapters or lora"):
         GraphConfig.model_validate(_graph([], extra_args={"max_loras": 2}))
     with pytest.raises(ValidationError, match="'enable_lora' is set by adapters"):
