@@ -292,10 +292,16 @@ class GatewayService(pb_grpc.GatewayServicer):
     async def ListModels(  # noqa: N802
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        """The models the caller's key may use (names only: ListModelsResponse has no field
-        for an adapter's ``parent``, which REST's /v1/models gives)."""
+        """The models the caller's key may use, each with an adapter's ``parent`` as REST's
+        /v1/models gives it (``models``: the names alone, for clients of the first field)."""
         listed = await self.core.list_models(self._call(context))
-        return pb.ListModelsResponse(models=[str(entry["id"]) for entry in listed])
+        return pb.ListModelsResponse(
+            models=[str(entry["id"]) for entry in listed],
+            data=[
+                pb.ModelInfo(id=str(entry["id"]), parent=str(entry.get("parent") or ""))
+                for entry in listed
+            ],
+        )
 
 
 def _stream_fields(stream: bool) -> dict[str, Any]:

@@ -106,14 +106,16 @@ def test_a_tenant_with_only_the_adapter_sees_its_parent_but_not_the_base(
     assert refused.status_code == 404
 
 
-def test_grpc_lists_the_adapter_by_name(gw: Gateway, keys: FileKeyStore) -> None:
-    """ListModelsResponse carries names only (protos/llmops/v1/gateway.proto)."""
+def test_grpc_lists_the_adapter_with_its_parent(gw: Gateway, keys: FileKeyStore) -> None:
+    """ListModelsResponse's ``data`` gives each model's parent, as REST's /v1/models does
+    (protos/llmops/v1/gateway.proto ModelInfo); ``models`` keeps the names alone."""
     metadata = list(_headers(keys, "grpc", ["*"]).items())
     with grpc.insecure_channel(gw.grpc_target) as channel:
         reply = pb_grpc.GatewayStub(channel).ListModels(
             pb.ListModelsRequest(), metadata=metadata, timeout=10
         )
     assert sorted(reply.models) == [BASE, ADAPTER]
+    assert {m.id: m.parent for m in reply.data} == {BASE: "", ADAPTER: BASE}
 
 
 def _llmd(name: str, created: str, models: dict[str, list[str]]) -> dict[str, Any]:
