@@ -115,9 +115,11 @@ def fetch(s3: S3Server, tmp_path: Path, *args: str, **env: str) -> subprocess.Co
     )
 
 
-def worker_load(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+def worker_load(
+    tmp_path: Path, source: str, script: str = WORKER_LOAD
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", WORKER_LOAD, source, str(tmp_path / "cache")],
+        [sys.executable, "-c", script, source, str(tmp_path / "cache")],
         env=_env(None, LLMOPS_OFFLINE="1"),
         capture_output=True,
         text=True,
@@ -215,13 +217,6 @@ def test_s3_adapters_are_fetched_and_checked_as_adapters(s3: S3Server, tmp_path:
     assert json.loads((folder / "adapter_config.json").read_text()) == config
     assert marker.read_text().split() == [source]
 
-    replica = subprocess.run(
-        [sys.executable, "-c", ADAPTER_LOAD, source, str(tmp_path / "cache")],
-        env=_env(None, LLMOPS_OFFLINE="1"),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
+    replica = worker_load(tmp_path, source, ADAPTER_LOAD)
     assert replica.returncode == 0, replica.stderr
     assert replica.stdout.strip().splitlines()[-1] == str(folder)
