@@ -60,14 +60,24 @@ def serve_count(api: KubeAPI, model: str) -> int:
 
 
 async def put_scale(api: KubeAPI, name: str, replicas: int) -> None:
-    """What the HPA does: read the Scale, then Update it with the new spec.replicas."""
-    async with api.get(model_path(name) + "/scale") as response:
-        scale = await response.json()
-    scale["spec"] = {"replicas": replicas}
+    """What the HPA does: read the Scale, then Update it with the new spec.replicas.
+
+    The Scale carries the object's resourceVersion, so a write of the operator's in between
+    (its status) makes the Update a 409 Conflict; the HPA then records FailedRescale and tries
+    again at its next sync with a fresh read (kubernetes pkg/controller/podautoscaler/
+    horizontal.go, reconcileAutoscaler), as this does at once.
+    """
     url = model_path(name) + "/scale"
     params = {"fieldManager": "kube-controller-manager"}
-    async with api.put(url, json=scale, params=params) as response:
-        assert response.status == 200, await response.text()
+    for _ in range(5):
+        async with api.get(url) as response:
+            scale = await response.json()
+        scale["spec"] = {"replicas": replicas}
+        async with api.put(url, json=scale, params=params) as response:
+            if response.status != 409:
+                assert response.status == 200, await response.text()
+                return
+    raise AssertionError(f"{name}/scale: 5 conflicts in a row")
 
 
 async def started(api: KubeAPI) -> None:
