@@ -10,7 +10,6 @@ NeedsActorReconfigure; version.py `requires_actor_restart` leaves it out), so th
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -25,8 +24,6 @@ from llmops_cli.scale import (
 )
 from llmops_contract import ROUTER_DEPLOYMENT, llm_deployment_name, parse_source
 from llmops_contract.graph import ADAPTERS_KEY, AdapterSpec
-
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 adapters_app = typer.Typer(
     help="Add or remove a model's LoRA adapters on a running `llmops up` graph, without "
@@ -100,14 +97,16 @@ def change_adapters(
 
 def _local_source(source: str) -> str:
     """A local adapter folder as an absolute path (the replicas run in another folder),
-    checked to hold a PEFT adapter; other sources unchanged (the replica resolves them)."""
-    parsed = parse_source(source)
-    if parsed.scheme != "local":
+    checked to hold a PEFT adapter as the replica checks it; other sources unchanged (the
+    replica resolves them)."""
+    from llmops_services.sources import ModelSourceError, resolve_source
+
+    if parse_source(source).scheme != "local":
         return source
-    folder = Path(parsed.location).expanduser().resolve()
-    if not (folder / ADAPTER_CONFIG_FILE).is_file():
-        raise ScaleError(f"{folder} has no {ADAPTER_CONFIG_FILE}: not a PEFT adapter folder")
-    return str(folder)
+    try:
+        return str(resolve_source(source, adapter=True))
+    except ModelSourceError as exc:
+        raise ScaleError(str(exc)) from exc
 
 
 ServeApi = Annotated[

@@ -425,11 +425,8 @@ class Router:
             "detokenize": DetokenizeRequest,
         }
         self.llms = {name: handle.options(stream=True) for name, handle in llms.items()}
-        # A LoRA adapter is served by its base model's deployment: requests name the adapter
-        # alone, as vLLM serves them (--lora-modules name=path), since names are unique
-        # across models and adapters and a tenant's allow-list names what clients send.
-        # The table comes from the graph config when `build_app` gets it whole, and from the
-        # router's Serve user_config when a Serve config carries it (`reconfigure`).
+        # The adapter table comes from the graph config when `build_app` gets it whole, and
+        # from the router's Serve user_config when a Serve config carries it (`reconfigure`).
         self._set_adapters(
             {adapter.name: llm.name for llm in self.config.llms for adapter in llm.adapters}
         )
