@@ -72,7 +72,13 @@ def test_named_tool_call_returns_parseable_arguments(
     tenant, metadata = _tenant(graph)
     reply = stub.CreateChatCompletion(_request(64), metadata=metadata, timeout=120)
     choice = reply.choices[0]
-    assert choice.finish_reason in {"tool_calls", "stop"}, reply
+    # The structural tag forces the call's envelope and its arguments' JSON schema, and JSON
+    # lets whitespace follow the last value: a model may fill max_tokens with it before the
+    # closing ``}`` (seen on some CPUs at temperature 0). The arguments are then whole, the
+    # finish reason is ``length``, and the usage must count max_tokens.
+    assert choice.finish_reason in {"tool_calls", "stop", "length"}, reply
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 64, reply
     assert len(choice.message.tool_calls) == 1, reply
     call = choice.message.tool_calls[0]
     assert call.type == "function"
