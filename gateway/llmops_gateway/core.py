@@ -33,6 +33,7 @@ from llmops_gateway.hold import (
     scaled_to_zero,
 )
 from llmops_gateway.keys import KeyIndex, KeyRejectedError, KeyStore, Tenant
+from llmops_gateway.logs import events
 from llmops_gateway.metrics import GatewayMetrics
 from llmops_gateway.settings import GatewaySettings
 from llmops_gateway.tokens import TokenCounter
@@ -47,7 +48,9 @@ from llmops_gateway.usage_records import (
 )
 
 logger = logging.getLogger("llmops.gateway")
-audit = structlog.get_logger("llmops.gateway.audit")
+# The per-request line and the key audit take structlog's native path (`logs.events`).
+settled_log = events("llmops.gateway")
+audit = events("llmops.gateway.audit")
 
 MODELS_TTL_S = 10.0
 NOT_READY_RETRY_S = 10.0
@@ -744,16 +747,14 @@ class GatewayCore:
 
     async def _settle(self, admitted: Admitted, prompt_tokens: int, completion_tokens: int) -> None:
         tenant, model = admitted.caller.tenant.name, admitted.model
-        logger.info(
+        settled_log.info(
             "request settled",
-            extra={
-                "tenant": tenant,
-                "key_id": admitted.caller.key_id,
-                "model": model,
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "duration_s": round(time.monotonic() - admitted.started, 4),
-            },
+            tenant=tenant,
+            key_id=admitted.caller.key_id,
+            model=model,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            duration_s=round(time.monotonic() - admitted.started, 4),
         )
         self.metrics.tokens.labels(tenant=tenant, model=model, direction="prompt").inc(
             prompt_tokens

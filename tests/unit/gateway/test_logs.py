@@ -7,9 +7,10 @@ import json
 import logging
 
 import pytest
+import structlog
 
 from llmops_gateway.keys import new_key
-from llmops_gateway.logs import configure_logging, redact
+from llmops_gateway.logs import configure_logging, events, redact
 
 
 def test_keys_and_bearer_tokens_are_masked_everywhere() -> None:
@@ -53,4 +54,40 @@ def test_kopf_records_keep_the_object_reference_not_the_settings(
     line = json.loads(stream.getvalue().strip().splitlines()[-1])
     assert line["object"] == "LLMDeployment/ml/tiny"
     assert not {"settings", "k8s_skip", "k8s_ref"} & set(line)
+    logging.getLogger().handlers.clear()
+
+
+def test_gateway_events_are_json_lines_with_context_redaction_and_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway's own events (structlog's native path, `events`) are the same JSON lines as
+    standard-library records: named, levelled, timestamped, carrying the request's context
+    variables, redacted; below the configured level nothing is written."""
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    configure_logging("json")
+    key_id, key = new_key()
+    structlog.contextvars.bind_contextvars(request_id="req-1")
+    try:
+        events("llmops.gateway.audit").warning(
+            "api key refused", key_id=key_id, detail=[f"Bearer {key}"], raw=f"got {key}"
+        )
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    line = json.loads(stream.getvalue().strip().splitlines()[-1])
+    assert key not in stream.getvalue()
+    assert line["event"] == "api key refused"
+    assert line["logger"] == "llmops.gateway.audit"
+    assert line["level"] == "warning"
+    assert line["request_id"] == "req-1"
+    assert line["detail"] == ["Bearer ***"]
+    assert line["raw"] == f"got llmops_{key_id}_***"
+    assert line["timestamp"].endswith("Z")
+
+    quiet = io.StringIO()
+    monkeypatch.setattr("sys.stderr", quiet)
+    configure_logging("json", level=logging.WARNING)
+    events("llmops.gateway").info("request settled", tenant="t")
+    events("llmops.gateway").warning("kept", tenant="t")
+    assert [json.loads(x)["event"] for x in quiet.getvalue().splitlines()] == ["kept"]
     logging.getLogger().handlers.clear()
