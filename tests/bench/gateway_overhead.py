@@ -18,7 +18,12 @@ gets a core of its own and everything else shares the rest (needs >= 2 cores).
 
     .venv/bin/python -m tests.bench.gateway_overhead [--rates 25,200,500] [--seconds 10]
         [--sweep-seconds 5] [--litellm /path/to/venv/bin/litellm] [--tracing] [--pin]
-        [--profile /tmp/gateway-profile]
+        [--rounds 5] [--profile /tmp/gateway-profile]
+
+With --rounds N each rate is measured N times, the stub directly and then each proxy back to
+back, and the report gives every round and the medians of the added p50 and p99: this machine's
+speed drifts from one minute to the next (the direct phase's own p50 moves with it), and a
+single round measures the drift as much as the gateway.
 
 With --profile, `py-spy` (PyPI py-spy) samples the gateway during each gateway phase and writes
 one speedscope file per rate; each phase also reports the gateway's CPU per request (us).
@@ -221,6 +226,70 @@ def litellm_proxy(binary: str, upstream: str, folder: Path) -> Iterator[str]:
         log.close()
 
 
+def measure_rate(
+    rate: int,
+    args: argparse.Namespace,
+    upstream: str,
+    targets: dict[str, tuple[str, dict[str, str]]],
+    processes: dict[str, psutil.Process],
+    gateway_pid: int,
+    chat: str,
+) -> dict[str, object]:
+    """One round at ``rate``: the stub directly, then each proxy, each for ``args.seconds``."""
+    direct = asyncio.run(open_loop(f"{upstream}{chat}", {}, rate, args.seconds))
+    phase: dict[str, object] = {"direct": direct}
+    measured: dict[str, dict[str, float]] = {}
+    for name, (url, headers) in targets.items():
+        profiling = None
+        if args.profile and name == "gateway":
+            profiling = profile(gateway_pid, f"{args.profile}-{rate}rps.json")
+        before = cpu_seconds(processes)
+        started = time.perf_counter()
+        through = asyncio.run(open_loop(url, headers, rate, args.seconds))
+        elapsed = time.perf_counter() - started
+        after = cpu_seconds(processes)
+        share = cpu_share(before, after, elapsed)
+        if profiling is not None:
+            profiling.send_signal(signal.SIGINT)
+            profiling.wait(timeout=60)
+        used = after["gateway"] - before["gateway"]
+        phase[f"{name}_cpu_us_per_request"] = round(used / through["sent"] * 1e6)
+        phase[name] = measured[name] = through
+        phase[f"{name}_cpu_share"] = share
+        phase[f"{name}_added_p50_ms"] = round(through["p50"] - direct["p50"], 2)
+        phase[f"{name}_added_p99_ms"] = round(through["p99"] - direct["p99"], 2)
+    if args.tracing:
+        off, on = measured["gateway"], measured["gateway_traced"]
+        phase["tracing_added_p50_ms"] = round(on["p50"] - off["p50"], 2)
+        phase["tracing_added_p99_ms"] = round(on["p99"] - off["p99"], 2)
+    return phase
+
+
+def summarize(rounds: list[dict[str, object]], names: list[str]) -> dict[str, object]:
+    """One round's phase as is; several: the median round's numbers per proxy (by added p50,
+    the direct and proxied phases of a round being back to back) and every round's."""
+    if len(rounds) == 1:
+        return rounds[0]
+    summary: dict[str, object] = {"rounds": len(rounds)}
+    for name in names:
+
+        def added(r: dict[str, object], what: str, name: str = name) -> float:
+            value = r[f"{name}_added_{what}_ms"]
+            assert isinstance(value, int | float)
+            return float(value)
+
+        ordered = sorted(rounds, key=lambda r: added(r, "p50"))
+        summary[f"{name}_median_round"] = ordered[len(ordered) // 2]
+        for what in ("p50", "p99"):
+            per_round = [added(r, what) for r in rounds]
+            summary[f"{name}_added_{what}_ms_per_round"] = per_round
+            summary[f"{name}_median_added_{what}_ms"] = statistics.median(per_round)
+        summary[f"{name}_cpu_us_per_request_per_round"] = [
+            r[f"{name}_cpu_us_per_request"] for r in rounds
+        ]
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="25,200,500", help="requests/s, comma-separated")
@@ -248,6 +317,13 @@ def main() -> None:
         action="store_true",
         help="give the (untraced) gateway a CPU of its own; the stub, redis, the load "
         "generator and any other proxy share the others",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each rate this many times (direct, then each proxy, back to back) and "
+        "report every round and the median: the machine's speed drifts between minutes",
     )
     parser.add_argument(
         "--profile",
@@ -319,33 +395,12 @@ def main() -> None:
                 auth_litellm = {"authorization": f"Bearer {LITELLM_KEY}"}
                 targets["litellm"] = (f"{litellm}{chat}", auth_litellm)
             for rate in (int(r) for r in args.rates.split(",")):
-                direct = asyncio.run(open_loop(f"{upstream}{chat}", {}, rate, args.seconds))
-                phase: dict[str, object] = {"direct": direct}
-                measured: dict[str, dict[str, float]] = {}
-                for name, (url, headers) in targets.items():
-                    profiling = None
-                    if args.profile and name == "gateway":
-                        profiling = profile(gw.process.pid, f"{args.profile}-{rate}rps.json")
-                    before = cpu_seconds(processes)
-                    started = time.perf_counter()
-                    through = asyncio.run(open_loop(url, headers, rate, args.seconds))
-                    elapsed = time.perf_counter() - started
-                    after = cpu_seconds(processes)
-                    share = cpu_share(before, after, elapsed)
-                    if profiling is not None:
-                        profiling.send_signal(signal.SIGINT)
-                        profiling.wait(timeout=60)
-                    used = after["gateway"] - before["gateway"]
-                    phase[f"{name}_cpu_us_per_request"] = round(used / through["sent"] * 1e6)
-                    phase[name] = measured[name] = through
-                    phase[f"{name}_cpu_share"] = share
-                    phase[f"{name}_added_p50_ms"] = round(through["p50"] - direct["p50"], 2)
-                    phase[f"{name}_added_p99_ms"] = round(through["p99"] - direct["p99"], 2)
-                if args.tracing:
-                    off, on = measured["gateway"], measured["gateway_traced"]
-                    phase["tracing_added_p50_ms"] = round(on["p50"] - off["p50"], 2)
-                    phase["tracing_added_p99_ms"] = round(on["p99"] - off["p99"], 2)
-                results[f"{rate}rps"] = phase
+                rounds: list[dict[str, object]] = []
+                for _ in range(args.rounds):
+                    rounds.append(
+                        measure_rate(rate, args, upstream, targets, processes, gw.process.pid, chat)
+                    )
+                results[f"{rate}rps"] = summarize(rounds, list(targets))
             if args.tracing:
                 results["spans_received"] = len(receiver.spans)
             if args.sweep_seconds:
