@@ -101,41 +101,28 @@ def configure_logging(
     output: Literal["json", "console"] = "json", level: int = logging.INFO
 ) -> None:
     """Configures structlog and routes the standard library's loggers through it."""
-    shared: list[Any] = [
+    # Both paths: the same fields first, the same redaction and rendering last.
+    fields: list[Any] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
+        structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.stdlib.ExtraAdder(),
-        compact_kopf_extras,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if output == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    rendering: list[Any] = [redact_secrets, structlog.processors.format_exc_info, renderer]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.stdlib.add_logger_name,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_secrets,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*fields, *rendering],
         logger_factory=_named_write_loggers(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            redact_secrets,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        foreign_pre_chain=[*fields, structlog.stdlib.ExtraAdder(), compact_kopf_extras],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *rendering],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
