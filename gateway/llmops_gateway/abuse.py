@@ -9,7 +9,10 @@ The limits are `limits` rate-limit strings (``"600/minute"``), applied by a `slo
 `Limiter` in memory. With the gateway's Redis configured, the counts are shared by every
 replica through one small script on the gateway's own pipelined connection (the `limits`
 Redis storage would open a second, blocking client); while Redis is down, each replica falls
-back to its own memory counts rather than refusing or admitting everyone.
+back to its own memory counts rather than refusing or admitting everyone. A request's count
+is sent when the request begins (`begin`) and its answer read just before admission, so Redis
+answers while the gateway authenticates and parses; an address over its limit still gets 429
+ahead of any other error of its request.
 
 The client address is the TCP peer, unless the peer is a trusted proxy: then the
 X-Forwarded-For entries are read from the right, past trusted proxies, and the first other
@@ -18,15 +21,23 @@ one is the client. A header from anyone else is ignored, since a client can writ
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import time
+from typing import Any
 
 from limits import RateLimitItem, parse
 from slowapi import Limiter
 
 from llmops_gateway import errors
-from llmops_gateway.redis_pipe import PipelinedRedis, RedisReplyError, RedisUnavailableError, Script
+from llmops_gateway.redis_pipe import (
+    Arg,
+    PipelinedRedis,
+    RedisReplyError,
+    RedisUnavailableError,
+    Script,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -52,6 +63,36 @@ end
 return {1, 0, ''}
 """
 )
+
+
+class Count:
+    """One request's count against its address's limits, under way (`AbuseLimits.begin`)."""
+
+    __slots__ = ("_limits", "_sent", "address", "done")
+
+    def __init__(self, limits: AbuseLimits, address: str, sent: asyncio.Future[Any] | None) -> None:
+        self._limits = limits
+        self._sent = sent
+        self.address = address
+        self.done = False
+
+    async def result(self) -> None:
+        """Waits for the count (once; later calls return at once).
+
+        Raises:
+            GatewayError: 429 when the address is over its request or refused-key limit.
+        """
+        if self.done:
+            return
+        self.done = True
+        if self._limits.enabled:
+            await self._limits._count(self.address, request=True, sent=self._sent)
+
+    def abandon(self) -> None:
+        """Drops an unawaited count (its request ended some other way)."""
+        if self._sent is not None and not self.done:
+            self._sent.cancel()
+        self.done = True
 
 
 def _networks(entries: list[str]) -> list[Network]:
@@ -116,24 +157,33 @@ class AbuseLimits:
                 break
         return client
 
+    def begin(self, address: str) -> Count:
+        """Starts counting one request from ``address``: with Redis, the count is sent now, so
+        its round trip overlaps what the request does until `Count.result` is awaited."""
+        sent = None
+        if self.enabled and self.redis is not None:
+            sent = self.redis.evalsha_now(_COUNT, *self._script_input(address, request=True))
+        return Count(self, address, sent)
+
     async def check(self, address: str) -> None:
         """Counts one request from ``address``.
 
         Raises:
             GatewayError: 429 when the address is over its request or refused-key limit.
         """
-        if self.enabled:
-            await self._count(address, request=True)
+        await self.begin(address).result()
 
     async def refused(self, address: str) -> None:
         """Counts a refused key from ``address`` (the request is answered 401 anyway)."""
         if self.refused_rate is not None:
             await self._count(address, request=False)
 
-    async def _count(self, address: str, *, request: bool) -> None:
+    async def _count(
+        self, address: str, *, request: bool, sent: asyncio.Future[Any] | None = None
+    ) -> None:
         if self.redis is not None:
             try:
-                blocked, retry_s = await self._count_redis(address, request)
+                blocked, retry_s = await self._count_redis(address, request, sent)
             except (RedisUnavailableError, RedisReplyError):
                 blocked, retry_s = self._count_memory(address, request)
         else:
@@ -147,21 +197,37 @@ class AbuseLimits:
                 max(retry_s, 0.0),
             )
 
-    async def _count_redis(self, address: str, request: bool) -> tuple[str, float]:
-        """The limit that blocks (``req``, ``refused``; empty: none) and seconds to wait."""
-        assert self.redis is not None
+    def _script_input(self, address: str, request: bool) -> tuple[list[str], list[Arg]]:
+        """The count script's keys and arguments."""
         rate, refused = self.rate, self.refused_rate
         # One hash tag per address: both keys in one slot, as a script on Redis Cluster needs.
         base = f"{self.prefix}:{{{address}}}"
         keys = [f"{base}:req", f"{base}:refused"]
-        args: list[str | int] = [
+        args: list[Arg] = [
             rate.get_expiry() * 1000 if rate else 1,
             rate.amount if rate else 2**62,
             refused.get_expiry() * 1000 if refused else 1,
             refused.amount if refused else 2**62,
             1 if request else 0,
         ]
-        allowed, retry_ms, limit = await self.redis.evalsha(_COUNT, keys, list(args))
+        return keys, args
+
+    async def _count_redis(
+        self, address: str, request: bool, sent: asyncio.Future[Any] | None
+    ) -> tuple[str, float]:
+        """The limit that blocks (``req``, ``refused``; empty: none) and seconds to wait.
+        ``sent``: the reply to the count sent already (`begin`), if it was."""
+        assert self.redis is not None
+        reply = None
+        if sent is not None:
+            try:
+                reply = await sent
+            except RedisReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+        if reply is None:  # not sent, or not run (a Redis that has not loaded the script)
+            reply = await self.redis.evalsha(_COUNT, *self._script_input(address, request))
+        allowed, retry_ms, limit = reply
         blocked = "" if allowed else (limit.decode() if isinstance(limit, bytes) else str(limit))
         return blocked, int(retry_ms) / 1000
 

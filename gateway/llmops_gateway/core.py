@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmops_contract import REQUEST_ID_HEADER, RequestBodyError, parse_request_body
 from llmops_gateway import errors
-from llmops_gateway.abuse import AbuseLimits
+from llmops_gateway.abuse import AbuseLimits, Count
 from llmops_gateway.admission import Admission, RedisAdmission, Rejection, Reservation
 from llmops_gateway.discovery import ClusterBackends, KubeAccess
 from llmops_gateway.hold import (
@@ -451,6 +451,13 @@ class GatewayCore:
         Raises:
             GatewayError: 401 without a key, or with an invalid or revoked one.
         """
+        try:
+            return self._caller(authorization)
+        except KeyRejectedError as exc:
+            raise self._refused(exc) from None
+
+    def _caller(self, authorization: str | None) -> Caller:
+        """`authenticate`, raising `KeyRejectedError` for a key it refuses (not audited)."""
         if not authorization:
             raise errors.unauthenticated(
                 "missing API key: send the header 'Authorization: Bearer <key>'"
@@ -458,15 +465,15 @@ class GatewayCore:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise errors.unauthenticated("the Authorization header must be 'Bearer <key>'")
-        try:
-            record, tenant = self._index().authenticate(key.strip())
-        except KeyRejectedError as exc:
-            # Never the key: its public id (only for a stored key), its tenant and why.
-            audit.warning(
-                "api key refused", key_id=exc.key_id, tenant=exc.tenant, reason=exc.reason
-            )
-            raise errors.unauthenticated(str(exc)) from None
+        record, tenant = self._index().authenticate(key.strip())
         return Caller(record.id, tenant)
+
+    @staticmethod
+    def _refused(exc: KeyRejectedError) -> errors.GatewayError:
+        """Audits a refused key (never the key: its public id, only for a stored key, its
+        tenant and why) and returns the 401."""
+        audit.warning("api key refused", key_id=exc.key_id, tenant=exc.tenant, reason=exc.reason)
+        return errors.unauthenticated(str(exc))
 
     async def authenticate_client(
         self, authorization: str | None, address: str, trace: RequestTrace | None = None
@@ -476,18 +483,30 @@ class GatewayCore:
         Raises:
             GatewayError: 429 when ``address`` is over a limit; else as `authenticate`.
         """
-        if trace is None:
-            return await self._authenticate_client(authorization, address)
-        with trace.step("auth"):
-            return await self._authenticate_client(authorization, address)
+        count = self.abuse.begin(address)
+        caller = await self._authenticate_counted(authorization, count, trace)
+        await count.result()
+        return caller
 
-    async def _authenticate_client(self, authorization: str | None, address: str) -> Caller:
-        await self.abuse.check(address)
+    async def _authenticate_counted(
+        self, authorization: str | None, count: Count, trace: RequestTrace | None
+    ) -> Caller:
+        """`authenticate` for a request whose per-address count is under way: a refused key
+        waits for the count (an address over its limit gets 429, and no audit line), then
+        counts against its address's refused keys."""
+        if trace is not None:
+            with trace.step("auth"):
+                return await self._authenticate_counted(authorization, count, None)
+        refused: errors.GatewayError | KeyRejectedError
         try:
-            return self.authenticate(authorization)
-        except errors.GatewayError:
-            await self.abuse.refused(address)
-            raise
+            return self._caller(authorization)
+        except (errors.GatewayError, KeyRejectedError) as exc:
+            refused = exc
+        await count.result()
+        await self.abuse.refused(count.address)
+        if isinstance(refused, KeyRejectedError):
+            raise self._refused(refused) from None
+        raise refused
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -992,15 +1011,26 @@ class GatewayCore:
         tenant, model = "unknown", "unknown"
         self.metrics.in_flight.inc()
         try:
-            caller = await self.authenticate_client(
-                call.headers.get("authorization"), call.address, trace
-            )
-            tenant = caller.tenant.name
-            raw = await body()
-            if isinstance(raw, bytes):
-                data, request = parse_body(raw, operation.kind, self.settings.max_body_bytes)
-            else:
-                data, request = raw, validate_body(raw, operation.kind)
+            # The per-address count is sent first and awaited last before admission, so its
+            # round trip overlaps authentication and parsing; its 429 wins over their errors.
+            count = self.abuse.begin(call.address)
+            try:
+                caller = await self._authenticate_counted(
+                    call.headers.get("authorization"), count, trace
+                )
+                tenant = caller.tenant.name
+                raw = await body()
+                if isinstance(raw, bytes):
+                    data, request = parse_body(raw, operation.kind, self.settings.max_body_bytes)
+                else:
+                    data, request = raw, validate_body(raw, operation.kind)
+            except errors.GatewayError:
+                await count.result()
+                raise
+            except BaseException:
+                count.abandon()
+                raise
+            await count.result()
             if isinstance(request, GenerationRequest):
                 admitted = await self.admit_generation(caller, data, request, trace)
             else:

@@ -143,13 +143,21 @@ class _Protocol(asyncio.Protocol):
         self.lost: Exception | None = None
         self.outgoing: list[bytes] = []
 
-    def queue(self, data: bytes) -> None:
-        """Sends ``data`` with every other command queued in this turn of the event loop.
+    def queue(self, data: bytes, now: bool = False) -> None:
+        """Sends ``data`` with every other command queued in this turn of the event loop, or
+        with ``now``, at once (after those queued before it, whose replies come first).
 
         On loopback a socket write costs more CPU than Redis running the script, and a request
         makes its calls in bursts (a settlement and its usage record; requests arriving
-        together): one write per loop turn sends each burst with one system call.
+        together): one write per loop turn sends each burst with one system call. A call whose
+        caller has other work to do before it needs the reply is sent at once, so that Redis
+        answers while that work runs.
         """
+        if now:
+            self.outgoing.append(data)
+            self.counts.commands += 1
+            self.flush()
+            return
         if not self.outgoing:
             asyncio.get_running_loop().call_soon(self.flush)
         self.outgoing.append(data)
@@ -158,6 +166,8 @@ class _Protocol(asyncio.Protocol):
     def flush(self) -> None:
         """Writes the commands queued in this loop turn (dropped if the connection is gone:
         their callers' futures fail with it)."""
+        if not self.outgoing:  # sent already, with a call sent at once
+            return
         data = b"".join(self.outgoing)
         self.outgoing.clear()
         if self.transport is not None and self.lost is None and not self.transport.is_closing():
@@ -282,13 +292,15 @@ class PipelinedRedis:
             raise RedisUnavailableError(f"cannot use {where}: {exc or 'timeout'}") from None
         return protocol
 
-    def _send(self, protocol: _Protocol, args: tuple[Arg, ...]) -> asyncio.Future[Any]:
+    def _send(
+        self, protocol: _Protocol, args: tuple[Arg, ...], now: bool = False
+    ) -> asyncio.Future[Any]:
         assert protocol.transport is not None
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         protocol.waiting.append(future)
         protocol.deadlines.append(loop.time() + self.timeout_s)
-        protocol.queue(encode(args))
+        protocol.queue(encode(args), now)
         if protocol.watchdog is None:
             protocol.watchdog = loop.call_at(protocol.deadlines[0], self._watch, protocol, False)
         return future
@@ -340,6 +352,20 @@ class PipelinedRedis:
                 raise
         await self.call("SCRIPT", "LOAD", script.source)
         return await self.call(*command)
+
+    def evalsha_now(
+        self, script: Script, keys: list[str], args: list[Arg]
+    ) -> asyncio.Future[Any] | None:
+        """Sends a script call at once, for a caller that has work to do before it needs the
+        reply, and returns the reply's future; None without a live connection now (then
+        `evalsha` connects). The future fails as `call` does: with `RedisUnavailableError`,
+        or with `RedisReplyError` (``NOSCRIPT`` too: then the script did not run, and
+        `evalsha` loads and runs it). A caller that gives up cancels it.
+        """
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None or protocol.transport is None:
+            return None
+        return self._send(protocol, ("EVALSHA", script.sha, len(keys), *keys, *args), now=True)
 
     def _drop(self, protocol: _Protocol) -> None:
         if protocol.transport is not None:
