@@ -18,7 +18,13 @@ gets a core of its own and everything else shares the rest (needs >= 2 cores).
 
     .venv/bin/python -m tests.bench.gateway_overhead [--rates 25,200,500] [--seconds 10]
         [--sweep-seconds 5] [--litellm /path/to/venv/bin/litellm] [--tracing] [--pin]
-        [--rounds 5] [--profile /tmp/gateway-profile]
+        [--rounds 5] [--profile /tmp/gateway-profile] [--baseline /tmp/base]
+
+With --baseline SRC, a second gateway runs from another checkout of this repository (for
+example `git worktree add /tmp/base HEAD~1`: its gateway/ and contract/ packages come first on
+PYTHONPATH) on the same stub and Redis, and each round measures both, in alternating order; the
+report gives what this checkout's gateway adds over the baseline's (p50, p99, CPU per request)
+per round and their medians: a change measured against its parent on the same minutes.
 
 With --rounds N each rate is measured N times, the stub directly and then each proxy back to
 back, and the report gives every round and the medians of the added p50 and p99: this machine's
@@ -150,14 +156,15 @@ def cpu_share(
     return {name: round((after[name] - before[name]) / seconds, 2) for name in before}
 
 
-def pin(processes: dict[str, psutil.Process], own_core: str) -> dict[str, list[int]]:
-    """Gives ``own_core``'s process the last CPU alone and every other process the rest."""
+def pin(processes: dict[str, psutil.Process], own_core: set[str]) -> dict[str, list[int]]:
+    """Gives the processes named in ``own_core`` the last CPU (they are measured one at a
+    time) and every other process the rest."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("--pin needs at least 2 CPUs")
     placed = {}
     for name, process in processes.items():
-        chosen = cpus[-1:] if name == own_core else cpus[:-1]
+        chosen = cpus[-1:] if name in own_core else cpus[:-1]
         process.cpu_affinity(chosen)
         placed[name] = chosen
     return placed
@@ -234,12 +241,19 @@ def measure_rate(
     processes: dict[str, psutil.Process],
     gateway_pid: int,
     chat: str,
+    turn: int = 0,
 ) -> dict[str, object]:
-    """One round at ``rate``: the stub directly, then each proxy, each for ``args.seconds``."""
+    """One round at ``rate``: the stub directly, then each proxy, each for ``args.seconds``
+    (with a baseline, the two gateways in the order of ``turn``: odd rounds baseline first)."""
     direct = asyncio.run(open_loop(f"{upstream}{chat}", {}, rate, args.seconds))
     phase: dict[str, object] = {"direct": direct}
     measured: dict[str, dict[str, float]] = {}
-    for name, (url, headers) in targets.items():
+    order = list(targets)
+    if turn % 2 and "gateway_baseline" in targets:
+        order.remove("gateway_baseline")
+        order.insert(0, "gateway_baseline")
+    for name in order:
+        url, headers = targets[name]
         profiling = None
         if args.profile and name == "gateway":
             profiling = profile(gateway_pid, f"{args.profile}-{rate}rps.json")
@@ -252,7 +266,8 @@ def measure_rate(
         if profiling is not None:
             profiling.send_signal(signal.SIGINT)
             profiling.wait(timeout=60)
-        used = after["gateway"] - before["gateway"]
+        process = name if name in processes else "gateway"
+        used = after[process] - before[process]
         phase[f"{name}_cpu_us_per_request"] = round(used / through["sent"] * 1e6)
         phase[name] = measured[name] = through
         phase[f"{name}_cpu_share"] = share
@@ -262,6 +277,15 @@ def measure_rate(
         off, on = measured["gateway"], measured["gateway_traced"]
         phase["tracing_added_p50_ms"] = round(on["p50"] - off["p50"], 2)
         phase["tracing_added_p99_ms"] = round(on["p99"] - off["p99"], 2)
+    if "gateway_baseline" in measured:
+        this, base = measured["gateway"], measured["gateway_baseline"]
+        for what in ("p50", "p99"):
+            phase[f"vs_baseline_{what}_ms"] = round(this[what] - base[what], 3)
+        this_cpu = phase["gateway_cpu_us_per_request"]
+        base_cpu = phase["gateway_baseline_cpu_us_per_request"]
+        assert isinstance(this_cpu, int)
+        assert isinstance(base_cpu, int)
+        phase["vs_baseline_cpu_us_per_request"] = this_cpu - base_cpu
     return phase
 
 
@@ -287,6 +311,13 @@ def summarize(rounds: list[dict[str, object]], names: list[str]) -> dict[str, ob
         summary[f"{name}_cpu_us_per_request_per_round"] = [
             r[f"{name}_cpu_us_per_request"] for r in rounds
         ]
+    if "gateway_baseline" in names:
+        for what in ("p50_ms", "p99_ms", "cpu_us_per_request"):
+            per_round = [r[f"vs_baseline_{what}"] for r in rounds]
+            summary[f"vs_baseline_{what}_per_round"] = per_round
+            summary[f"vs_baseline_median_{what}"] = statistics.median(
+                float(value) for value in per_round if isinstance(value, int | float)
+            )
     return summary
 
 
@@ -324,6 +355,12 @@ def main() -> None:
         default=1,
         help="measure each rate this many times (direct, then each proxy, back to back) and "
         "report every round and the median: the machine's speed drifts between minutes",
+    )
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="another checkout of this repository: its gateway is measured too, in "
+        "alternating order, and what this one adds over it is reported",
     )
     parser.add_argument(
         "--profile",
@@ -371,10 +408,27 @@ def main() -> None:
             for child in psutil.Process().children():
                 if "tests.fakes.openai_stub" in child.cmdline():
                     processes["stub"] = child
-            if args.pin:
-                results["pinned_cpus"] = pin(processes, "gateway")
             chat = "/v1/chat/completions"
             targets = {"gateway": (f"{gw.url}{chat}", {"authorization": f"Bearer {key}"})}
+            if args.baseline:
+                source = Path(args.baseline).resolve()
+                path = os.pathsep.join(str(source / part) for part in ("gateway", "contract"))
+                baseline = stack.enter_context(
+                    gateway(
+                        folder,
+                        environment={"PYTHONPATH": path},
+                        default_backend=upstream,
+                        keys_file=store.path,
+                        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                        log_format="json",
+                        client_rate_limit=CLIENT_RATE_LIMIT,
+                    )
+                )
+                processes["gateway_baseline"] = psutil.Process(baseline.process.pid)
+                targets["gateway_baseline"] = (f"{baseline.url}{chat}", targets["gateway"][1])
+                results["baseline"] = str(source)
+            if args.pin:
+                results["pinned_cpus"] = pin(processes, {"gateway", "gateway_baseline"})
             if args.tracing:
                 receiver = stack.enter_context(otlp_receiver())
                 traced = stack.enter_context(
@@ -396,9 +450,11 @@ def main() -> None:
                 targets["litellm"] = (f"{litellm}{chat}", auth_litellm)
             for rate in (int(r) for r in args.rates.split(",")):
                 rounds: list[dict[str, object]] = []
-                for _ in range(args.rounds):
+                for turn in range(args.rounds):
                     rounds.append(
-                        measure_rate(rate, args, upstream, targets, processes, gw.process.pid, chat)
+                        measure_rate(
+                            rate, args, upstream, targets, processes, gw.process.pid, chat, turn
+                        )
                     )
                 results[f"{rate}rps"] = summarize(rounds, list(targets))
             if args.tracing:

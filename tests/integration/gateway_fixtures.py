@@ -66,10 +66,13 @@ def stub_upstream(
 
 
 @contextmanager
-def gateway(log_dir: Path, **settings: object) -> Iterator[Gateway]:
-    """Runs `python -m llmops_gateway` with LLMOPS_GATEWAY_* settings; SIGTERM on exit."""
+def gateway(
+    log_dir: Path, *, environment: dict[str, str] | None = None, **settings: object
+) -> Iterator[Gateway]:
+    """Runs `python -m llmops_gateway` with LLMOPS_GATEWAY_* settings (and ``environment``
+    over this process's); SIGTERM on exit."""
     port, metrics_port, grpc_port = free_port(), free_port(), free_port()
-    env = dict(os.environ)
+    env = {**os.environ, **(environment or {})}
     ports = {"port": port, "metrics_port": metrics_port, "grpc_port": grpc_port}
     for key, value in {**ports, **settings}.items():
         text = json.dumps(value) if isinstance(value, dict | list) else str(value)
