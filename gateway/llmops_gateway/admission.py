@@ -244,6 +244,7 @@ class RedisAdmission:
             _SETTLE,
             self._keys(reservation.tenant, reservation.day),
             [reservation.id, used_tokens, reservation.tokens],
+            later=True,  # nobody waits on it: it goes with the next request's calls
         )
 
     async def close(self) -> None:

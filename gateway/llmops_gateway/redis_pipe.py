@@ -30,12 +30,18 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
 
 Arg = str | bytes | int | float
+
+When = Literal["now", "turn", "later"]
+"""When a command is written (`_Protocol.queue`)."""
+
+LATER_S = 0.01
+"""Longest a call sent later waits for another call to share its write."""
 
 
 class RedisUnavailableError(Exception):
@@ -142,30 +148,41 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.outgoing: list[bytes] = []
+        self.soon = False
+        """Whether a flush is due at the end of this loop turn."""
+        self.timer: asyncio.TimerHandle | None = None
+        """The flush due in `LATER_S` for calls sent later."""
 
-    def queue(self, data: bytes, now: bool = False) -> None:
-        """Sends ``data`` with every other command queued in this turn of the event loop, or
-        with ``now``, at once (after those queued before it, whose replies come first).
+    def queue(self, data: bytes, when: When = "turn") -> None:
+        """Sends ``data`` after every command queued before it: ``"turn"``, with every other
+        command queued in this turn of the event loop; ``"now"``, at once; ``"later"``, with
+        the next command sent sooner, or within `LATER_S`.
 
         On loopback a socket write costs more CPU than Redis running the script, and a request
         makes its calls in bursts (a settlement and its usage record; requests arriving
         together): one write per loop turn sends each burst with one system call. A call whose
         caller has other work to do before it needs the reply is sent at once, so that Redis
-        answers while that work runs.
+        answers while that work runs. A call nobody waits on (a settlement, after its answer
+        was sent) rides along with the next request's calls, saving its own write and read.
         """
-        if now:
-            self.outgoing.append(data)
-            self.counts.commands += 1
-            self.flush()
-            return
-        if not self.outgoing:
-            asyncio.get_running_loop().call_soon(self.flush)
         self.outgoing.append(data)
         self.counts.commands += 1
+        if when == "now":
+            self.flush()
+        elif when == "turn":
+            if not self.soon:
+                self.soon = True
+                asyncio.get_running_loop().call_soon(self.flush)
+        elif self.timer is None and not self.soon:
+            self.timer = asyncio.get_running_loop().call_later(LATER_S, self.flush)
 
     def flush(self) -> None:
-        """Writes the commands queued in this loop turn (dropped if the connection is gone:
-        their callers' futures fail with it)."""
+        """Writes the commands queued so far (dropped if the connection is gone: their
+        callers' futures fail with it)."""
+        self.soon = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if not self.outgoing:  # sent already, with a call sent at once
             return
         data = b"".join(self.outgoing)
@@ -197,6 +214,9 @@ class _Protocol(asyncio.Protocol):
         )
         if self.watchdog is not None:
             self.watchdog.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.deadlines.clear()
         while self.waiting:
             future = self.waiting.popleft()
@@ -293,14 +313,14 @@ class PipelinedRedis:
         return protocol
 
     def _send(
-        self, protocol: _Protocol, args: tuple[Arg, ...], now: bool = False
+        self, protocol: _Protocol, args: tuple[Arg, ...], when: When = "turn"
     ) -> asyncio.Future[Any]:
         assert protocol.transport is not None
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         protocol.waiting.append(future)
         protocol.deadlines.append(loop.time() + self.timeout_s)
-        protocol.queue(encode(args), now)
+        protocol.queue(encode(args), when)
         if protocol.watchdog is None:
             protocol.watchdog = loop.call_at(protocol.deadlines[0], self._watch, protocol, False)
         return future
@@ -331,8 +351,9 @@ class PipelinedRedis:
         protocol.lost = RedisUnavailableError(reason)
         self._drop(protocol)
 
-    async def call(self, *args: Arg) -> Any:
-        """Sends one command and returns its reply.
+    async def call(self, *args: Arg, later: bool = False) -> Any:
+        """Sends one command and returns its reply; with ``later``, the command may wait up to
+        `LATER_S` for other commands to share its write (for a caller that is in no hurry).
 
         Raises:
             RedisUnavailableError: no connection, or no reply within the timeout (the connection
@@ -340,13 +361,16 @@ class PipelinedRedis:
             RedisReplyError: Redis answered with an error.
         """
         protocol = await self._connection()
-        return await self._send(protocol, args)
+        return await self._send(protocol, args, "later" if later else "turn")
 
-    async def evalsha(self, script: Script, keys: list[str], args: list[Arg]) -> Any:
-        """Runs a script by SHA, loading it first if Redis does not know it (yet, or anymore)."""
+    async def evalsha(
+        self, script: Script, keys: list[str], args: list[Arg], later: bool = False
+    ) -> Any:
+        """Runs a script by SHA, loading it first if Redis does not know it (yet, or anymore);
+        ``later`` as for `call`."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return await self.call(*command)
+            return await self.call(*command, later=later)
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
@@ -365,7 +389,7 @@ class PipelinedRedis:
         protocol = self._protocol
         if protocol is None or protocol.lost is not None or protocol.transport is None:
             return None
-        return self._send(protocol, ("EVALSHA", script.sha, len(keys), *keys, *args), now=True)
+        return self._send(protocol, ("EVALSHA", script.sha, len(keys), *keys, *args), "now")
 
     def _drop(self, protocol: _Protocol) -> None:
         if protocol.transport is not None:
@@ -374,5 +398,6 @@ class PipelinedRedis:
     async def close(self) -> None:
         """Closes the connection; calls waiting on it fail."""
         if self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.flush()  # calls sent later go before the connection closes
             self._protocol.transport.close()
             self._protocol = None

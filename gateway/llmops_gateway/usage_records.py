@@ -218,6 +218,7 @@ class RedisUsageSink:
             _WRITE,
             [STREAM_KEY, SEEN_KEY + record.day.replace("-", "")],
             [record.id, self.retention_ms, SEEN_TTL_S, *record.fields()],
+            later=True,  # off every request's path: it goes with the next request's calls
         )
 
     async def close(self) -> None:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from llmops_gateway.redis_pipe import (
+    LATER_S,
     Address,
     PipelinedRedis,
     RedisReplyError,
@@ -62,6 +63,38 @@ async def test_concurrent_calls_each_get_their_own_reply(redis_url: str) -> None
             await redis.call("INCR", f"{prefix}:text")
         # An error reply fails only its own call; the connection goes on.
         assert await redis.call("GET", f"{prefix}:7") == b"7"
+    finally:
+        await redis.close()
+
+
+async def test_calls_sent_later_ride_along_or_leave_on_their_own(redis_url: str) -> None:
+    """A call sent later goes with the next call sent sooner (one write for both, replies in
+    order); with none, it leaves within `LATER_S`; a close sends what is still queued."""
+    redis = PipelinedRedis(redis_url)
+    key = uuid.uuid4().hex
+    try:
+        await redis.call("PING")
+        writes = redis.counts.writes
+        later = asyncio.ensure_future(redis.call("INCR", key, later=True))
+        await asyncio.sleep(0)  # queued, not sent
+        assert redis.counts.writes == writes
+        assert await redis.call("GET", key) == b"1"  # ran first: sent first, in one write
+        assert await later == 1
+        assert redis.counts.writes == writes + 1
+
+        started = time.monotonic()
+        assert await redis.call("INCR", key, later=True) == 2
+        assert time.monotonic() - started >= LATER_S * 0.9
+        assert redis.counts.writes == writes + 2
+
+        queued = asyncio.ensure_future(redis.call("INCR", key, later=True))
+        await asyncio.sleep(0)
+        await redis.close()
+        with pytest.raises(RedisUnavailableError):
+            await queued  # its reply never read, but the command went out
+        observer = PipelinedRedis(redis_url)
+        assert await observer.call("GET", key) == b"3"
+        await observer.close()
     finally:
         await redis.close()
 
