@@ -775,12 +775,7 @@ class GatewayCore:
             completion_tokens=completion_tokens,
             duration_s=round(time.monotonic() - admitted.started, 4),
         )
-        self.metrics.tokens.labels(tenant=tenant, model=model, direction="prompt").inc(
-            prompt_tokens
-        )
-        self.metrics.tokens.labels(tenant=tenant, model=model, direction="completion").inc(
-            completion_tokens
-        )
+        self.metrics.count_tokens(tenant, model, prompt_tokens, completion_tokens)
         latency = round(time.monotonic() - admitted.started, 4)
         gpu = self.settings.gpu_models.get(model)
         charged = 0.0 if gpu is None else gpu_seconds(latency, gpu.gpus, gpu.slots)

@@ -7,7 +7,8 @@ tenants from the key store; never keys, prompts or request ids.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -35,12 +36,35 @@ class GatewayMetrics:
     held: Gauge
     hold_seconds: Histogram
 
+    _children: dict[tuple[str, ...], tuple[Any, ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    """The labelled children each request updates, by label values: `labels` costs more than
+    the update itself. As many as the metrics' own children (the same label values)."""
+
     def record(self, endpoint: str, model: str, tenant: str, status: int, started: float) -> None:
         """Counts one finished request and observes its latency since ``started``."""
-        self.requests.labels(
-            endpoint=endpoint, model=model, tenant=tenant, status=str(status)
-        ).inc()
-        self.latency.labels(endpoint=endpoint, model=model).observe(time.monotonic() - started)
+        key = ("request", endpoint, model, tenant, str(status))
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(endpoint=endpoint, model=model, tenant=tenant, status=key[4]),
+                self.latency.labels(endpoint=endpoint, model=model),
+            )
+        children[0].inc()
+        children[1].observe(time.monotonic() - started)
+
+    def count_tokens(self, tenant: str, model: str, prompt: int, completion: int) -> None:
+        """Counts one request's settled tokens."""
+        key = ("tokens", tenant, model)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.tokens.labels(tenant=tenant, model=model, direction="prompt"),
+                self.tokens.labels(tenant=tenant, model=model, direction="completion"),
+            )
+        children[0].inc(prompt)
+        children[1].inc(completion)
 
     @classmethod
     def create(cls) -> GatewayMetrics:
