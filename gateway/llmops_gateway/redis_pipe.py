@@ -155,21 +155,25 @@ class _Protocol(asyncio.Protocol):
 
     def queue(self, data: bytes, when: When = "turn") -> None:
         """Sends ``data`` after every command queued before it: ``"turn"``, with every other
-        command queued in this turn of the event loop; ``"now"``, at once; ``"later"``, with
-        the next command sent sooner, or within `LATER_S`.
+        command queued in this turn of the event loop; ``"now"``, at once if the connection is
+        idle, else as ``"turn"``; ``"later"``, with the next command sent sooner, or within
+        `LATER_S`.
 
         On loopback a socket write costs more CPU than Redis running the script, and a request
         makes its calls in bursts (a settlement and its usage record; requests arriving
         together): one write per loop turn sends each burst with one system call. A call whose
-        caller has other work to do before it needs the reply is sent at once, so that Redis
-        answers while that work runs. A call nobody waits on (a settlement, after its answer
-        was sent) rides along with the next request's calls, saving its own write and read.
+        caller has other work to do before it needs the reply is sent at once while nothing
+        else is on its way, so that Redis answers while that work runs; in a burst it joins
+        the turn's write, since then the writes, not the wait, are what delay everyone. A call
+        nobody waits on (a settlement, after its answer was sent) rides along with the next
+        request's calls, saving its own write and read.
         """
         self.outgoing.append(data)
         self.counts.commands += 1
-        if when == "now":
+        # Calls written and not answered yet: every waiting call but those still queued here.
+        if when == "now" and not self.soon and len(self.waiting) == len(self.outgoing):
             self.flush()
-        elif when == "turn":
+        elif when != "later":
             if not self.soon:
                 self.soon = True
                 asyncio.get_running_loop().call_soon(self.flush)
@@ -380,8 +384,9 @@ class PipelinedRedis:
     def evalsha_now(
         self, script: Script, keys: list[str], args: list[Arg]
     ) -> asyncio.Future[Any] | None:
-        """Sends a script call at once, for a caller that has work to do before it needs the
-        reply, and returns the reply's future; None without a live connection now (then
+        """Sends a script call at once (while the connection is idle; in a burst, with this
+        loop turn's other calls), for a caller that has work to do before it needs the reply,
+        and returns the reply's future; None without a live connection now (then
         `evalsha` connects). The future fails as `call` does: with `RedisUnavailableError`,
         or with `RedisReplyError` (``NOSCRIPT`` too: then the script did not run, and
         `evalsha` loads and runs it). A caller that gives up cancels it.

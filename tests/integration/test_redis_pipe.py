@@ -99,6 +99,31 @@ async def test_calls_sent_later_ride_along_or_leave_on_their_own(redis_url: str)
         await redis.close()
 
 
+async def test_a_call_sent_now_leaves_at_once_unless_others_are_on_their_way(
+    redis_url: str,
+) -> None:
+    """`evalsha_now` writes before it returns on an idle connection; while another call awaits
+    its reply (a burst), it joins the loop turn's write instead."""
+    redis = PipelinedRedis(redis_url)
+    script = Script("return redis.call('INCR', KEYS[1])")
+    key = uuid.uuid4().hex
+    try:
+        assert redis.evalsha_now(script, [key], []) is None  # not connected yet
+        await redis.evalsha(script, [key], [])  # connects, loads the script
+        writes = redis.counts.writes
+        first = redis.evalsha_now(script, [key], [])
+        assert first is not None
+        assert redis.counts.writes == writes + 1
+        second = redis.evalsha_now(script, [key], [])  # the first is on its way
+        assert second is not None
+        assert redis.counts.writes == writes + 1
+        assert await first == 2
+        assert await second == 3
+        assert redis.counts.writes == writes + 2
+    finally:
+        await redis.close()
+
+
 async def test_scripts_are_reloaded_when_redis_forgot_them(redis_url: str) -> None:
     redis = PipelinedRedis(redis_url)
     script = Script(f"return {{KEYS[1], ARGV[1], '{uuid.uuid4().hex}'}}")

@@ -81,10 +81,10 @@ async def test_the_count_is_in_flight_while_the_body_is_read(
         protocol = redis._protocol
         assert protocol is not None
         # Written already, and not answered yet as far as the gateway has read.
-        seen.append((redis.counts.commands - before, len(protocol.waiting)))
+        seen.append((redis.counts.writes - before, len(protocol.waiting)))
         return b"{not json"
 
-    before = redis.counts.commands
+    before = redis.counts.writes
     call = Call({"authorization": f"Bearer {key}"}, "198.51.100.1", "req-overlap")
     with pytest.raises(GatewayError) as raised:
         await core.generate(CHAT, call, read)
