@@ -63,6 +63,10 @@ class Script:
         """What EVALSHA names the script by."""
         return hashlib.sha1(self.source.encode()).hexdigest()  # noqa: S324 (Redis's own choice)
 
+    def call(self, keys: list[str], args: list[Arg]) -> tuple[Arg, ...]:
+        """The EVALSHA command that runs it on ``keys`` with ``args``."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
 
 def encode(args: tuple[Arg, ...]) -> bytes:
     """One command in the Redis protocol (an array of bulk strings), packed by hiredis in C."""
@@ -372,7 +376,7 @@ class PipelinedRedis:
     ) -> Any:
         """Runs a script by SHA, loading it first if Redis does not know it (yet, or anymore);
         ``later`` as for `call`."""
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        command = script.call(keys, args)
         try:
             return await self.call(*command, later=later)
         except RedisReplyError as exc:
@@ -394,7 +398,7 @@ class PipelinedRedis:
         protocol = self._protocol
         if protocol is None or protocol.lost is not None or protocol.transport is None:
             return None
-        return self._send(protocol, ("EVALSHA", script.sha, len(keys), *keys, *args), "now")
+        return self._send(protocol, script.call(keys, args), "now")
 
     def _drop(self, protocol: _Protocol) -> None:
         if protocol.transport is not None:

@@ -266,9 +266,9 @@ def measure_rate(
         if profiling is not None:
             profiling.send_signal(signal.SIGINT)
             profiling.wait(timeout=60)
-        process = name if name in processes else "gateway"
-        used = after[process] - before[process]
-        phase[f"{name}_cpu_us_per_request"] = round(used / through["sent"] * 1e6)
+        if name in processes:  # the gateways this tool starts (not a traced one or LiteLLM)
+            used = after[name] - before[name]
+            phase[f"{name}_cpu_us_per_request"] = round(used / through["sent"] * 1e6)
         phase[name] = measured[name] = through
         phase[f"{name}_cpu_share"] = share
         phase[f"{name}_added_p50_ms"] = round(through["p50"] - direct["p50"], 2)
@@ -308,9 +308,10 @@ def summarize(rounds: list[dict[str, object]], names: list[str]) -> dict[str, ob
             per_round = [added(r, what) for r in rounds]
             summary[f"{name}_added_{what}_ms_per_round"] = per_round
             summary[f"{name}_median_added_{what}_ms"] = statistics.median(per_round)
-        summary[f"{name}_cpu_us_per_request_per_round"] = [
-            r[f"{name}_cpu_us_per_request"] for r in rounds
-        ]
+        if f"{name}_cpu_us_per_request" in rounds[0]:
+            summary[f"{name}_cpu_us_per_request_per_round"] = [
+                r[f"{name}_cpu_us_per_request"] for r in rounds
+            ]
     if "gateway_baseline" in names:
         for what in ("p50_ms", "p99_ms", "cpu_us_per_request"):
             per_round = [r[f"vs_baseline_{what}"] for r in rounds]
